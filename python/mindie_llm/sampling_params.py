@@ -1,0 +1,143 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SamplingParams: how one request is sampled and when it stops (shaped like vLLM's).
+
+Owns the validation of every sampling field: a bad value raises ``SamplingParamsError`` (a
+``ValueError``) naming the field, before anything is scheduled. Caps that depend on the deployment
+(``n`` above ``scheduler.max_n``, prompt length) are checked by the engine.
+
+Must not import torch or anything of the package but the standard library.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["SamplingParams", "SamplingParamsError"]
+
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range. ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping of one request.
+
+    ``temperature=0`` is greedy. ``top_k`` 0 or -1 is off. ``logprobs=N`` returns the top-N
+    logprobs of the model's raw distribution (log_softmax of the logits, before temperature and
+    penalties, as vLLM does) plus the sampled token's. ``stop`` strings are excluded from the text
+    unless ``include_stop_str_in_output``.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._check_ints()
+        self._check_floats()
+        self._check_stops()
+
+    # ------------------------------------------------------------------------------------
+    def _check_ints(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise SamplingParamsError("n", f"must be an integer >= 1; got {self.n!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise SamplingParamsError("max_tokens", f"must be an integer >= 1; got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise SamplingParamsError("min_tokens", f"must be an integer >= 0; got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise SamplingParamsError("min_tokens", f"must be <= max_tokens ({self.max_tokens}); "
+                                      f"got {self.min_tokens}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise SamplingParamsError("top_k", f"must be an integer >= -1 (0 or -1 = off); got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not _INT64_MIN <= self.seed <= _INT64_MAX):
+            raise SamplingParamsError("seed", f"must be an integer in int64 range or None; got {self.seed!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 0):
+                raise SamplingParamsError(name, f"must be an integer >= 0 or None; got {v!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(name, f"must be true or false; got {getattr(self, name)!r}")
+
+    def _check_floats(self) -> None:
+        t = self.temperature
+        if not _is_num(t) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise SamplingParamsError("temperature", f"must be a finite number >= 0; got {t!r}")
+        p = self.top_p
+        if not _is_num(p) or math.isnan(p) or not 0 < p <= 1:
+            raise SamplingParamsError("top_p", f"must be in (0, 1]; got {p!r}")
+        m = self.min_p
+        if not _is_num(m) or math.isnan(m) or not 0 <= m <= 1:
+            raise SamplingParamsError("min_p", f"must be in [0, 1]; got {m!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or math.isnan(v) or not -2.0 <= v <= 2.0:
+                raise SamplingParamsError(name, f"must be in [-2, 2]; got {v!r}")
+        r = self.repetition_penalty
+        if not _is_num(r) or math.isnan(r) or math.isinf(r) or r <= 0:
+            raise SamplingParamsError("repetition_penalty", f"must be a finite number > 0; got {r!r}")
+
+    def _check_stops(self) -> None:
+        stop = self.stop
+        if stop is None:
+            stops: list[str] = []
+        elif isinstance(stop, str):
+            stops = [stop]
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+            stops = list(stop)
+        else:
+            raise SamplingParamsError("stop", f"must be a string or a list of strings; got {stop!r}")
+        if any(s == "" for s in stops):
+            raise SamplingParamsError("stop", "stop strings must not be empty")
+        self._stop_list = stops
+        ids = self.stop_token_ids
+        if ids is not None:
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
+                raise SamplingParamsError("stop_token_ids", f"must be a list of integers >= 0; got {ids!r}")
+            self.stop_token_ids = list(ids)
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list (possibly empty)."""
+        return self._stop_list
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def clone(self) -> "SamplingParams":
+        return SamplingParams(**{k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")})
