@@ -1,0 +1,274 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Triton paged attention over the mixed batch (decodes and prefill chunks in one launch).
+
+Owns the attention kernels of the CUDA backend. One program computes ``BLOCK_Q`` query tokens of
+one sequence for all the query heads that share one KV head (GQA rows packed into the tile's M
+dimension), walking the sequence's block table in tiles of ``TILE_N`` keys with an online softmax;
+causal masking is over the cached context plus the chunk (query token ``i`` of a chunk sees keys
+``< context_len + i + 1``). For batches of decodes only, a split-KV (Flash-Decoding) variant splits
+each sequence's keys into ``NUM_SEGMENTS`` segments computed by separate programs and merges them
+in a second kernel: this keeps the GPU busy when the batch is small and the contexts long.
+
+Grids depend only on host integers (T, B, heads), never on device values, so a decode launch can be
+captured in a CUDA graph. Imports triton and torch only; must not import models, layers or executor.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_attention", "paged_attention_raw", "NUM_SEGMENTS"]
+
+NUM_SEGMENTS = 16          # split-KV segments of the decode-only variant
+_SPLIT_MIN_SEQ_LEN = 512   # eager batches with a shorter longest context use the single-pass kernel
+
+
+@triton.jit
+def _find_seq_idx(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose q blocks contain global q block ``target`` (binary search)."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if start <= target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attn_tile_loop(q, acc, m_i, l_i, kv_ptr, bt_row_ptr, tile_lo, tile_hi, seq_len, context_len,
+                    query_pos, kv_head, scale, sliding_window, stride_c0, stride_cn, stride_cb, stride_ch,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    if UPCAST:
+        q = q.to(tl.float32)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    dmask = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, TILE_N)
+    for j in range(tile_lo, tile_hi):
+        key_pos = j * TILE_N + offs_n                                           # [TILE_N]
+        kmask = key_pos < seq_len
+        blk = tl.load(bt_row_ptr + key_pos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+        base = kv_ptr + blk * stride_cn + (key_pos % BLOCK_SIZE) * stride_cb + kv_head * stride_ch
+        k = tl.load(base[None, :] + offs_d[:, None], mask=dmask[:, None] & kmask[None, :], other=0.0)  # [D, N]
+        v = tl.load(base[:, None] + stride_c0 + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
+                    other=0.0)                                                  # [N, D]
+        if UPCAST:   # the Triton interpreter's bf16/fp16 dot is wrong (triton 3.9): compute it in fp32
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale                                                           # [M, N]
+        abs_q = context_len + query_pos                                         # [M]
+        mask = (key_pos[None, :] <= abs_q[:, None]) & kmask[None, :]
+        if USE_WINDOW:
+            mask = mask & (abs_q[:, None] - key_pos[None, :] < sliding_window)
+        s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _q_tile(q_ptr, q_block_local, cur_q_start, q_len, kv_head, stride_qt, stride_qh,
+            QPKV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+            HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    query_pos = q_block_local * BLOCK_Q + offs_m // QPKV                        # [M] position in chunk
+    head = kv_head * QPKV + offs_m % QPKV                                       # [M] query head
+    row_mask = (offs_m < BLOCK_Q * QPKV) & (query_pos < q_len)
+    tok = (cur_q_start + query_pos).to(tl.int64)
+    q_off = tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + q_off, mask=mask, other=0.0)                             # [M, D]
+    return q, query_pos, tok, head, mask
+
+
+@triton.jit
+def _unified_attn_kernel(out_ptr, q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, scale, sliding_window,
+                         num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_c0, stride_cn,
+                         stride_cb, stride_ch, stride_bt, QPKV: tl.constexpr, BLOCK_Q: tl.constexpr,
+                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq_idx(qsl_ptr, q_block, num_seqs, BLOCK_Q)
+    cur_q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - cur_q_start
+    q_block_local = q_block - (cur_q_start // BLOCK_Q + seq)
+    if q_block_local * BLOCK_Q < q_len:
+        q, query_pos, tok, head, mask = _q_tile(q_ptr, q_block_local, cur_q_start, q_len, kv_head, stride_qt,
+                                                stride_qh, QPKV, BLOCK_Q, BLOCK_M, HEAD_DIM, HEAD_DIM_P)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context_len = seq_len - q_len
+        last_key = tl.minimum(seq_len, context_len + (q_block_local + 1) * BLOCK_Q)   # exclusive
+        tile_hi = tl.cdiv(last_key, TILE_N)
+        tile_lo = 0
+        if USE_WINDOW:
+            first_key = tl.maximum(context_len + q_block_local * BLOCK_Q - sliding_window + 1, 0)
+            tile_lo = first_key // TILE_N
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc, m_i, l_i = _attn_tile_loop(q, acc, m_i, l_i, kv_ptr, bt_ptr + seq.to(tl.int64) * stride_bt,
+                                        tile_lo, tile_hi, seq_len, context_len, query_pos, kv_head, scale,
+                                        sliding_window, stride_c0, stride_cn, stride_cb, stride_ch, HEAD_DIM,
+                                        HEAD_DIM_P, BLOCK_SIZE, TILE_N, USE_WINDOW, IEEE, UPCAST)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        offs_d = tl.arange(0, HEAD_DIM_P)
+        o_off = tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_kv_decode_kernel(part_out_ptr, part_m_ptr, part_l_ptr, q_ptr, kv_ptr, bt_ptr, seq_lens_ptr,
+                            scale, sliding_window, stride_qt, stride_qh, stride_c0, stride_cn, stride_cb,
+                            stride_ch, stride_bt, QPKV: tl.constexpr, BLOCK_M: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                            TILE_N: tl.constexpr, NUM_SEG: tl.constexpr, USE_WINDOW: tl.constexpr,
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Decode-only batch (one query token per sequence): segment ``pid2`` of sequence ``pid0``."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+    q, query_pos, tok, head, mask = _q_tile(q_ptr, 0, seq, 1, kv_head, stride_qt, stride_qh, QPKV, 1, BLOCK_M,
+                                            HEAD_DIM, HEAD_DIM_P)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - 1
+    num_tiles = tl.cdiv(seq_len, TILE_N)
+    tiles_per_seg = tl.cdiv(num_tiles, NUM_SEG)
+    tile_lo = segment * tiles_per_seg
+    tile_hi = tl.minimum(tile_lo + tiles_per_seg, num_tiles)
+    if USE_WINDOW:
+        first_tile = tl.maximum(context_len - sliding_window + 1, 0) // TILE_N
+        tile_lo = tl.maximum(tile_lo, first_tile)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attn_tile_loop(q, acc, m_i, l_i, kv_ptr, bt_ptr + seq.to(tl.int64) * stride_bt, tile_lo,
+                                    tile_hi, seq_len, context_len, query_pos, kv_head, scale, sliding_window,
+                                    stride_c0, stride_cn, stride_cb, stride_ch, HEAD_DIM, HEAD_DIM_P,
+                                    BLOCK_SIZE, TILE_N, USE_WINDOW, IEEE, UPCAST)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    row_ok = offs_m < QPKV
+    # partials laid out [B, Hq, NUM_SEG, D] and [B, Hq, NUM_SEG]
+    ml_off = (tok * (tl.num_programs(1) * QPKV) + head) * NUM_SEG + segment                 # [M]
+    tl.store(part_m_ptr + ml_off, m_i, mask=row_ok)
+    tl.store(part_l_ptr + ml_off, l_i, mask=row_ok)
+    tl.store(part_out_ptr + ml_off[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _split_kv_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, stride_ot, stride_oh,
+                            HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEG: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = tok * tl.num_programs(1) + head
+    offs_s = tl.arange(0, NUM_SEG)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    m = tl.load(part_m_ptr + row * NUM_SEG + offs_s)                            # [S]
+    l = tl.load(part_l_ptr + row * NUM_SEG + offs_s)                            # [S]
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
+    w = tl.exp(m - m_max)                                                       # empty segments: exp(-inf) = 0
+    denom = tl.sum(l * w, axis=0)
+    acc = tl.load(part_out_ptr + (row * NUM_SEG + offs_s)[:, None] * HEAD_DIM_P + offs_d[None, :])  # [S, D]
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def _common(query: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if query.dim() != 3 or query.stride(-1) != 1:
+        raise ValueError(f"query: expected [T, Hq, D] with a contiguous last dimension; got {tuple(query.shape)}")
+    T, hq, d = query.shape
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != d or kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache: expected [2, N, block_size, Hk, {d}]; got {tuple(kv_cache.shape)}")
+    hk = kv_cache.shape[3]
+    if hq % hk:
+        raise ValueError(f"query: {hq} query heads are not a multiple of {hk} KV heads")
+    return T, hq, d, hk, hq // hk
+
+
+def paged_attention_raw(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_tables: torch.Tensor, num_seqs: int, max_query_len: int,
+                        scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
+                        split_kv: bool | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+    """``query[T, Hq, D]`` attends to the paged cache; returns ``[T, Hq, D]`` (into ``out`` if given).
+
+    ``split_kv=None`` picks the split-KV variant for decode-only batches whose longest context is at
+    least ``_SPLIT_MIN_SEQ_LEN`` (or unknown); CUDA-graph capture passes it explicitly.
+    """
+    T, hq, d, hk, qpkv = _common(query, kv_cache)
+    if out is None:
+        out = torch.empty_like(query)                                           # [T, Hq, D]
+    if T == 0 or num_seqs == 0:
+        return out
+    block_size = kv_cache.shape[2]
+    head_dim_p = triton.next_power_of_2(d)
+    ieee = query.dtype == torch.float32
+    upcast = not ieee and os.environ.get("TRITON_INTERPRET") == "1"
+    use_window = sliding_window is not None and sliding_window > 0
+    window = int(sliding_window) if use_window else 0
+    if split_kv is None:
+        split_kv = max_query_len == 1 and (max_seq_len is None or max_seq_len >= _SPLIT_MIN_SEQ_LEN)
+    if split_kv:
+        assert max_query_len == 1 and T == num_seqs, "split-KV needs a decode-only batch"
+        block_m = max(16, triton.next_power_of_2(qpkv))
+        tile_n = 32 if ieee else 64
+        part_out = torch.empty((T, hq, NUM_SEGMENTS, head_dim_p), dtype=torch.float32, device=query.device)
+        part_m = torch.empty((T, hq, NUM_SEGMENTS), dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        _split_kv_decode_kernel[(T, hk, NUM_SEGMENTS)](
+            part_out, part_m, part_l, query, kv_cache, block_tables, seq_lens, scale, window, query.stride(0),
+            query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            block_tables.stride(0), QPKV=qpkv, BLOCK_M=block_m, HEAD_DIM=d, HEAD_DIM_P=head_dim_p,
+            BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SEG=NUM_SEGMENTS, USE_WINDOW=use_window, IEEE=ieee,
+            UPCAST=upcast, num_warps=4)
+        _split_kv_reduce_kernel[(T, hq)](out, part_out, part_m, part_l, out.stride(0), out.stride(1),
+                                         HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEG=NUM_SEGMENTS, num_warps=4)
+        return out
+    block_m = 16 if max_query_len <= max(1, 16 // qpkv) else 64
+    block_m = max(block_m, triton.next_power_of_2(qpkv))
+    block_q = block_m // qpkv
+    tile_n = 32 if (ieee or block_m > 16) else 64
+    grid = (T // block_q + num_seqs, hk)
+    _unified_attn_kernel[grid](
+        out, query, kv_cache, block_tables, seq_lens, query_start_loc, scale, window, num_seqs,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0), QPKV=qpkv, BLOCK_Q=block_q,
+        BLOCK_M=block_m, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        USE_WINDOW=use_window, IEEE=ieee, UPCAST=upcast, num_warps=4)
+    return out
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """The ``ops.paged_attention`` contract: ``query[T, Hq, D]`` over ``attn_metadata``'s batch."""
+    md = attn_metadata
+    num_seqs = int(md.seq_lens.shape[0])
+    split = getattr(md, "cuda_split_kv", None)      # set by the CUDA-graph runner at capture time
+    return paged_attention_raw(query, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, num_seqs,
+                               int(md.max_query_len), scale, sliding_window, split_kv=split,
+                               max_seq_len=int(md.max_seq_len) if md.max_seq_len is not None else None)

@@ -1,0 +1,17 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The op table of the CUDA backend: what ``ops.register_backend("cuda", this module)`` routes to.
+
+Every name here has the signature of the same op in ``mindie_llm.ops`` (reference semantics in
+``ops/reference.py``); GEMMs stay in torch (cuBLAS is at the floor). ``rotary_embedding_write_kv``
+is the fused form of rotary + KV write, for callers that can use it. Imports triton (through the
+kernel modules); must not import models, layers or executor.
+"""
+from __future__ import annotations
+
+from mindie_llm.backends.cuda.activation import silu_and_mul
+from mindie_llm.backends.cuda.attention import paged_attention
+from mindie_llm.backends.cuda.norm import fused_add_rms_norm, rms_norm
+from mindie_llm.backends.cuda.rotary import rotary_embedding, rotary_embedding_write_kv, write_kv_cache
+
+__all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache", "paged_attention",
+           "silu_and_mul", "rotary_embedding_write_kv"]
