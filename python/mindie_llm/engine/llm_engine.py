@@ -1,0 +1,363 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LLMEngine: the synchronous engine loop over the C++ scheduler and the model runner.
+
+    step():  out = scheduler.schedule()  ->  res = runner.execute(out)
+             ->  scheduler.update(res.req_ids, res.sampled_token_ids)
+             ->  detokenize, stop strings (scheduler.finish(id, STOP_STRING)), RequestOutputs
+
+Owns request validation (every bad input is a ValueError naming the field, raised before anything
+is scheduled), the mapping of external string ids to the scheduler's int64 ids, ``n > 1`` fan-out
+(children share the prompt's KV blocks through ``parent_id``) and per-request fault isolation: an
+exception while processing one request's output aborts that request only.
+
+Single-threaded: call every method from one thread. Must not import the server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from mindie_llm.config import EngineConfig
+from mindie_llm.engine.detokenizer import IncrementalDetokenizer
+from mindie_llm.engine.request import FINISH_REASON_NAMES, RequestGroup, Sample
+from mindie_llm.outputs import Logprob, RequestMetrics, RequestOutput
+from mindie_llm.sampling_params import SamplingParams
+
+__all__ = ["LLMEngine", "EngineStats", "InvalidRequestError"]
+
+logger = logging.getLogger(__name__)
+
+_EOS, _STOP_TOKEN, _STOP_STRING, _ABORTED = 1, 2, 3, 6
+_INT64_MASK = (1 << 63) - 1
+
+
+class InvalidRequestError(ValueError):
+    """A request is refused before scheduling; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_cached_kv_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_prompt_tokens_total: int
+    num_generation_tokens_total: int
+    last_step_time: float
+
+
+def _stat(stats: object, *names: str, default: int = 0) -> int:
+    for n in names:
+        v = stats.get(n) if isinstance(stats, dict) else getattr(stats, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from mindie_llm.backends.platform import get_platform
+        from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches
+        from mindie_llm.executor.model_runner import ModelRunner
+        from mindie_llm.loader import load_model
+        from mindie_llm.scheduler import Scheduler, SchedulerCoreConfig
+
+        platform = get_platform(config.backend.device)
+        self.platform = platform
+        device = platform.device if hasattr(platform, "device") else platform.torch_device()
+        loaded = load_model(config.model, device, config.model.dtype)
+        self.model = loaded.model
+        self.arch = loaded.arch
+        self.tokenizer = loaded.tokenizer
+        self.model_name = config.model.served_model_name or loaded.name
+
+        max_len = config.model.max_seq_len or self.arch.max_position_embeddings
+        if not config.scheduler.enable_chunked_prefill:
+            max_len = min(max_len, config.scheduler.max_prefill_tokens)
+        self.config = config.replace(model=dataclasses.replace(config.model, max_seq_len=max_len))
+        self.max_model_len = max_len
+        self.block_size = config.cache.cache_block_size
+        kv_dtype = next(self.model.parameters()).dtype
+        if kv_dtype not in _FLOAT_DTYPES:
+            kv_dtype = _dtype_of(config.model.dtype)
+        spec = KVCacheSpec(self.arch.num_hidden_layers, self.arch.num_key_value_heads, self.arch.head_dim,
+                           self.block_size, kv_dtype)
+        self.num_kv_blocks = int(config.cache.num_blocks or platform.num_kv_blocks(config.cache, spec.bytes_per_block))
+        self.kv_caches = allocate_kv_caches(spec, self.num_kv_blocks, device)
+
+        sc = config.scheduler
+        self.max_num_seqs = sc.max_batch_size
+        self.max_num_batched_tokens = sc.max_prefill_tokens
+        self.scheduler = Scheduler(SchedulerCoreConfig(
+            num_blocks=self.num_kv_blocks, block_size=self.block_size,
+            max_num_batched_tokens=sc.max_prefill_tokens, max_num_seqs=sc.max_batch_size,
+            max_model_len=max_len, enable_prefix_caching=config.cache.enable_prefix_caching,
+            enable_chunked_prefill=sc.enable_chunked_prefill, policy=sc.policy, role=sc.role))
+        self.vocab_size = min(self.arch.vocab_size, self.tokenizer.vocab_size) if hasattr(
+            self.tokenizer, "vocab_size") else self.arch.vocab_size
+        eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()) + tuple(self.arch.eos_token_ids or ())
+        self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
+        self.runner = ModelRunner(self.model, self.arch.vocab_size, self.kv_caches, block_size=self.block_size,
+                                  max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
+                                  max_model_len=max_len, eos_token_ids=self.eos_token_ids, device=device)
+        self._rng = np.random.default_rng(config.model.seed)
+        self._groups: dict[str, RequestGroup] = {}
+        self._samples: dict[int, Sample] = {}
+        self._next_id = 1
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._last_step_time = time.monotonic()
+
+    # ------------------------------------------------------------------------------------ requests
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def validate_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """Tokenizes ``prompt`` and checks everything add_request would; no side effects."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", f"must be a SamplingParams; got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            ids = self._encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = [int(t) if isinstance(t, (int, np.integer)) and not isinstance(t, bool) else t for t in prompt]
+            bad_type = next((i for i, t in enumerate(ids) if not isinstance(t, int)), None)
+            if bad_type is not None:
+                raise InvalidRequestError("prompt_token_ids", f"element {bad_type} is not an integer: {ids[bad_type]!r}")
+        else:
+            raise InvalidRequestError("prompt", f"must be a string or a list of token ids; got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty (it has no tokens)")
+        arr = np.asarray(ids, dtype=np.int64)
+        bad = np.flatnonzero((arr < 0) | (arr >= self.arch.vocab_size))
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidRequestError("prompt_token_ids", f"token id {ids[i]} at index {i} is outside the "
+                                      f"vocabulary [0, {self.arch.vocab_size})")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            field = "prompt" if len(ids) >= self.max_model_len else "max_tokens"
+            raise InvalidRequestError(field, f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} "
+                                      f"exceeds max_model_len {self.max_model_len}")
+        blocks = -(-(len(ids) + params.max_tokens) // self.block_size)
+        if blocks > self.num_kv_blocks - 1:
+            raise InvalidRequestError("max_tokens", f"the request needs {blocks} KV blocks but the pool has "
+                                      f"{self.num_kv_blocks - 1}")
+        if params.n > self.config.scheduler.max_n:
+            raise InvalidRequestError("n", f"{params.n} is above the configured cap scheduler.max_n="
+                                      f"{self.config.scheduler.max_n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.arch.vocab_size:
+                raise InvalidRequestError(name, f"{v} is above the vocabulary size {self.arch.vocab_size}")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", "must be a non-empty string")
+        if request_id in self._groups:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        ids = self.validate_request(prompt, params)
+        now = time.time()
+        group = RequestGroup(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
+                             prompt_token_ids=ids, params=params,
+                             metrics=RequestMetrics(arrival_time=arrival_time or now, num_prompt_tokens=len(ids)))
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        base_seed = params.seed if params.seed is not None else int(self._rng.integers(0, _INT64_MASK))
+        added: list[int] = []
+        try:
+            for i in range(params.n):
+                int_id = self._next_id
+                self._next_id += 1
+                self.scheduler.add_request(
+                    int_id, np.asarray(ids, dtype=np.int32), params.max_tokens, min_tokens=params.min_tokens,
+                    priority=priority, arrival_time=arrival_time or now,
+                    eos_token_ids=self.eos_token_ids, stop_token_ids=tuple(params.stop_token_ids or ()),
+                    ignore_eos=params.ignore_eos, parent_id=added[0] if added else -1)
+                added.append(int_id)
+                seed = (base_seed + i * 0x9E3779B97F4A7C15) & _INT64_MASK if i else base_seed
+                self.runner.add_request(int_id, ids, params, seed,
+                                        want_prompt_logprobs=(i == 0 and params.prompt_logprobs is not None))
+                detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                                               stop=params.stop_strings, min_tokens=params.min_tokens,
+                                               include_stop_str_in_output=params.include_stop_str_in_output)
+                sample = Sample(int_id=int_id, index=i, group=group, detok=detok,
+                                logprobs=[] if params.logprobs is not None else None,
+                                cumulative_logprob=0.0 if params.logprobs is not None else None)
+                group.samples.append(sample)
+                self._samples[int_id] = sample
+        except ValueError as e:
+            for int_id in added:
+                self.scheduler.abort(int_id)
+                self.runner.remove_request(int_id)
+                self._samples.pop(int_id, None)
+            if added or not hasattr(e, "field"):
+                raise InvalidRequestError("prompt", f"refused by the scheduler: {e}") from e
+            raise
+        self._groups[request_id] = group
+        self._prompt_tokens_total += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for s in group.samples:
+            self.scheduler.abort(s.int_id)
+            self.runner.remove_request(s.int_id)
+            self._samples.pop(s.int_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ------------------------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        now = time.time()
+        for rid, ncomp in zip(np.asarray(out.req_ids).tolist(), np.asarray(out.num_computed_tokens).tolist()):
+            s = self._samples.get(rid)
+            if s is not None and s.index == 0 and s.group.metrics.first_scheduled_time is None:
+                s.group.metrics.first_scheduled_time = now
+                s.group.metrics.num_cached_tokens = int(ncomp)
+        try:
+            res = self.runner.execute(out)
+        except Exception:  # the forward failed: the whole batch is lost, the engine lives on
+            logger.exception("model runner failed; aborting the %d requests of this step", len(out.req_ids))
+            self.scheduler.update(np.zeros(0, np.int64), np.zeros(0, np.int32))
+            touched = {}
+            for rid in np.asarray(out.req_ids).tolist():
+                s = self._samples.get(rid)
+                if s is not None:
+                    self._finish(s, "abort", None, abort=True)
+                    touched[s.group.request_id] = s.group
+            return self._emit(touched)
+        upd = self.scheduler.update(res.req_ids, res.sampled_token_ids)
+        finished = dict(zip(np.asarray(upd.finished_ids).tolist(), np.asarray(upd.finish_reasons).tolist()))
+        self._last_step_time = time.monotonic()
+        touched: dict[str, RequestGroup] = {}
+        for owner, entries in res.prompt_logprobs.items():
+            s = self._samples.get(owner)
+            if s is None or s.group.prompt_logprobs is None:
+                continue
+            plp = s.group.prompt_logprobs
+            for pos, lp in sorted(entries, key=lambda e: e[0]):
+                if pos < len(plp):      # recomputed after preemption: already have it
+                    continue
+                plp.extend([None] * (pos - len(plp)))   # positions served from the prefix cache
+                plp.append(self._logprob_dict(lp))
+        for rid, tok in zip(res.req_ids.tolist(), res.sampled_token_ids.tolist()):
+            s = self._samples.get(rid)
+            if s is None:
+                continue
+            touched[s.group.request_id] = s.group
+            try:
+                self._process_token(s, tok, finished.pop(rid, 0), res.logprobs.get(rid), now)
+            except Exception:
+                logger.exception("processing the output of request %s failed; aborting it", s.group.request_id)
+                self._finish(s, "abort", None, abort=True)
+        for rid, reason in finished.items():  # finished without a token this step
+            s = self._samples.get(rid)
+            if s is not None and not s.finished:
+                self._finish(s, FINISH_REASON_NAMES.get(reason, "abort"), None)
+                touched[s.group.request_id] = s.group
+        return self._emit(touched)
+
+    def _process_token(self, s: Sample, tok: int, reason: int, lp, now: float) -> None:
+        m = s.group.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        s.token_ids.append(tok)
+        self._generation_tokens_total += 1
+        if lp is not None and s.logprobs is not None:
+            s.logprobs.append(self._logprob_dict(lp))
+            s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp.logprob
+        skip_last = reason in (_EOS, _STOP_TOKEN) and not s.group.params.include_stop_str_in_output
+        hit = s.detok.update([tok], skip_last=skip_last)
+        if hit is not None and not reason:
+            self.scheduler.finish(s.int_id, _STOP_STRING)
+            self._finish(s, "stop", hit)
+        elif hit is not None:
+            self._finish(s, "stop", hit)
+        elif reason:
+            stop_reason = tok if reason in (_EOS, _STOP_TOKEN) else None
+            self._finish(s, FINISH_REASON_NAMES.get(reason, "abort"), stop_reason)
+
+    def _finish(self, s: Sample, finish_reason: str, stop_reason: str | int | None, abort: bool = False) -> None:
+        if abort:
+            self.scheduler.abort(s.int_id)
+        if finish_reason != "stop" or not isinstance(stop_reason, str):
+            s.detok.finish()
+        s.finish_reason, s.stop_reason = finish_reason, stop_reason
+        self.runner.remove_request(s.int_id)
+        self._samples.pop(s.int_id, None)
+
+    def _emit(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
+        outs = []
+        for rid, g in touched.items():
+            if g.finished:
+                g.metrics.finished_time = time.time()
+                if g.prompt_logprobs is not None:
+                    g.prompt_logprobs.extend([None] * (len(g.prompt_token_ids) - len(g.prompt_logprobs)))
+                self._groups.pop(rid, None)
+            outs.append(g.to_output())
+        return outs
+
+    def _logprob_dict(self, lp) -> dict[int, Logprob]:
+        d: dict[int, Logprob] = {}
+        for r, (t, v) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
+            d[t] = Logprob(v, r, self._decode_one(t))
+        if lp.token_id not in d:
+            d[lp.token_id] = Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))
+        return d
+
+    def _decode_one(self, t: int) -> str:
+        return self.tokenizer.decode([t], skip_special_tokens=False)
+
+    # ------------------------------------------------------------------------------------ misc
+    def get_stats(self) -> EngineStats:
+        st = self.scheduler.stats()
+        return EngineStats(
+            num_waiting=_stat(st, "num_waiting", "waiting"), num_running=_stat(st, "num_running", "running"),
+            num_kv_blocks=self.num_kv_blocks,
+            num_free_kv_blocks=_stat(st, "num_free_blocks", "free_blocks"),
+            num_cached_kv_blocks=_stat(st, "num_cached_blocks", "cached_blocks"),
+            prefix_cache_queries=_stat(st, "prefix_cache_queries"), prefix_cache_hits=_stat(st, "prefix_cache_hits"),
+            num_preemptions=_stat(st, "num_preemptions", "preemptions"),
+            num_prompt_tokens_total=self._prompt_tokens_total,
+            num_generation_tokens_total=self._generation_tokens_total, last_step_time=self._last_step_time)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+def _dtype_of(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def _float_dtypes():
+    import torch
+
+    return (torch.float32, torch.bfloat16, torch.float16)
+
+
+_FLOAT_DTYPES = _float_dtypes()

@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The runner's persistent per-request state and the flat batch of one step.
+
+``InputBatch`` keeps, for every request the engine has added, its prompt, its output tokens so far,
+its sampling parameters and seed, and (while it holds KV blocks) a row of a persistent block table
+updated from the scheduler's diffs (``block_table_reset`` / ``new_block_ids`` CSR). ``build``
+turns a SchedulerOutput into the flat arrays of docs/architecture.md with vectorized numpy: no
+per-token Python loops, one short loop per request for block-table diffs.
+
+Must not import torch, the engine or the scheduler extension (it reads SchedulerOutput by duck
+typing: the fields of contract 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mindie_llm.sampling_params import SamplingParams
+
+__all__ = ["RequestState", "FlatBatch", "InputBatch"]
+
+
+@dataclass
+class RequestState:
+    req_id: int
+    prompt_token_ids: np.ndarray            # [P] int32
+    params: SamplingParams
+    seed: int                               # int64, the request's or drawn by the engine
+    want_prompt_logprobs: bool = False
+    output_token_ids: list[int] = field(default_factory=list)
+    row: int = -1                           # block-table row while it holds blocks, else -1
+
+    @property
+    def num_prompt(self) -> int:
+        return int(self.prompt_token_ids.shape[0])
+
+
+@dataclass
+class FlatBatch:
+    """numpy arrays of one step (T tokens, B requests, S sampling rows)."""
+
+    input_ids: np.ndarray        # [T] int64
+    positions: np.ndarray        # [T] int64
+    slot_mapping: np.ndarray     # [T] int64
+    query_start_loc: np.ndarray  # [B+1] int32
+    seq_lens: np.ndarray         # [B] int32
+    block_tables: np.ndarray     # [B, max_blocks_per_seq] int32 (0-padded)
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    logits_indices: np.ndarray   # [S] int64: last token row of each sampling request
+    sample_req_ids: np.ndarray   # [S] int64
+    sample_states: list[RequestState]
+    # prompt_logprobs: extra token rows whose next prompt token is scored.
+    prompt_rows: np.ndarray      # [P'] int64 token rows
+    prompt_targets: np.ndarray   # [P'] int64 the prompt token at position + 1
+    prompt_owner: np.ndarray     # [P'] int64 req id
+    prompt_pos: np.ndarray       # [P'] int64 position of the scored token (position + 1)
+
+
+class InputBatch:
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        rows = max(max_num_seqs, 1)
+        self.block_table = np.zeros((rows, self.max_blocks_per_seq), dtype=np.int32)
+        self.num_blocks = np.zeros(rows, dtype=np.int32)
+        self._free_rows = list(range(rows - 1, -1, -1))
+        self.requests: dict[int, RequestState] = {}
+
+    # ------------------------------------------------------------------------------------
+    def add(self, state: RequestState) -> None:
+        assert state.req_id not in self.requests, state.req_id
+        self.requests[state.req_id] = state
+
+    def remove(self, req_id: int) -> None:
+        st = self.requests.pop(int(req_id), None)
+        if st is not None:
+            self._release_row(st)
+
+    def _release_row(self, st: RequestState) -> None:
+        if st.row >= 0:
+            self.num_blocks[st.row] = 0
+            self._free_rows.append(st.row)
+            st.row = -1
+
+    def _take_row(self) -> int:
+        if not self._free_rows:  # more requests hold blocks than max_num_seqs: grow
+            old = self.block_table.shape[0]
+            self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+            self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    # ------------------------------------------------------------------------------------
+    def apply_diffs(self, out: Any) -> None:
+        """Drops finished requests, frees preempted rows, applies block-table diffs."""
+        for rid in np.asarray(out.finished_ids).tolist():
+            self.remove(rid)
+        for rid in np.asarray(out.preempted_ids).tolist():
+            st = self.requests.get(rid)
+            if st is not None:
+                self._release_row(st)
+        reset = np.asarray(out.block_table_reset)
+        offs = np.asarray(out.new_block_offsets)
+        new_ids = np.asarray(out.new_block_ids)
+        for i, rid in enumerate(np.asarray(out.req_ids).tolist()):
+            st = self.requests[rid]
+            if st.row < 0:
+                st.row = self._take_row()
+                self.num_blocks[st.row] = 0
+            if reset[i]:
+                self.num_blocks[st.row] = 0
+            lo, hi = int(offs[i]), int(offs[i + 1])
+            if hi > lo:
+                n0 = int(self.num_blocks[st.row])
+                assert n0 + hi - lo <= self.max_blocks_per_seq, (rid, n0, hi - lo)
+                self.block_table[st.row, n0:n0 + hi - lo] = new_ids[lo:hi]
+                self.num_blocks[st.row] = n0 + hi - lo
+
+    def build(self, out: Any) -> FlatBatch:
+        """The flat batch of ``out`` (call after ``apply_diffs``)."""
+        req_ids = np.asarray(out.req_ids, dtype=np.int64)                # [B]
+        nsched = np.asarray(out.num_scheduled_tokens, dtype=np.int64)    # [B]
+        ncomp = np.asarray(out.num_computed_tokens, dtype=np.int64)      # [B]
+        smask = np.asarray(out.sample_mask, dtype=bool)                  # [B]
+        B = req_ids.shape[0]
+        states = [self.requests[r] for r in req_ids.tolist()]
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=B)
+        qsl = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(nsched, out=qsl[1:])
+        T = int(qsl[-1])
+        tok_req = np.repeat(np.arange(B), nsched)                        # [T]
+        positions = np.arange(T, dtype=np.int64) - qsl[tok_req] + ncomp[tok_req]   # [T]
+        bt = self.block_table[rows]                                      # [B, max_blocks]
+        blk = bt[tok_req, positions // self.block_size].astype(np.int64)
+        slot_mapping = blk * self.block_size + positions % self.block_size
+        seq_lens = (ncomp + nsched).astype(np.int32)
+        num_decodes = int(np.argmax(nsched != 1)) if (nsched != 1).any() else B
+        logits_indices = qsl[1:][smask] - 1
+        sample_states = [s for s, m in zip(states, smask.tolist()) if m]
+        # prompt_logprobs: score prompt tokens at positions p+1 < P for every computed row p.
+        pr_rows, pr_tgt, pr_owner, pr_pos = [], [], [], []
+        for i, st in enumerate(states):
+            if not st.want_prompt_logprobs or ncomp[i] >= st.num_prompt - 1:
+                continue
+            lo = int(ncomp[i])
+            hi = min(int(ncomp[i] + nsched[i]), st.num_prompt - 1)
+            if hi <= lo:
+                continue
+            p = np.arange(lo, hi, dtype=np.int64)
+            pr_rows.append(qsl[i] + (p - lo))
+            pr_tgt.append(st.prompt_token_ids[p + 1].astype(np.int64))
+            pr_owner.append(np.full(p.shape, st.req_id, dtype=np.int64))
+            pr_pos.append(p + 1)
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
+        return FlatBatch(
+            input_ids=np.asarray(out.input_token_ids, dtype=np.int64),
+            positions=positions, slot_mapping=slot_mapping,
+            query_start_loc=qsl.astype(np.int32), seq_lens=seq_lens,
+            block_tables=bt, num_decodes=num_decodes,
+            max_query_len=int(nsched.max()) if B else 0, max_seq_len=int(seq_lens.max()) if B else 0,
+            logits_indices=logits_indices, sample_req_ids=req_ids[smask], sample_states=sample_states,
+            prompt_rows=cat(pr_rows), prompt_targets=cat(pr_tgt), prompt_owner=cat(pr_owner), prompt_pos=cat(pr_pos))
