@@ -13,8 +13,8 @@ from typing import Any
 __all__ = ["build_grpc_server"]
 
 
-def build_grpc_server(async_llm: Any, config: Any) -> Any:
+def build_grpc_server(async_llm: Any, config: Any, **kwargs: Any) -> Any:
     """See :func:`mindie_llm.server.grpc.server.build_grpc_server`."""
     from mindie_llm.server.grpc.server import build_grpc_server as _build
 
-    return _build(async_llm, config)
+    return _build(async_llm, config, **kwargs)

@@ -17,9 +17,11 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mindie_llm.server.auth import api_key_matches, extract_api_key
+from mindie_llm.server.grpc.errors import GENERIC_INTERNAL_MESSAGE
 
 __all__ = ["build_grpc_server", "HEALTH_SERVICE_NAME"]
 
@@ -30,36 +32,70 @@ _HEALTH_PREFIX = f"/{HEALTH_SERVICE_NAME}/"
 _UNAUTHENTICATED_MESSAGE = "missing or invalid API key: send 'authorization: Bearer <key>' or 'x-api-key: <key>'"
 _WATCH_INTERVAL_S = 0.5
 _MAX_SEND_BYTES = 64 << 20
+_PASS_THROUGH = (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)
 
 
 # ---------------------------------------------------------------------- request parsing
+def _reject_unknown_fields(msg: Any, path: str) -> None:
+    """Unknown fields are refused rather than ignored: a client relying on a field this server does
+    not know would otherwise get silently different behaviour. ``path`` names the message."""
+    unknown = UnknownFieldSet(msg)
+    if len(unknown):
+        raise ValueError(f"{path}: unknown field number {unknown[0].field_number}")
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            items = [(f"{path}.{fd.name}[{k[:32]!r}]", v) for k, v in value.items() if hasattr(v, "ListFields")]
+        elif fd.is_repeated:
+            items = [(f"{path}.{fd.name}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(f"{path}.{fd.name}", value)]
+        for sub_path, sub in items:
+            _reject_unknown_fields(sub, sub_path)
+
+
 def _parse(cls: Any, raw: bytes) -> Any:
     try:
-        return cls.FromString(raw)
+        msg = cls.FromString(raw)
     except DecodeError:
         raise ValueError(f"request: not a valid {cls.DESCRIPTOR.full_name} message "
                          "(bad wire format, or a string field that is not valid UTF-8)") from None
+    _reject_unknown_fields(msg, "request")
+    return msg
 
 
 def _bad_request(context: grpc.aio.ServicerContext, e: ValueError) -> Any:
     return context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
+async def _internal(context: grpc.aio.ServicerContext, method: str) -> None:
+    logger.exception("unexpected error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE)
+
+
 def _method_handler(fn: Callable, method: Any, pb2: Any) -> grpc.RpcMethodHandler:
-    """A handler taking raw bytes, so that parse errors become INVALID_ARGUMENT."""
+    """A handler taking raw bytes, so that parse errors become INVALID_ARGUMENT; any unexpected
+    exception becomes INTERNAL with a generic message (never the exception text)."""
     req_cls = getattr(pb2, method.input_type.name)
     resp_cls = getattr(pb2, method.output_type.name)
     ser = resp_cls.SerializeToString
+    name = method.full_name
     if method.client_streaming:
         async def stream_in(raw_iter: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async def parsed() -> AsyncIterator[Any]:
                 async for raw in raw_iter:
                     yield _parse(req_cls, raw)
 
-            async for resp in fn(parsed(), context):
-                yield resp
+            try:
+                async for resp in fn(parsed(), context):
+                    yield resp
+            except _PASS_THROUGH:
+                raise
+            except Exception:  # noqa: BLE001
+                await _internal(context, name)
 
-        assert method.server_streaming, method.full_name
+        assert method.server_streaming, name
         return grpc.stream_stream_rpc_method_handler(stream_in, response_serializer=ser)
     if method.server_streaming:
         async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -67,8 +103,13 @@ def _method_handler(fn: Callable, method: Any, pb2: Any) -> grpc.RpcMethodHandle
                 req = _parse(req_cls, raw)
             except ValueError as e:
                 await _bad_request(context, e)
-            async for resp in fn(req, context):
-                yield resp
+            try:
+                async for resp in fn(req, context):
+                    yield resp
+            except _PASS_THROUGH:
+                raise
+            except Exception:  # noqa: BLE001
+                await _internal(context, name)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=ser)
 
@@ -77,7 +118,12 @@ def _method_handler(fn: Callable, method: Any, pb2: Any) -> grpc.RpcMethodHandle
             req = _parse(req_cls, raw)
         except ValueError as e:
             await _bad_request(context, e)
-        return await fn(req, context)
+        try:
+            return await fn(req, context)
+        except _PASS_THROUGH:
+            raise
+        except Exception:  # noqa: BLE001
+            await _internal(context, name)
 
     return grpc.unary_unary_rpc_method_handler(unary, response_serializer=ser)
 
@@ -177,10 +223,12 @@ def _read(path: str, key: str) -> bytes:
         raise ValueError(f"{key}: cannot read {path!r}: {e.strerror}") from None
 
 
-def build_grpc_server(async_llm: Any, config: Any) -> grpc.aio.Server:
+def build_grpc_server(async_llm: Any, config: Any, *, enable_kserve: bool = True) -> grpc.aio.Server:
     """A grpc.aio server bound to ``server.host:server.grpc_port`` (TLS when configured), not yet
     started. The bound port (useful with grpc_port=0) is ``server.bound_port``.
 
+    ``enable_kserve=False`` leaves out the KServe service (its ``inference.*`` messages clash with
+    those of tritonclient's own stubs when both live in one process, as in a test process).
     Raises ValueError for unreadable TLS files and OSError when the port cannot be bound.
     """
     from grpc_reflection.v1alpha import reflection
@@ -188,9 +236,6 @@ def build_grpc_server(async_llm: Any, config: Any) -> grpc.aio.Server:
     from mindie_llm.server.grpc.generation_service import SERVICE_NAME as GEN_NAME
     from mindie_llm.server.grpc.generation_service import GenerationServicer
     from mindie_llm.server.grpc.generation_service import pb2 as gen_pb2
-    from mindie_llm.server.grpc.kserve_service import SERVICE_NAME as KSERVE_NAME
-    from mindie_llm.server.grpc.kserve_service import KServeServicer
-    from mindie_llm.server.grpc.kserve_service import pb2 as kserve_pb2
 
     scfg = config.server
     if scfg.grpc_port < 0:
@@ -205,13 +250,18 @@ def build_grpc_server(async_llm: Any, config: Any) -> grpc.aio.Server:
         ("grpc.so_reuseport", 0),   # a port in use must fail to bind, not be shared
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    server.add_generic_rpc_handlers((
-        _generic_handler(GenerationServicer(async_llm, config), gen_pb2, "GenerationService"),
-        _generic_handler(KServeServicer(async_llm, config), kserve_pb2, "GRPCInferenceService"),
-    ))
-    health_pb2_grpc.add_HealthServicer_to_server(_HealthServicer(async_llm, [GEN_NAME, KSERVE_NAME]), server)
-    reflection.enable_server_reflection(
-        [GEN_NAME, KSERVE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    handlers = [_generic_handler(GenerationServicer(async_llm, config), gen_pb2, "GenerationService")]
+    names = [GEN_NAME]
+    if enable_kserve:
+        from mindie_llm.server.grpc.kserve_service import SERVICE_NAME as KSERVE_NAME
+        from mindie_llm.server.grpc.kserve_service import KServeServicer
+        from mindie_llm.server.grpc.kserve_service import pb2 as kserve_pb2
+
+        handlers.append(_generic_handler(KServeServicer(async_llm, config), kserve_pb2, "GRPCInferenceService"))
+        names.append(KSERVE_NAME)
+    server.add_generic_rpc_handlers(tuple(handlers))
+    health_pb2_grpc.add_HealthServicer_to_server(_HealthServicer(async_llm, names), server)
+    reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
 
     address = _address(scfg.host, scfg.grpc_port)
     try:
