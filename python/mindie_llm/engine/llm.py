@@ -19,13 +19,26 @@ from mindie_llm.engine.llm_engine import InvalidRequestError, LLMEngine
 from mindie_llm.outputs import RequestOutput
 from mindie_llm.sampling_params import SamplingParams
 
-__all__ = ["LLM"]
+__all__ = ["LLM", "build_config"]
 
 PromptType = str | Sequence[int]
 
 
 def _is_token_list(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def build_config(config_path: str | None = None, overrides: Sequence[str] = (), **kwargs: Any) -> EngineConfig:
+    """A deployment from an optional YAML file, ``section.key=value`` overrides (``--set``) and
+    then vLLM-style keyword arguments (None values are ignored)."""
+    from mindie_llm.config import _apply_overrides  # the --set parser of config.py
+
+    if config_path:
+        cfg = EngineConfig.from_yaml(config_path, list(overrides))
+    else:
+        cfg = EngineConfig.from_dict(_apply_overrides({}, list(overrides), None))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return EngineConfig.from_kwargs(base=cfg, **kwargs) if kwargs else cfg
 
 
 class LLM:
