@@ -1,1 +1,223 @@
 # SPDX-License-Identifier: Apache-2.0
+"""``load_model(model_config, device, dtype) -> LoadedModel(model, arch, tokenizer, name)``.
+
+Formats: a Hugging Face directory (config.json + safetensors, sharded too), a GGUF file (through
+``gguf``), or dummy random weights (a named shape, an HF directory's config, or a config dict).
+With no model named, the embedded default SmolLM2-135M-Instruct GGUF is used. Pickle checkpoints
+are refused. Every failure is a ``LoaderError`` (a ValueError) naming the file or tensor.
+
+May import models, layers and tokenizer; must not import the engine, executor or server.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from mindie_llm.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
+from mindie_llm.loader.dummy import NAMED_SHAPES, init_dummy_weights, named_shape
+from mindie_llm.loader.errors import (CorruptCheckpointError, DefaultModelMissingError, LoaderError,
+                                      ModelNotFoundError, UnsafeCheckpointError, WeightMismatchError)
+from mindie_llm.loader.safetensors_loader import (PICKLE_SUFFIXES, iter_safetensors, read_hf_config,
+                                                  refuse_pickle, safetensors_files)
+from mindie_llm.models.config import ArchConfigError, LlamaArchConfig
+from mindie_llm.models.llama import UnknownWeightError
+from mindie_llm.models.registry import build_model
+from mindie_llm.tokenizer.tokenizer import Tokenizer, TokenizerError
+
+__all__ = ["LoadedModel", "load_model", "resolve_format", "resolve_dtype", "build_empty_model",
+           "LoaderError", "ModelNotFoundError", "UnsafeCheckpointError", "CorruptCheckpointError",
+           "WeightMismatchError", "DefaultModelMissingError", "default_model_path", "NAMED_SHAPES"]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module              # LlamaForCausalLM, on the device, in eval mode
+    arch: LlamaArchConfig
+    tokenizer: Tokenizer | None   # None only for dummy weights without a tokenizer
+    name: str                     # served model name
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: Any, device: torch.device, arch: LlamaArchConfig | None = None) -> torch.dtype:
+    """``torch.dtype`` or "auto" / "float32" / "bfloat16" / "float16". "auto" is float32 on the CPU,
+    else the checkpoint's dtype (bfloat16 when it has none or it is float32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32
+        ckpt = (arch.torch_dtype if arch else None) or "bfloat16"
+        return _DTYPES.get(ckpt, torch.bfloat16) if ckpt != "float32" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype: must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_format(path: str | None, load_format: str = "auto") -> tuple[str, str | None]:
+    """(format, path): format is "gguf", "safetensors" or "dummy"; ``None`` path = the default model."""
+    if load_format == "dummy":
+        return "dummy", path
+    if path is None:
+        return "gguf", default_model_path()
+    if path.endswith(PICKLE_SUFFIXES):
+        refuse_pickle(path)
+    if not os.path.exists(path):
+        raise ModelNotFoundError(path, "no such file or directory (model.path must be a Hugging Face "
+                                       "directory or a .gguf file)")
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelNotFoundError(path, "directory is not readable")
+        if load_format == "gguf":
+            ggufs = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
+            if not ggufs:
+                raise ModelNotFoundError(path, "load_format is gguf but the directory has no .gguf file")
+            return "gguf", os.path.join(path, ggufs[0])
+        return "safetensors", path
+    if path.endswith(".gguf") or load_format == "gguf":
+        return "gguf", path
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf", path
+    raise ModelNotFoundError(path, "not a model: expected a Hugging Face directory or a .gguf file")
+
+
+def build_empty_model(arch: LlamaArchConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model with uninitialized parameters of ``dtype`` on ``device`` (rotary caches in fp32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+    try:
+        with torch.device(device):
+            model = build_model(arch)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, weights: Iterable[tuple[str, str, torch.Tensor]]) -> None:
+    loaded: set[str] = set()
+    for file, name, tensor in weights:
+        try:
+            loaded |= model.load_weights([(name, tensor)])
+        except UnknownWeightError:
+            raise WeightMismatchError(file, "no parameter of the model matches this tensor (wrong "
+                                            "architecture?)", tensor=name) from None
+        except ValueError as e:
+            raise WeightMismatchError(file, str(e).split(": ", 1)[-1], tensor=name) from None
+    missing = model.missing_parameters(loaded)
+    if missing:
+        raise WeightMismatchError(file if loaded else None, f"the checkpoint lacks {len(missing)} tensor(s) "
+                                  f"the config needs, e.g. {', '.join(missing[:3])}")
+
+
+def _arch_from(cfg: Mapping[str, Any], source: str) -> LlamaArchConfig:
+    try:
+        return LlamaArchConfig.from_hf_config(cfg, source=source)
+    except ArchConfigError:
+        raise
+    except ValueError as e:
+        raise WeightMismatchError(source, str(e)) from None
+
+
+def _load_hf(path: str, device: torch.device, dtype: Any, progress: bool):
+    cfg = read_hf_config(path)
+    arch = _arch_from(cfg, os.path.join(path, "config.json"))
+    files = safetensors_files(path)
+    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
+    weights = iter_safetensors(files)
+    if progress:
+        from tqdm import tqdm
+
+        weights = tqdm(weights, desc=f"Loading {os.path.basename(path.rstrip('/'))}", unit="tensor", leave=False)
+    _load_weights(model, weights)
+    tok = None
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tok = Tokenizer.from_hf_dir(path, extra_eos_token_ids=arch.eos_token_ids)
+    return model, arch, tok
+
+
+def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool):
+    from mindie_llm.loader.gguf_loader import gguf_arch_dict, iter_gguf_tensors, open_gguf, read_gguf_metadata
+
+    reader = open_gguf(path)
+    meta = read_gguf_metadata(reader)
+    cfg = gguf_arch_dict(meta, path)
+    names = {t.name for t in reader.tensors}
+    cfg["tie_word_embeddings"] = "output.weight" not in names
+    arch = _arch_from(cfg, path)
+    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
+    _load_weights(model, ((path, n, t) for n, t in iter_gguf_tensors(reader, path, cfg, progress)))
+    try:
+        tok = Tokenizer.from_gguf_fields(meta, name=path)
+    except TokenizerError as e:
+        raise CorruptCheckpointError(path, f"tokenizer: {e}") from None
+    return model, arch, tok
+
+
+def _load_dummy(path: str | None, device: torch.device, dtype: Any, seed: int,
+                hf_config: Mapping[str, Any] | None):
+    tok = None
+    if hf_config is not None:
+        cfg, source = dict(hf_config), "<config dict>"
+    elif path is None or named_shape(path) is not None:
+        cfg, source = named_shape(path or "smollm2-135m"), path or "smollm2-135m"
+    elif os.path.isdir(path):
+        cfg, source = read_hf_config(path), os.path.join(path, "config.json")
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            tok = Tokenizer.from_hf_dir(path)
+    else:
+        raise ModelNotFoundError(path, f"dummy weights need a named shape ({', '.join(NAMED_SHAPES)}) "
+                                       "or a directory with config.json")
+    arch = _arch_from(cfg, source)
+    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
+    init_dummy_weights(model, seed)
+    return model, arch, tok
+
+
+def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any = None, *,
+               progress: bool = True, hf_config: Mapping[str, Any] | None = None) -> LoadedModel:
+    """Loads ``model_config`` (a ``config.ModelConfig``) onto ``device``.
+
+    ``dtype`` overrides ``model_config.dtype`` when given. ``hf_config`` (dummy format only) gives
+    the architecture as a config.json-shaped dict. ``model_config.quantization == "int8"`` applies
+    weight-only int8 to every linear layer after loading.
+    """
+    device = torch.device(device)
+    dtype = dtype if dtype is not None else getattr(model_config, "dtype", "auto")
+    path = getattr(model_config, "path", None)
+    fmt, path = resolve_format(path, getattr(model_config, "load_format", "auto"))
+    if fmt == "dummy":
+        model, arch, tok = _load_dummy(path, device, dtype, getattr(model_config, "seed", 0), hf_config)
+    elif fmt == "gguf":
+        model, arch, tok = _load_gguf(path, device, dtype, progress)
+    else:
+        model, arch, tok = _load_hf(path, device, dtype, progress)
+    if getattr(model_config, "quantization", "none") == "int8":
+        from mindie_llm.layers.quantization import quantize_int8
+
+        quantize_int8(model)
+    tok_path = getattr(model_config, "tokenizer", None)
+    if tok_path:
+        tok = Tokenizer.from_gguf(tok_path) if tok_path.endswith(".gguf") else Tokenizer.from_hf_dir(tok_path)
+    name = getattr(model_config, "served_model_name", None) or _default_name(fmt, path, arch)
+    return LoadedModel(model=model, arch=arch, tokenizer=tok, name=name)
+
+
+def _default_name(fmt: str, path: str | None, arch: LlamaArchConfig) -> str:
+    if fmt == "gguf" and path is not None:
+        try:
+            if os.path.samefile(path, default_model_path()):
+                return DEFAULT_MODEL_NAME
+        except (OSError, LoaderError):
+            pass
+    if path is None:
+        return f"dummy-{arch.model_type}"
+    base = os.path.basename(path.rstrip("/"))
+    return base[:-5] if base.endswith(".gguf") else base

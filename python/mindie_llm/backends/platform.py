@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``Platform``: what a device backend tells the rest of the system (vLLM-style class attributes
+and classmethods): its device type, collective library, op module (a qualname, imported lazily),
+default dtype, KV-cache sizing, synchronization and graph-capture wrapper.
+
+Must not import models, layers, the engine or executor; imports ops only to register a backend.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+__all__ = ["Platform", "kv_cache_bytes_per_block", "import_qualname"]
+
+
+def import_qualname(qualname: str) -> Any:
+    """"pkg.module.Name" -> the object (lazy imports of device modules)."""
+    module, _, name = qualname.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                             dtype: torch.dtype) -> int:
+    """Bytes of one KV block across all layers: K and V of ``block_size`` tokens."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+
+
+class Platform:
+    device_type: str = "cpu"
+    dist_backend: str = "gloo"          # gloo | nccl | hccl
+    ops_module: str | None = None       # qualname of the module registered with ops.register_backend
+    model_runner: str | None = None     # qualname of a ModelRunner subclass, None = the default one
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    @classmethod
+    def device(cls, index: int = 0) -> torch.device:
+        return torch.device(cls.device_type) if cls.device_type == "cpu" else torch.device(cls.device_type, index)
+
+    @classmethod
+    def default_dtype(cls) -> torch.dtype:
+        return torch.float32
+
+    @classmethod
+    def synchronize(cls) -> None:
+        return None
+
+    @classmethod
+    def graph_wrapper_cls(cls) -> type | None:
+        """The class that captures and replays decode steps as graphs; None if the device has none."""
+        return None
+
+    @classmethod
+    def model_runner_cls(cls) -> str | None:
+        return cls.model_runner
+
+    @classmethod
+    def register_ops(cls) -> None:
+        """Routes mindie_llm.ops calls on this device to ``ops_module`` (idempotent)."""
+        if cls.ops_module is None:
+            return
+        from mindie_llm import ops
+
+        ops.register_backend(cls.device_type, importlib.import_module(cls.ops_module))
+
+    @classmethod
+    def available_kv_cache_bytes(cls, cache_config: Any) -> int:
+        raise NotImplementedError  # each platform sizes its own memory
+
+    @classmethod
+    def num_kv_blocks(cls, cache_config: Any, bytes_per_block: int) -> int:
+        """Blocks in the KV pool, block 0 (the null block) included: ``cache.num_blocks`` if set,
+        else the platform's memory budget divided by ``bytes_per_block``."""
+        if bytes_per_block <= 0:
+            raise ValueError(f"bytes_per_block must be > 0; got {bytes_per_block}")
+        if getattr(cache_config, "num_blocks", None):
+            return int(cache_config.num_blocks)
+        blocks = int(cls.available_kv_cache_bytes(cache_config) // bytes_per_block)
+        if blocks < 2:
+            raise ValueError(f"cache: the memory budget holds {blocks} KV block(s) of {bytes_per_block} "
+                             "bytes; at least 2 are needed (raise the budget or lower cache_block_size)")
+        return blocks
+
+    @classmethod
+    def check_and_update_config(cls, config: Any) -> Any:
+        """Adjusts an EngineConfig for this device (returns it, possibly replaced)."""
+        return config

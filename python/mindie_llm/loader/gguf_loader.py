@@ -1,0 +1,188 @@
+# SPDX-License-Identifier: Apache-2.0
+"""GGUF loader through the ``gguf`` package: metadata -> LlamaArchConfig, tensors dequantized to
+float (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants: whatever ``gguf.quants.dequantize`` supports),
+GGUF names -> Hugging Face names, and the rotary permutation of llama Q/K weights undone exactly as
+transformers' GGUF loader does, so logits match transformers on the same file.
+
+Must not import the engine or executor.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from mindie_llm.loader.errors import CorruptCheckpointError, ModelNotFoundError, WeightMismatchError
+
+__all__ = ["read_gguf_metadata", "open_gguf", "gguf_arch_dict", "iter_gguf_tensors"]
+
+_SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM"}
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def open_gguf(path: str):
+    """A ``gguf.GGUFReader`` over ``path``; truncated or malformed files raise
+    CorruptCheckpointError naming the file."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(path, "no such file")
+    if not os.access(path, os.R_OK):
+        raise ModelNotFoundError(path, "not readable")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OSError, TypeError, AssertionError) as e:
+        raise CorruptCheckpointError(path, f"truncated or corrupt GGUF: {type(e).__name__}: {e}") from None
+
+
+def _field_value(field: Any) -> Any:
+    import gguf
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        sub = types[-1]
+        if sub == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def read_gguf_metadata(path_or_reader: Any) -> dict[str, Any]:
+    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, str) else path_or_reader
+    path = getattr(reader, "data", None) is not None and getattr(reader, "_path", None)
+    out = {}
+    for name, field in reader.fields.items():
+        try:
+            out[name] = _field_value(field)
+        except (IndexError, UnicodeDecodeError, ValueError) as e:
+            raise CorruptCheckpointError(path or "gguf", f"corrupt metadata field {name}: {e}") from None
+    return out
+
+
+def gguf_arch_dict(meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """GGUF metadata -> a Hugging Face config.json-shaped dict."""
+    arch = meta.get("general.architecture")
+    if arch not in _SUPPORTED_ARCHS:
+        raise WeightMismatchError(path, f"general.architecture {arch!r} is not supported; "
+                                        f"supported: {', '.join(_SUPPORTED_ARCHS)}")
+
+    def get(key: str, default: Any = None, required: bool = False) -> Any:
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None and required:
+            raise CorruptCheckpointError(path, f"metadata {arch}.{key} missing")
+        return v
+
+    n_heads = get("attention.head_count", required=True)
+    hidden = get("embedding_length", required=True)
+    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
+    cfg: dict[str, Any] = {
+        "architectures": [_SUPPORTED_ARCHS[arch]], "model_type": arch,
+        "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length", required=True),
+        "num_hidden_layers": get("block_count", required=True),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": get("attention.head_count_kv", n_heads),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length", 2048),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    key_len = get("attention.key_length")
+    rot = get("rope.dimension_count")
+    head_dim = key_len or (hidden // n_heads)
+    cfg["head_dim"] = head_dim
+    if rot and rot != head_dim:
+        cfg["partial_rotary_factor"] = rot / head_dim
+    scale_type = get("rope.scaling.type")
+    if scale_type == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    window = get("attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = window
+        if arch == "qwen2":
+            cfg["use_sliding_window"] = True
+    return cfg
+
+
+def _hf_name(name: str) -> str | None:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    if name == "rope_freqs.weight":
+        return None  # llama3 rope factors: derived from metadata instead
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return name  # unknown: the model rejects it by name
+
+
+def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # Undo llama.cpp's convert_hf_to_gguf permute of Q/K rows (same as transformers' loader).
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def dequantize_tensor(tensor: Any, path: str) -> np.ndarray:
+    """A ReaderTensor -> float32 numpy array in PyTorch's [out, in] order."""
+    import gguf
+
+    try:
+        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise WeightMismatchError(path, f"quantization {tensor.tensor_type.name} is not supported by "
+                                        "the gguf package's dequantizer", tensor=tensor.name) from None
+    except (ValueError, IndexError) as e:
+        raise CorruptCheckpointError(path, f"cannot dequantize: {e}", tensor=tensor.name) from None
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if int(np.prod(shape)) != arr.size:
+        raise CorruptCheckpointError(path, f"holds {arr.size} values, shape says {shape}", tensor=tensor.name)
+    out = np.asarray(arr, dtype=np.float32).reshape(shape)
+    return out if out.flags.writeable else out.copy()  # F32 tensors are views of the read-only map
+
+
+def iter_gguf_tensors(reader: Any, path: str, cfg: dict[str, Any], progress: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF name, float32 tensor) for every tensor, Q/K un-permuted for llama-style rotary."""
+    size = os.path.getsize(path)
+    tensors = list(reader.tensors)
+    for t in tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise CorruptCheckpointError(path, f"truncated: data ends at byte {end}, file has {size}",
+                                         tensor=t.name)
+    it = tensors
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(tensors, desc=f"Dequantizing {os.path.basename(path)}", unit="tensor", leave=False)
+    n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    permuted = cfg.get("model_type") in ("llama", "mistral")  # llama.cpp permutes these only
+    for t in it:
+        hf = _hf_name(t.name)
+        if hf is None:
+            continue
+        arr = dequantize_tensor(t, path)
+        if permuted and ".attn_q." in t.name:
+            arr = _reverse_permute(arr, n_heads)
+        elif permuted and ".attn_k." in t.name:
+            arr = _reverse_permute(arr, n_kv)
+        yield hf, torch.from_numpy(np.ascontiguousarray(arr))  # [out, in] float32

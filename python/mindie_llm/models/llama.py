@@ -1,0 +1,169 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One Llama-family implementation: Llama 2/3 (llama3 rope scaling), Mistral (sliding window),
+Qwen2 (qkv bias) and SmolLM2; MHA, GQA and MQA by config; tied or untied embeddings.
+
+Device-agnostic: every fused step goes through mindie_llm.ops via the layers. The model sees the
+flat mixed batch of docs/architecture.md. Must not import the engine, executor, loader, tokenizer
+or any backend.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from mindie_llm.layers.activation import get_act_and_mul
+from mindie_llm.layers.attention import Attention, AttentionMetadata
+from mindie_llm.layers.embedding import LMHead, VocabEmbedding
+from mindie_llm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                     copy_checked)
+from mindie_llm.layers.norm import RMSNorm
+from mindie_llm.layers.rotary import get_rope
+from mindie_llm.models.config import LlamaArchConfig
+
+__all__ = ["LlamaForCausalLM", "LlamaModel", "UnknownWeightError"]
+
+
+class UnknownWeightError(ValueError):
+    """A checkpoint tensor has no place in the model."""
+
+    def __init__(self, name: str):
+        self.tensor = name
+        super().__init__(f"{name}: checkpoint tensor has no matching model parameter")
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: LlamaArchConfig):
+        super().__init__()
+        i = arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [i, i], bias=arch.mlp_bias)
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, bias=arch.mlp_bias)
+        self.act_fn = get_act_and_mul(arch.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: LlamaArchConfig, layer_idx: int):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_attention_heads,
+                                          arch.num_key_value_heads, bias=arch.qkv_bias)
+        self.q_size = self.qkv_proj.q_size      # local (this rank's) sizes
+        self.kv_size = self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size, bias=arch.o_bias)
+        self.rotary_emb = get_rope(arch.head_dim, arch.rotary_dim, arch.max_position_embeddings,
+                                   arch.rope_theta, arch.rope_scaling, is_neox=True)
+        self.attn = Attention(self.qkv_proj.num_heads, arch.head_dim, arch.head_dim ** -0.5,
+                              self.qkv_proj.num_kv_heads, arch.sliding_window_of(layer_idx))
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)                                         # [T, (Hq + 2Hk) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)                             # [T, Hq*D], [T, Hk*D]
+        out = self.attn(q, k, v, kv_cache, attn_metadata)                   # [T, Hq*D]
+        return self.o_proj(out)                                             # [T, H]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: LlamaArchConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, layer_idx)
+        self.mlp = LlamaMLP(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: LlamaArchConfig):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i) for i in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)                               # [T, H]
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden                                                       # [T, H]
+
+
+# HF checkpoint name fragment -> (stacked parameter fragment, shard id)
+_STACKED = (
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+)
+
+
+class LlamaForCausalLM(nn.Module):
+    """``hidden = model(input_ids[T], positions[T], kv_caches, attn_metadata)`` -> [T, H];
+    ``logits = model.compute_logits(hidden[S, H])`` -> [S, V] float32."""
+
+    def __init__(self, arch: LlamaArchConfig):
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch)
+        tie = self.model.embed_tokens if arch.tie_word_embeddings else None
+        self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, tie_to=tie)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [S, H] -> [S, V] float32
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors; returns the names of the parameters that were filled.
+        Raises UnknownWeightError for a tensor with no place, ValueError naming a shape mismatch."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.arch.tie_word_embeddings and name == "lm_head.weight":
+                continue  # tied: the embedding is the head
+            target, shard = name, None
+            for frag, stacked, shard_id in _STACKED:
+                if frag in name:
+                    target, shard = name.replace(frag, stacked), shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                raise UnknownWeightError(name)
+            loader = getattr(param, "weight_loader", None)
+            try:
+                if loader is None:
+                    copy_checked(param, tensor, "weight")
+                elif shard is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            loaded.add(target)
+        return loaded
+
+    def missing_parameters(self, loaded: set[str]) -> list[str]:
+        names = [n for n, _ in self.named_parameters()]  # tied weights appear once
+        return [n for n in names if n not in loaded]
