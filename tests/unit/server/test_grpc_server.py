@@ -533,3 +533,40 @@ def test_cancelled_streams_free_their_kv_blocks():
         assert not engine.reqs
         assert engine.stats.num_free_kv_blocks == baseline
         assert stub.Generate(req("alive", max_tokens=2), timeout=30).completions[0].text == expected_text("alive", 2)
+
+
+# ---------------------------------------------------------------------- a fake-engine server process
+def serve_forever(argv: list[str]) -> None:
+    """``python test_grpc_server.py [--api-key K] [--max-queued N] [--step-delay S]``: serves the fake
+    engine (with the KServe service) on a free port, prints ``PORT <n>``, runs until SIGTERM.
+    test_grpc_kserve.py uses it, so that tritonclient's stubs and ours live in different processes."""
+    import argparse
+    import signal
+    import sys
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-queued", type=int, default=256)
+    p.add_argument("--step-delay", type=float, default=0.0)
+    a = p.parse_args(argv)
+
+    async def main() -> None:
+        config = _config(api_key=a.api_key, max_queued_requests=a.max_queued)
+        llm = AsyncLLM(FakeEngine(step_delay_s=a.step_delay), config)
+        srv = build_grpc_server(llm, config)
+        await srv.start()
+        print(f"PORT {srv.bound_port}", flush=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await srv.stop(0.5)
+        await llm.shutdown()
+
+    asyncio.run(main())
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_forever(sys.argv[1:])
