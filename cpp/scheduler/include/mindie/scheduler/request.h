@@ -1,0 +1,78 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file request.h
+/// @brief The state of one request, owned by the Scheduler. Python never sees this type: it
+/// holds the int64 id only.
+#pragma once
+
+#include "mindie/scheduler/common.h"
+
+#include <tuple>
+#include <vector>
+
+namespace mindie::scheduler
+{
+
+enum class RequestState : std::int32_t
+{
+    kWAITING = 0,     ///< in the waiting queue (new, preempted, or decode-role with KV ready)
+    kRUNNING = 1,     ///< in the running set
+    kAWAITING_KV = 2, ///< decode role: blocks allocated, KV not yet received
+    kPREFILL_DONE = 3, ///< prefill role: finished, blocks pinned until release()
+    kFINISHED = 4      ///< transient: finished inside update(), removed before it returns
+};
+
+/// @brief Order of admission and of preemption (the largest key is valued least).
+struct SortKey
+{
+    std::int32_t priority;
+    double arrivalTime;
+    ReqId id;
+
+    bool operator<(SortKey const& o) const noexcept
+    {
+        return std::tie(priority, arrivalTime, id) < std::tie(o.priority, o.arrivalTime, o.id);
+    }
+};
+
+/// @brief Per-request parameters given once at admission.
+struct RequestParams
+{
+    SizeType32 maxTokens{1};
+    SizeType32 minTokens{0};
+    std::int32_t priority{0};
+    double arrivalTime{0.0};
+    std::vector<TokenId> eosTokenIds;
+    std::vector<TokenId> stopTokenIds;
+    bool ignoreEos{false};
+    ReqId parentId{-1}; ///< n > 1: id of sample 0 (-1: none)
+};
+
+struct Request
+{
+    ReqId id{0};
+    RequestParams params;
+    SortKey key{};
+    std::vector<TokenId> tokens; ///< prompt followed by the sampled tokens
+    SizeType32 numPromptTokens{0};
+    SizeType32 numComputedTokens{0};
+    RequestState state{RequestState::kWAITING};
+    std::vector<BlockId> blocks;      ///< block table (append-only while running)
+    std::vector<BlockHash> hashes;    ///< chained hashes of full blocks (content-based, kept across preemption)
+    SizeType32 numRegisteredBlocks{0}; ///< leading blocks already offered to the prefix cache
+    SizeType32 numBlocksSent{0};       ///< blocks the runner already knows
+    bool needsTableReset{true};        ///< next schedule sends the whole table with reset=true
+    bool awaitingSample{false};        ///< scheduled with sample_mask=true, update() pending
+    bool scheduledThisStep{false};
+    SizeType32 lastNumScheduled{0};    ///< tokens of the last schedule() (rolled back if never sampled)
+    std::int64_t preemptedAtStep{-1};  ///< not re-admitted in the step that preempted it
+
+    [[nodiscard]] SizeType32 numTokens() const noexcept { return static_cast<SizeType32>(tokens.size()); }
+    [[nodiscard]] SizeType32 numOutputTokens() const noexcept { return numTokens() - numPromptTokens; }
+    /// @brief A decode computes exactly the last sampled token of a complete prompt.
+    [[nodiscard]] bool isDecode() const noexcept
+    {
+        return numComputedTokens >= numPromptTokens && numTokens() - numComputedTokens == 1;
+    }
+};
+
+} // namespace mindie::scheduler

@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: Apache-2.0
+/// @file scheduler.h
+/// @brief The continuous-batching scheduler: one schedule() and one update() per engine step.
+/// Decodes first, then prefill chunks (SplitFuse) under a token budget and a sequence cap; prefix
+/// caching; preemption by recompute; fcfs / priority / static / prefill_first policies; PD roles.
+/// All public methods are thread-safe (one internal mutex), so the binding may drop the GIL.
+#pragma once
+
+#include "mindie/scheduler/blockManager.h"
+#include "mindie/scheduler/common.h"
+#include "mindie/scheduler/request.h"
+
+#include <memory>
+#include <mutex>
+#include <set>
+#include <unordered_map>
+#include <vector>
+
+namespace mindie::scheduler
+{
+
+/// @brief Struct-of-arrays result of one schedule() (contract 2). B rows, T tokens.
+struct SchedulerOutput
+{
+    std::vector<ReqId> reqIds;                ///< [B] batch order: decodes, then prefill chunks
+    std::vector<std::int32_t> numScheduledTokens; ///< [B]
+    std::vector<std::int32_t> numComputedTokens;  ///< [B] position of the first scheduled token
+    std::vector<TokenId> inputTokenIds;       ///< [T]
+    std::vector<std::uint8_t> sampleMask;     ///< [B] bool
+    std::vector<std::uint8_t> blockTableReset; ///< [B] bool
+    std::vector<std::int32_t> newBlockOffsets; ///< [B+1] CSR offsets into newBlockIds
+    std::vector<BlockId> newBlockIds;         ///< [*]
+    std::vector<ReqId> preemptedIds;          ///< [*]
+    std::vector<ReqId> finishedIds;           ///< [*] finished or aborted since the last schedule()
+    std::vector<std::int32_t> finishReasons;  ///< [*] FinishReason of each finishedIds entry
+    std::int64_t numBatchedTokens{0};         ///< T
+};
+
+/// @brief Requests finished by one update().
+struct UpdateResult
+{
+    std::vector<ReqId> finishedIds;
+    std::vector<std::int32_t> finishReasons;
+};
+
+struct SchedulerStats
+{
+    SizeType32 numBlocks{0};
+    SizeType32 numFreeBlocks{0};
+    SizeType32 numCachedBlocks{0};
+    std::int64_t prefixCacheQueries{0}; ///< prompt tokens looked up
+    std::int64_t prefixCacheHits{0};    ///< of which found in the cache
+    std::int64_t numPreemptions{0};
+    SizeType32 numWaiting{0};
+    SizeType32 numRunning{0};
+};
+
+class Scheduler
+{
+public:
+    /// @brief Validates `config` (throws ConfigError) and creates the block pool.
+    explicit Scheduler(SchedulerConfig const& config);
+
+    /// @brief Admits a request to the waiting queue (throws RequestRejectedError if it can never run).
+    void addRequest(ReqId id, std::vector<TokenId> promptTokenIds, RequestParams params);
+    /// @brief Plans one step. Advances num_computed_tokens of every scheduled request.
+    std::shared_ptr<SchedulerOutput> schedule();
+    /// @brief Appends one sampled token per sampling request of the last schedule(), in batch order.
+    UpdateResult update(ReqId const* reqIds, TokenId const* sampledTokenIds, size_t n);
+    /// @brief Aborts a live request in any state; false if the id is not live.
+    bool abort(ReqId id);
+    /// @brief Finishes a live request with `reason` (e.g. a stop string); false if not live.
+    bool finish(ReqId id, FinishReason reason);
+    /// @brief Prefill role: frees the pinned blocks of a PREFILL_DONE request.
+    void release(ReqId id);
+    /// @brief Decode role: admits a request prefilled elsewhere and returns the blocks its KV goes to.
+    std::vector<BlockId> addPrefilled(
+        ReqId id, std::vector<TokenId> promptTokenIds, std::vector<TokenId> const& outputTokenIds, RequestParams params);
+    /// @brief Decode role: the KV of an add_prefilled request has arrived; it queues to decode.
+    void kvReady(ReqId id);
+
+    [[nodiscard]] std::vector<BlockId> getBlockIds(ReqId id) const;
+    [[nodiscard]] SizeType32 getNumComputedTokens(ReqId id) const;
+    [[nodiscard]] bool hasUnfinished() const;
+    [[nodiscard]] SizeType32 numWaiting() const;
+    [[nodiscard]] SizeType32 numRunning() const;
+    [[nodiscard]] SchedulerStats stats() const;
+    [[nodiscard]] SchedulerConfig const& config() const noexcept { return mConfig; }
+
+    /// @brief Test hooks (see BlockManager).
+    void setHashMaskForTesting(BlockHash mask);
+    [[nodiscard]] std::vector<BlockId> freeListForTesting() const;
+
+private:
+    struct KeyLess
+    {
+        bool operator()(Request const* a, Request const* b) const noexcept { return a->key < b->key; }
+    };
+    struct Row
+    {
+        Request* req;
+        SizeType32 numNew;
+        SizeType32 numComputedBefore;
+    };
+    enum class Admit
+    {
+        kOK,
+        kSKIP,
+        kSTOP
+    };
+
+    Request& lookup(ReqId id) const;
+    Request& makeRequest(ReqId id, std::vector<TokenId>&& tokens, SizeType32 numPromptTokens, RequestParams&& params);
+    SizeType32 chunkFor(Request const& r, SizeType32 budget) const;
+    bool scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows);
+    bool allocateOrPreempt(Request& r, size_t index, SizeType32 numTokens);
+    Admit tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
+    bool chunkAllowed(Request const& r) const;
+    void validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const;
+    void admitWaiting(SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
+    void priorityPreempt();
+    bool isDeferredChild(Request const& r) const;
+    void preempt(Request& r);
+    void registerFullBlocks(Request& r);
+    void insertRunning(Request* r);
+    void eraseRunning(Request* r);
+    void finishRequest(Request& r, FinishReason reason, bool removeFromQueues);
+    void dropRequest(ReqId id);
+    FinishReason checkStop(Request const& r, TokenId token) const;
+    void buildOutput(SchedulerOutput& out, std::vector<Row> const& decodes, std::vector<Row> const& prefills);
+
+    SchedulerConfig mConfig;
+    BlockManager mBlocks;
+    mutable std::mutex mMutex;
+    std::unordered_map<ReqId, std::unique_ptr<Request>> mRequests;
+    std::set<Request*, KeyLess> mWaiting;
+    std::vector<Request*> mRunning; ///< sorted by key
+    SizeType32 mNumAwaitingKv{0};
+    std::vector<ReqId> mPendingFinishedIds;
+    std::vector<std::int32_t> mPendingFinishReasons;
+    std::vector<ReqId> mPreemptedThisStep;
+    std::vector<Request*> mLastRows;        ///< rows of the last schedule(), batch order
+    std::vector<Request*> mLastSampleReqs;  ///< of which those that sample
+    std::vector<std::unique_ptr<Request>> mGraveyard; ///< dropped while an update() is pending
+    std::vector<std::int64_t> mScratchMatch;
+    bool mAwaitingUpdate{false};
+    bool mPreemptedForBlocks{false};
+    std::int64_t mStep{0};
+    std::int64_t mPrefixQueries{0};
+    std::int64_t mPrefixHits{0};
+    std::int64_t mNumPreemptions{0};
+    std::vector<BlockId> mScratchBlocks;
+};
+
+} // namespace mindie::scheduler

@@ -1,0 +1,250 @@
+// SPDX-License-Identifier: Apache-2.0
+// Block pool, LRU free list and prefix cache (see blockManager.h).
+#include "mindie/scheduler/blockManager.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace mindie::scheduler
+{
+
+namespace
+{
+constexpr BlockHash kFnvPrime = 0x100000001b3ULL;
+constexpr BlockHash kSeed = 0xcbf29ce484222325ULL;
+
+BlockHash mix64(BlockHash x) noexcept
+{
+    // splitmix64 finalizer: spreads FNV's weak low bits.
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+} // namespace
+
+BlockManager::BlockManager(SizeType32 numBlocks, SizeType32 blockSize, bool enablePrefixCaching)
+    : mNumBlocks(numBlocks)
+    , mBlockSize(blockSize)
+    , mEnableCaching(enablePrefixCaching)
+    , mBlocks(static_cast<size_t>(numBlocks))
+{
+    MINDIE_CHECK(numBlocks >= 2, ConfigError, "num_blocks must be >= 2 (block 0 is the null block), got " << numBlocks);
+    MINDIE_CHECK(blockSize >= 1, ConfigError, "block_size must be >= 1, got " << blockSize);
+    if (mEnableCaching)
+    {
+        mTokens.resize(static_cast<size_t>(numBlocks) * static_cast<size_t>(blockSize));
+    }
+    for (BlockId b = 1; b < numBlocks; ++b)
+    {
+        pushBack(b);
+    }
+    mBlocks[kNullBlock].refCount = 1; // never freed
+}
+
+BlockHash BlockManager::hashBlock(BlockHash parentHash, TokenId const* tokens) const noexcept
+{
+    BlockHash h = kSeed ^ mix64(parentHash);
+    for (SizeType32 i = 0; i < mBlockSize; ++i)
+    {
+        h = (h ^ static_cast<std::uint32_t>(tokens[i])) * kFnvPrime;
+    }
+    return mix64(h);
+}
+
+void BlockManager::findCachedPrefix(TokenId const* tokens, SizeType32 maxBlocks, std::vector<BlockHash>& hashes,
+    std::vector<BlockId>& blocks) const
+{
+    blocks.clear();
+    if (!mEnableCaching)
+    {
+        return;
+    }
+    for (SizeType32 i = 0; i < maxBlocks; ++i)
+    {
+        TokenId const* blockTokens = tokens + static_cast<size_t>(i) * mBlockSize;
+        BlockHash const parent = i == 0 ? 0 : hashes[i - 1];
+        if (static_cast<SizeType32>(hashes.size()) <= i)
+        {
+            hashes.push_back(hashBlock(parent, blockTokens));
+        }
+        auto it = mCache.find(hashes[i] & mHashMask);
+        if (it == mCache.end())
+        {
+            return;
+        }
+        Block const& blk = mBlocks[it->second];
+        // NOTE: a hit is confirmed by the full hash, the parent's hash and the token ids, so a
+        // collision of the (masked) table key never yields a wrong prefix.
+        if (blk.hash != hashes[i] || blk.parentHash != parent
+            || std::memcmp(&mTokens[static_cast<size_t>(it->second) * mBlockSize], blockTokens,
+                   sizeof(TokenId) * mBlockSize)
+                != 0)
+        {
+            return;
+        }
+        blocks.push_back(it->second);
+    }
+}
+
+SizeType32 BlockManager::numEvictableAmong(std::vector<BlockId> const& blocks) const
+{
+    SizeType32 n = 0;
+    for (BlockId b : blocks)
+    {
+        n += mBlocks[b].refCount == 0 ? 1 : 0;
+    }
+    return n;
+}
+
+void BlockManager::acquire(BlockId block)
+{
+    MINDIE_CHECK(block > kNullBlock && block < mNumBlocks, ContractError, "acquire of invalid block " << block);
+    Block& blk = mBlocks[block];
+    if (blk.refCount == 0)
+    {
+        unlink(block);
+    }
+    ++blk.refCount;
+}
+
+BlockId BlockManager::allocate()
+{
+    MINDIE_CHECK(mHead >= 0, ContractError, "allocate() with no free block (query canAllocate first)");
+    BlockId const block = mHead;
+    unlink(block);
+    if (mBlocks[block].isCached)
+    {
+        evict(block);
+    }
+    mBlocks[block].refCount = 1;
+    return block;
+}
+
+void BlockManager::freeBlocks(std::vector<BlockId> const& blocks)
+{
+    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it)
+    {
+        Block& blk = mBlocks[*it];
+        MINDIE_CHECK(blk.refCount > 0, ContractError, "double free of block " << *it);
+        if (--blk.refCount == 0)
+        {
+            if (blk.isCached)
+            {
+                pushBack(*it);
+            }
+            else
+            {
+                pushFront(*it);
+            }
+        }
+    }
+}
+
+bool BlockManager::cacheBlock(BlockId block, BlockHash hash, BlockHash parentHash, TokenId const* tokens)
+{
+    if (!mEnableCaching || mBlocks[block].isCached)
+    {
+        return false;
+    }
+    auto const [it, inserted] = mCache.emplace(hash & mHashMask, block);
+    if (!inserted)
+    {
+        return false; // the key is taken (same content elsewhere, or a collision): keep the first
+    }
+    Block& blk = mBlocks[block];
+    blk.isCached = true;
+    blk.hash = hash;
+    blk.parentHash = parentHash;
+    std::memcpy(&mTokens[static_cast<size_t>(block) * mBlockSize], tokens, sizeof(TokenId) * mBlockSize);
+    return true;
+}
+
+std::vector<BlockId> BlockManager::freeListForTesting() const
+{
+    std::vector<BlockId> order;
+    for (BlockId b = mHead; b >= 0; b = mBlocks[b].next)
+    {
+        order.push_back(b);
+    }
+    return order;
+}
+
+void BlockManager::evict(BlockId block)
+{
+    Block& blk = mBlocks[block];
+    auto it = mCache.find(blk.hash & mHashMask);
+    if (it != mCache.end() && it->second == block)
+    {
+        mCache.erase(it);
+    }
+    blk.isCached = false;
+}
+
+void BlockManager::pushFront(BlockId block)
+{
+    Block& blk = mBlocks[block];
+    blk.prev = -1;
+    blk.next = mHead;
+    if (mHead >= 0)
+    {
+        mBlocks[mHead].prev = block;
+    }
+    mHead = block;
+    if (mTail < 0)
+    {
+        mTail = block;
+    }
+    blk.inFreeList = true;
+    ++mNumFree;
+}
+
+void BlockManager::pushBack(BlockId block)
+{
+    Block& blk = mBlocks[block];
+    blk.next = -1;
+    blk.prev = mTail;
+    if (mTail >= 0)
+    {
+        mBlocks[mTail].next = block;
+    }
+    mTail = block;
+    if (mHead < 0)
+    {
+        mHead = block;
+    }
+    blk.inFreeList = true;
+    ++mNumFree;
+}
+
+void BlockManager::unlink(BlockId block)
+{
+    Block& blk = mBlocks[block];
+    if (!blk.inFreeList)
+    {
+        return;
+    }
+    if (blk.prev >= 0)
+    {
+        mBlocks[blk.prev].next = blk.next;
+    }
+    else
+    {
+        mHead = blk.next;
+    }
+    if (blk.next >= 0)
+    {
+        mBlocks[blk.next].prev = blk.prev;
+    }
+    else
+    {
+        mTail = blk.prev;
+    }
+    blk.prev = blk.next = -1;
+    blk.inFreeList = false;
+    --mNumFree;
+}
+
+} // namespace mindie::scheduler

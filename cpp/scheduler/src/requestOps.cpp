@@ -1,0 +1,380 @@
+// SPDX-License-Identifier: Apache-2.0
+// Request lifecycle of the Scheduler: admission, update (finish checks), abort/finish, PD hand-over,
+// queries and statistics (see scheduler.h).
+#include "mindie/scheduler/scheduler.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+
+namespace mindie::scheduler
+{
+
+namespace
+{
+bool contains(std::vector<TokenId> const& ids, TokenId token) noexcept
+{
+    return std::find(ids.begin(), ids.end(), token) != ids.end();
+}
+} // namespace
+
+Request& Scheduler::lookup(ReqId id) const
+{
+    auto it = mRequests.find(id);
+    MINDIE_CHECK(it != mRequests.end(), UnknownRequestError, "req_id " << id << " is not a live request");
+    return *it->second;
+}
+
+void Scheduler::validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const
+{
+    MINDIE_CHECK(mRequests.find(id) == mRequests.end(), RequestRejectedError, "req_id " << id << " is already live");
+    MINDIE_CHECK(!prompt.empty(), RequestRejectedError, "prompt_token_ids of request " << id << " is empty");
+    for (TokenId t : prompt)
+    {
+        MINDIE_CHECK(t >= 0, RequestRejectedError, "prompt_token_ids of request " << id << " has a negative id " << t);
+    }
+    MINDIE_CHECK(params.maxTokens >= 1, RequestRejectedError, "max_tokens must be >= 1, got " << params.maxTokens);
+    MINDIE_CHECK(params.minTokens >= 0 && params.minTokens <= params.maxTokens, RequestRejectedError,
+        "min_tokens must be in [0, max_tokens], got " << params.minTokens);
+    MINDIE_CHECK(std::isfinite(params.arrivalTime), RequestRejectedError, "arrival_time must be finite");
+    std::int64_t const total = static_cast<std::int64_t>(prompt.size()) + params.maxTokens;
+    MINDIE_CHECK(total <= mConfig.maxModelLen, RequestRejectedError,
+        "len(prompt_token_ids) + max_tokens = " << total << " exceeds max_model_len = " << mConfig.maxModelLen);
+    MINDIE_CHECK(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, RequestRejectedError,
+        "request " << id << " needs " << mBlocks.blocksFor(static_cast<SizeType32>(total)) << " blocks, the pool has "
+                   << mBlocks.numBlocks() - 1);
+    bool const chunking = mConfig.enableChunkedPrefill && mConfig.policy != Policy::kPREFILL_FIRST;
+    MINDIE_CHECK(chunking || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
+        RequestRejectedError,
+        "without chunked prefill a prompt of " << prompt.size() << " tokens exceeds max_num_batched_tokens = "
+                                               << mConfig.maxNumBatchedTokens);
+}
+
+Request& Scheduler::makeRequest(
+    ReqId id, std::vector<TokenId>&& tokens, SizeType32 numPromptTokens, RequestParams&& params)
+{
+    auto req = std::make_unique<Request>();
+    req->id = id;
+    req->params = std::move(params);
+    std::int32_t const prio = mConfig.policy == Policy::kPRIORITY ? req->params.priority : 0;
+    req->key = SortKey{prio, req->params.arrivalTime, id};
+    req->tokens = std::move(tokens);
+    req->numPromptTokens = numPromptTokens;
+    Request& ref = *req;
+    mRequests.emplace(id, std::move(req));
+    return ref;
+}
+
+void Scheduler::addRequest(ReqId id, std::vector<TokenId> promptTokenIds, RequestParams params)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    validateNew(id, promptTokenIds, params);
+    auto const numPrompt = static_cast<SizeType32>(promptTokenIds.size());
+    Request& r = makeRequest(id, std::move(promptTokenIds), numPrompt, std::move(params));
+    r.tokens.reserve(static_cast<size_t>(numPrompt) + r.params.maxTokens);
+    r.state = RequestState::kWAITING;
+    mWaiting.insert(&r);
+}
+
+FinishReason Scheduler::checkStop(Request const& r, TokenId token) const
+{
+    RequestParams const& p = r.params;
+    if (r.numOutputTokens() >= p.minTokens)
+    {
+        if (!p.ignoreEos && contains(p.eosTokenIds, token))
+        {
+            return FinishReason::kEOS;
+        }
+        if (contains(p.stopTokenIds, token))
+        {
+            return FinishReason::kSTOP_TOKEN;
+        }
+    }
+    if (r.numOutputTokens() >= p.maxTokens)
+    {
+        return FinishReason::kLENGTH;
+    }
+    if (r.numTokens() >= mConfig.maxModelLen)
+    {
+        return FinishReason::kMAX_MODEL_LEN;
+    }
+    return FinishReason::kNONE;
+}
+
+UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenIds, size_t n)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    MINDIE_CHECK(mAwaitingUpdate, ContractError, "update() called without a preceding schedule()");
+    // Validate before changing anything: req_ids must be a subsequence, in batch order, of the
+    // requests that sampled in the last schedule().
+    size_t const numExpected = mLastSampleReqs.size();
+    mScratchMatch.assign(numExpected, -1);
+    size_t j = 0;
+    for (size_t k = 0; k < numExpected && j < n; ++k)
+    {
+        if (reqIds[j] == mLastSampleReqs[k]->id)
+        {
+            MINDIE_CHECK(sampledTokenIds[j] >= 0, ContractError,
+                "sampled_token_ids[" << j << "] = " << sampledTokenIds[j] << " is negative");
+            mScratchMatch[k] = static_cast<std::int64_t>(j++);
+        }
+    }
+    MINDIE_CHECK(j == n, ContractError,
+        "update(): req_ids[" << j << "] = " << (j < n ? reqIds[j] : -1)
+                             << " did not sample in the last schedule() or is out of batch order");
+    // A live request left out never ran (e.g. the forward failed): roll back its last chunk, and
+    // cache no block of this step, since its KV may be missing.
+    bool stepFailed = false;
+    for (size_t k = 0; k < numExpected; ++k)
+    {
+        Request& r = *mLastSampleReqs[k];
+        if (mScratchMatch[k] < 0 && r.state == RequestState::kRUNNING && r.awaitingSample)
+        {
+            r.numComputedTokens -= r.lastNumScheduled;
+            r.awaitingSample = false;
+            stepFailed = true;
+        }
+    }
+    if (!stepFailed && mBlocks.prefixCachingEnabled())
+    {
+        for (Request* r : mLastRows)
+        {
+            if (r->state == RequestState::kRUNNING)
+            {
+                registerFullBlocks(*r);
+            }
+        }
+    }
+    UpdateResult result;
+    for (size_t k = 0; k < numExpected; ++k)
+    {
+        Request& r = *mLastSampleReqs[k];
+        if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
+        {
+            continue; // finished or aborted after schedule()
+        }
+        TokenId const token = sampledTokenIds[mScratchMatch[k]];
+        r.awaitingSample = false;
+        r.tokens.push_back(token);
+        FinishReason reason = checkStop(r, token);
+        if (reason == FinishReason::kNONE && mConfig.role == Role::kPREFILL)
+        {
+            reason = FinishReason::kPREFILL_DONE;
+        }
+        if (reason != FinishReason::kNONE)
+        {
+            result.finishedIds.push_back(r.id);
+            result.finishReasons.push_back(static_cast<std::int32_t>(reason));
+            finishRequest(r, reason, false);
+        }
+    }
+    mAwaitingUpdate = false;
+    if (!result.finishedIds.empty())
+    {
+        mRunning.erase(std::remove_if(mRunning.begin(), mRunning.end(),
+                           [](Request const* r) { return r->state != RequestState::kRUNNING; }),
+            mRunning.end());
+        for (ReqId id : result.finishedIds)
+        {
+            auto it = mRequests.find(id);
+            if (it != mRequests.end() && it->second->state == RequestState::kFINISHED)
+            {
+                mRequests.erase(it);
+            }
+        }
+    }
+    mLastRows.clear();
+    mLastSampleReqs.clear();
+    mGraveyard.clear();
+    return result;
+}
+
+void Scheduler::dropRequest(ReqId id)
+{
+    auto it = mRequests.find(id);
+    assert(it != mRequests.end());
+    it->second->state = RequestState::kFINISHED;
+    if (mAwaitingUpdate)
+    {
+        mGraveyard.push_back(std::move(it->second)); // the last step's rows may still point at it
+    }
+    mRequests.erase(it);
+}
+
+void Scheduler::finishRequest(Request& r, FinishReason reason, bool removeFromQueues)
+{
+    if (removeFromQueues)
+    {
+        switch (r.state)
+        {
+        case RequestState::kWAITING: mWaiting.erase(&r); break;
+        case RequestState::kRUNNING: eraseRunning(&r); break;
+        case RequestState::kAWAITING_KV: --mNumAwaitingKv; break;
+        default: break;
+        }
+    }
+    mPendingFinishedIds.push_back(r.id);
+    mPendingFinishReasons.push_back(static_cast<std::int32_t>(reason));
+    r.awaitingSample = false;
+    if (reason == FinishReason::kPREFILL_DONE)
+    {
+        r.state = RequestState::kPREFILL_DONE; // blocks stay pinned until release()
+        return;
+    }
+    mBlocks.freeBlocks(r.blocks);
+    r.blocks.clear();
+    r.state = RequestState::kFINISHED;
+}
+
+bool Scheduler::abort(ReqId id)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    auto it = mRequests.find(id);
+    if (it == mRequests.end())
+    {
+        return false;
+    }
+    Request& r = *it->second;
+    if (r.state == RequestState::kPREFILL_DONE)
+    {
+        mBlocks.freeBlocks(r.blocks); // already reported finished: only the pinned blocks remain
+        r.blocks.clear();
+    }
+    else
+    {
+        finishRequest(r, FinishReason::kABORTED, true);
+    }
+    dropRequest(id);
+    return true;
+}
+
+bool Scheduler::finish(ReqId id, FinishReason reason)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    auto const value = static_cast<std::int32_t>(reason);
+    MINDIE_CHECK(value >= static_cast<std::int32_t>(FinishReason::kEOS)
+            && value <= static_cast<std::int32_t>(FinishReason::kABORTED),
+        ContractError, "finish(): reason must be a FinishReason from EOS to ABORTED, got " << value);
+    auto it = mRequests.find(id);
+    if (it == mRequests.end() || it->second->state == RequestState::kPREFILL_DONE)
+    {
+        return false;
+    }
+    finishRequest(*it->second, reason, true);
+    dropRequest(id);
+    return true;
+}
+
+void Scheduler::release(ReqId id)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    Request& r = lookup(id);
+    MINDIE_CHECK(r.state == RequestState::kPREFILL_DONE, ContractError,
+        "release(" << id << "): the request is not PREFILL_DONE (release is for the prefill role)");
+    mBlocks.freeBlocks(r.blocks);
+    r.blocks.clear();
+    dropRequest(id);
+}
+
+std::vector<BlockId> Scheduler::addPrefilled(
+    ReqId id, std::vector<TokenId> promptTokenIds, std::vector<TokenId> const& outputTokenIds, RequestParams params)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    MINDIE_CHECK(mConfig.role == Role::kDECODE, ContractError, "add_prefilled() needs role decode");
+    validateNew(id, promptTokenIds, params);
+    MINDIE_CHECK(!outputTokenIds.empty(), RequestRejectedError,
+        "output_token_ids of request " << id << " is empty (the prefill instance samples the first token)");
+    MINDIE_CHECK(static_cast<SizeType32>(outputTokenIds.size()) < params.maxTokens, RequestRejectedError,
+        "request " << id << " already has max_tokens output tokens");
+    for (TokenId t : outputTokenIds)
+    {
+        MINDIE_CHECK(t >= 0, RequestRejectedError, "output_token_ids of request " << id << " has a negative id");
+    }
+    auto const numPrompt = static_cast<SizeType32>(promptTokenIds.size());
+    SizeType32 const numComputed = numPrompt + static_cast<SizeType32>(outputTokenIds.size()) - 1;
+    SizeType32 const need = mBlocks.blocksFor(numComputed);
+    MINDIE_CHECK(mBlocks.canAllocate(need), NoFreeBlocksError,
+        "add_prefilled(" << id << ") needs " << need << " blocks, " << mBlocks.numFreeBlocks() << " are free");
+    std::vector<TokenId> tokens = std::move(promptTokenIds);
+    tokens.insert(tokens.end(), outputTokenIds.begin(), outputTokenIds.end());
+    Request& r = makeRequest(id, std::move(tokens), numPrompt, std::move(params));
+    r.numComputedTokens = numComputed;
+    for (SizeType32 k = 0; k < need; ++k)
+    {
+        r.blocks.push_back(mBlocks.allocate());
+    }
+    r.state = RequestState::kAWAITING_KV;
+    ++mNumAwaitingKv;
+    return r.blocks;
+}
+
+void Scheduler::kvReady(ReqId id)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    Request& r = lookup(id);
+    MINDIE_CHECK(r.state == RequestState::kAWAITING_KV, ContractError,
+        "kv_ready(" << id << "): the request is not awaiting its KV (add_prefilled first)");
+    registerFullBlocks(r);
+    --mNumAwaitingKv;
+    r.state = RequestState::kWAITING;
+    mWaiting.insert(&r);
+}
+
+std::vector<BlockId> Scheduler::getBlockIds(ReqId id) const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    return lookup(id).blocks;
+}
+
+SizeType32 Scheduler::getNumComputedTokens(ReqId id) const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    return lookup(id).numComputedTokens;
+}
+
+bool Scheduler::hasUnfinished() const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    return !mWaiting.empty() || !mRunning.empty() || mNumAwaitingKv > 0;
+}
+
+SizeType32 Scheduler::numWaiting() const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    return static_cast<SizeType32>(mWaiting.size());
+}
+
+SizeType32 Scheduler::numRunning() const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    return static_cast<SizeType32>(mRunning.size());
+}
+
+SchedulerStats Scheduler::stats() const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    SchedulerStats s;
+    s.numBlocks = mBlocks.numBlocks();
+    s.numFreeBlocks = mBlocks.numFreeBlocks();
+    s.numCachedBlocks = mBlocks.numCachedBlocks();
+    s.prefixCacheQueries = mPrefixQueries;
+    s.prefixCacheHits = mPrefixHits;
+    s.numPreemptions = mNumPreemptions;
+    s.numWaiting = static_cast<SizeType32>(mWaiting.size());
+    s.numRunning = static_cast<SizeType32>(mRunning.size());
+    return s;
+}
+
+void Scheduler::setHashMaskForTesting(BlockHash mask)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    mBlocks.setHashMaskForTesting(mask);
+}
+
+std::vector<BlockId> Scheduler::freeListForTesting() const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    return mBlocks.freeListForTesting();
+}
+
+} // namespace mindie::scheduler

@@ -1,0 +1,410 @@
+// SPDX-License-Identifier: Apache-2.0
+// One scheduling step: running decodes, running prefill chunks, then admissions (see scheduler.h).
+#include "mindie/scheduler/scheduler.h"
+
+#include <algorithm>
+
+namespace mindie::scheduler
+{
+
+Scheduler::Scheduler(SchedulerConfig const& config)
+    : mConfig(config)
+    , mBlocks(config.numBlocks, config.blockSize, config.enablePrefixCaching)
+{
+    MINDIE_CHECK(config.maxNumBatchedTokens >= 1, ConfigError,
+        "max_num_batched_tokens must be >= 1, got " << config.maxNumBatchedTokens);
+    MINDIE_CHECK(config.maxNumSeqs >= 1, ConfigError, "max_num_seqs must be >= 1, got " << config.maxNumSeqs);
+    MINDIE_CHECK(config.maxModelLen >= 1, ConfigError, "max_model_len must be >= 1, got " << config.maxModelLen);
+    auto const policy = static_cast<std::int32_t>(config.policy);
+    MINDIE_CHECK(policy >= 0 && policy <= 3, ConfigError, "unknown policy " << policy);
+    auto const role = static_cast<std::int32_t>(config.role);
+    MINDIE_CHECK(role >= 0 && role <= 2, ConfigError, "unknown role " << role);
+}
+
+std::shared_ptr<SchedulerOutput> Scheduler::schedule()
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    MINDIE_CHECK(!mAwaitingUpdate, ContractError, "schedule() called again before update() of the previous step");
+    ++mStep;
+    mPreemptedThisStep.clear();
+    mPreemptedForBlocks = false;
+    for (Request* r : mRunning)
+    {
+        r->scheduledThisStep = false;
+    }
+    SizeType32 budget = mConfig.maxNumBatchedTokens;
+    std::vector<Row> decodes;
+    std::vector<Row> prefills;
+    decodes.reserve(mRunning.size());
+    bool const runningWasEmpty = mRunning.empty();
+
+    if (mConfig.policy == Policy::kPRIORITY)
+    {
+        priorityPreempt();
+    }
+    if (mConfig.policy == Policy::kPREFILL_FIRST)
+    {
+        // Whole prompts first; decodes only in steps that run no prefill.
+        scheduleRunning(false, budget, prefills);
+        if (!mPreemptedForBlocks)
+        {
+            admitWaiting(budget, decodes, prefills);
+        }
+        if (prefills.empty())
+        {
+            scheduleRunning(true, budget, decodes);
+        }
+    }
+    else
+    {
+        scheduleRunning(true, budget, decodes);
+        scheduleRunning(false, budget, prefills);
+        bool const mayAdmit = mConfig.policy != Policy::kSTATIC || runningWasEmpty;
+        if (mayAdmit && !mPreemptedForBlocks)
+        {
+            admitWaiting(budget, decodes, prefills);
+        }
+    }
+    auto out = std::make_shared<SchedulerOutput>();
+    buildOutput(*out, decodes, prefills);
+    mAwaitingUpdate = true;
+    return out;
+}
+
+bool Scheduler::chunkAllowed(Request const& r) const
+{
+    bool const chunking = mConfig.enableChunkedPrefill && mConfig.policy != Policy::kPREFILL_FIRST;
+    // A resumed request longer than the whole budget is chunked even without chunking.
+    return chunking || r.numTokens() - r.numComputedTokens > mConfig.maxNumBatchedTokens;
+}
+
+SizeType32 Scheduler::chunkFor(Request const& r, SizeType32 budget) const
+{
+    SizeType32 const remaining = r.numTokens() - r.numComputedTokens;
+    if (remaining <= budget)
+    {
+        return remaining;
+    }
+    return chunkAllowed(r) ? budget : 0;
+}
+
+bool Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows)
+{
+    for (size_t i = 0; i < mRunning.size() && budget > 0; ++i)
+    {
+        Request* r = mRunning[i];
+        if (r->scheduledThisStep || r->isDecode() != decodes)
+        {
+            continue;
+        }
+        SizeType32 const numNew = chunkFor(*r, budget);
+        if (numNew == 0)
+        {
+            continue;
+        }
+        SizeType32 const before = r->numComputedTokens;
+        if (!allocateOrPreempt(*r, i, before + numNew))
+        {
+            break; // preempted itself: nothing after it is worth more
+        }
+        r->numComputedTokens += numNew;
+        r->scheduledThisStep = true;
+        budget -= numNew;
+        rows.push_back(Row{r, numNew, before});
+    }
+    return mPreemptedForBlocks;
+}
+
+bool Scheduler::allocateOrPreempt(Request& r, size_t index, SizeType32 numTokens)
+{
+    SizeType32 const need = mBlocks.blocksFor(numTokens) - static_cast<SizeType32>(r.blocks.size());
+    while (need > 0 && !mBlocks.canAllocate(need))
+    {
+        // Victim: the least valuable running request not yet scheduled in this step.
+        Request* victim = nullptr;
+        for (size_t j = mRunning.size(); j-- > index + 1;)
+        {
+            if (!mRunning[j]->scheduledThisStep)
+            {
+                victim = mRunning[j];
+                break;
+            }
+        }
+        mPreemptedForBlocks = true;
+        if (victim == nullptr)
+        {
+            preempt(r);
+            return false;
+        }
+        preempt(*victim);
+    }
+    for (SizeType32 k = 0; k < need; ++k)
+    {
+        r.blocks.push_back(mBlocks.allocate());
+    }
+    return true;
+}
+
+void Scheduler::admitWaiting(SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills)
+{
+    for (auto it = mWaiting.begin(); it != mWaiting.end();)
+    {
+        Admit const result = tryAdmit(**it, budget, decodes, prefills);
+        if (result == Admit::kSTOP)
+        {
+            break;
+        }
+        it = result == Admit::kOK ? mWaiting.erase(it) : std::next(it);
+    }
+}
+
+bool Scheduler::isDeferredChild(Request const& r) const
+{
+    if (r.params.parentId < 0 || !r.blocks.empty())
+    {
+        return false;
+    }
+    auto it = mRequests.find(r.params.parentId);
+    if (it == mRequests.end())
+    {
+        return false;
+    }
+    Request const& parent = *it->second;
+    return parent.state == RequestState::kWAITING
+        || (parent.state == RequestState::kRUNNING && parent.numComputedTokens < parent.numPromptTokens);
+}
+
+Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills)
+{
+    bool const isStatic = mConfig.policy == Policy::kSTATIC;
+    if (static_cast<SizeType32>(mRunning.size()) >= mConfig.maxNumSeqs || (budget <= 0 && !isStatic))
+    {
+        return Admit::kSTOP;
+    }
+    if (r.preemptedAtStep == mStep || isDeferredChild(r))
+    {
+        return Admit::kSKIP;
+    }
+    bool const hasBlocks = !r.blocks.empty(); // decode role: KV received into its blocks
+    std::vector<BlockId>& hits = mScratchBlocks;
+    hits.clear();
+    bool looked = false;
+    if (!hasBlocks)
+    {
+        SizeType32 const bs = mBlocks.blockSize();
+        auto parentIt = r.params.parentId >= 0 ? mRequests.find(r.params.parentId) : mRequests.end();
+        if (parentIt != mRequests.end() && parentIt->second->state == RequestState::kRUNNING)
+        {
+            // n > 1: share the parent's full prompt blocks, compute the tail (at least one token).
+            Request const& parent = *parentIt->second;
+            SizeType32 const share = std::min<SizeType32>(
+                (r.numPromptTokens - 1) / bs, static_cast<SizeType32>(parent.blocks.size()));
+            if (share > 0 && parent.numPromptTokens >= share * bs
+                && std::equal(r.tokens.begin(), r.tokens.begin() + share * bs, parent.tokens.begin()))
+            {
+                hits.assign(parent.blocks.begin(), parent.blocks.begin() + share);
+            }
+        }
+        if (hits.empty() && mBlocks.prefixCachingEnabled())
+        {
+            mBlocks.findCachedPrefix(r.tokens.data(), (r.numTokens() - 1) / bs, r.hashes, hits);
+            looked = true;
+        }
+    }
+    SizeType32 const start = hasBlocks ? r.numComputedTokens : static_cast<SizeType32>(hits.size()) * mBlocks.blockSize();
+    SizeType32 const remaining = r.numTokens() - start;
+    SizeType32 numNew = remaining;
+    if (remaining > budget)
+    {
+        bool const chunking = mConfig.enableChunkedPrefill && mConfig.policy != Policy::kPREFILL_FIRST;
+        if (chunking || remaining > mConfig.maxNumBatchedTokens)
+        {
+            numNew = budget;
+        }
+        else if (isStatic)
+        {
+            numNew = 0; // joins the batch now, computes in a later step
+        }
+        else
+        {
+            return Admit::kSTOP;
+        }
+    }
+    SizeType32 const held = hasBlocks ? static_cast<SizeType32>(r.blocks.size()) : static_cast<SizeType32>(hits.size());
+    SizeType32 const need = std::max<SizeType32>(0, mBlocks.blocksFor(start + numNew) - held);
+    if (!mBlocks.canAllocate(need, mBlocks.numEvictableAmong(hits)))
+    {
+        return Admit::kSTOP;
+    }
+    // Commit.
+    if (!hasBlocks)
+    {
+        for (BlockId b : hits)
+        {
+            mBlocks.acquire(b);
+        }
+        r.blocks = hits;
+        r.numRegisteredBlocks = static_cast<SizeType32>(hits.size());
+        r.numComputedTokens = start;
+        if (looked)
+        {
+            mPrefixQueries += r.numTokens();
+            mPrefixHits += start;
+        }
+    }
+    for (SizeType32 k = 0; k < need; ++k)
+    {
+        r.blocks.push_back(mBlocks.allocate());
+    }
+    r.state = RequestState::kRUNNING;
+    insertRunning(&r);
+    if (numNew > 0)
+    {
+        bool const decode = r.isDecode();
+        r.numComputedTokens += numNew;
+        r.scheduledThisStep = true;
+        budget -= numNew;
+        (decode ? decodes : prefills).push_back(Row{&r, numNew, start});
+    }
+    return Admit::kOK;
+}
+
+void Scheduler::priorityPreempt()
+{
+    while (!mRunning.empty())
+    {
+        Request* head = nullptr;
+        for (Request* w : mWaiting)
+        {
+            if (!isDeferredChild(*w))
+            {
+                head = w;
+                break;
+            }
+        }
+        Request* victim = mRunning.back();
+        if (head == nullptr || head->params.priority >= victim->params.priority)
+        {
+            return;
+        }
+        bool const seqFull = static_cast<SizeType32>(mRunning.size()) >= mConfig.maxNumSeqs;
+        SizeType32 const need = std::max<SizeType32>(0,
+            mBlocks.blocksFor(std::min(head->numTokens(), mConfig.maxNumBatchedTokens))
+                - static_cast<SizeType32>(head->blocks.size()));
+        if (!seqFull && mBlocks.canAllocate(need))
+        {
+            return;
+        }
+        preempt(*victim);
+    }
+}
+
+void Scheduler::preempt(Request& r)
+{
+    eraseRunning(&r);
+    mBlocks.freeBlocks(r.blocks);
+    r.blocks.clear();
+    r.numComputedTokens = 0;
+    r.numRegisteredBlocks = 0;
+    r.numBlocksSent = 0;
+    r.needsTableReset = true;
+    r.awaitingSample = false;
+    r.scheduledThisStep = false;
+    r.preemptedAtStep = mStep;
+    r.state = RequestState::kWAITING;
+    mWaiting.insert(&r);
+    mPreemptedThisStep.push_back(r.id);
+    ++mNumPreemptions;
+}
+
+void Scheduler::registerFullBlocks(Request& r)
+{
+    if (!mBlocks.prefixCachingEnabled())
+    {
+        return;
+    }
+    SizeType32 const bs = mBlocks.blockSize();
+    SizeType32 const full = std::min(r.numComputedTokens / bs, static_cast<SizeType32>(r.blocks.size()));
+    for (SizeType32 i = r.numRegisteredBlocks; i < full; ++i)
+    {
+        while (static_cast<SizeType32>(r.hashes.size()) <= i)
+        {
+            size_t const k = r.hashes.size();
+            BlockHash const parent = k == 0 ? 0 : r.hashes[k - 1];
+            r.hashes.push_back(mBlocks.hashBlock(parent, r.tokens.data() + k * bs));
+        }
+        BlockHash const parent = i == 0 ? 0 : r.hashes[i - 1];
+        mBlocks.cacheBlock(r.blocks[i], r.hashes[i], parent, r.tokens.data() + static_cast<size_t>(i) * bs);
+    }
+    r.numRegisteredBlocks = std::max(r.numRegisteredBlocks, full);
+}
+
+void Scheduler::insertRunning(Request* r)
+{
+    auto pos = std::upper_bound(mRunning.begin(), mRunning.end(), r, KeyLess{});
+    mRunning.insert(pos, r);
+}
+
+void Scheduler::eraseRunning(Request* r)
+{
+    auto pos = std::lower_bound(mRunning.begin(), mRunning.end(), r, KeyLess{});
+    if (pos != mRunning.end() && *pos == r)
+    {
+        mRunning.erase(pos);
+    }
+}
+
+void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decodes, std::vector<Row> const& prefills)
+{
+    size_t const numRows = decodes.size() + prefills.size();
+    out.reqIds.reserve(numRows);
+    out.numScheduledTokens.reserve(numRows);
+    out.numComputedTokens.reserve(numRows);
+    out.sampleMask.reserve(numRows);
+    out.blockTableReset.reserve(numRows);
+    out.newBlockOffsets.reserve(numRows + 1);
+    out.newBlockOffsets.push_back(0);
+    mLastRows.clear();
+    mLastSampleReqs.clear();
+    auto emit = [&](Row const& row)
+    {
+        Request& r = *row.req;
+        out.reqIds.push_back(r.id);
+        out.numScheduledTokens.push_back(row.numNew);
+        out.numComputedTokens.push_back(row.numComputedBefore);
+        out.inputTokenIds.insert(out.inputTokenIds.end(), r.tokens.begin() + row.numComputedBefore,
+            r.tokens.begin() + row.numComputedBefore + row.numNew);
+        bool const sample = row.numComputedBefore + row.numNew == r.numTokens();
+        r.awaitingSample = sample;
+        r.lastNumScheduled = row.numNew;
+        mLastRows.push_back(&r);
+        if (sample)
+        {
+            mLastSampleReqs.push_back(&r);
+        }
+        out.sampleMask.push_back(sample ? 1 : 0);
+        out.blockTableReset.push_back(r.needsTableReset ? 1 : 0);
+        if (r.needsTableReset)
+        {
+            r.numBlocksSent = 0;
+            r.needsTableReset = false;
+        }
+        out.newBlockIds.insert(out.newBlockIds.end(), r.blocks.begin() + r.numBlocksSent, r.blocks.end());
+        r.numBlocksSent = static_cast<SizeType32>(r.blocks.size());
+        out.newBlockOffsets.push_back(static_cast<std::int32_t>(out.newBlockIds.size()));
+    };
+    for (Row const& row : decodes)
+    {
+        emit(row);
+    }
+    for (Row const& row : prefills)
+    {
+        emit(row);
+    }
+    out.numBatchedTokens = static_cast<std::int64_t>(out.inputTokenIds.size());
+    out.preemptedIds = mPreemptedThisStep;
+    out.finishedIds.swap(mPendingFinishedIds);
+    out.finishReasons.swap(mPendingFinishReasons);
+}
+
+} // namespace mindie::scheduler
