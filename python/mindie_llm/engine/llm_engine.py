@@ -69,15 +69,20 @@ def _stat(stats: object, *names: str, default: int = 0) -> int:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from mindie_llm.backends.platform import get_platform
+        import torch
+
+        from mindie_llm.backends import get_platform, import_qualname
         from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches
         from mindie_llm.executor.model_runner import ModelRunner
-        from mindie_llm.loader import load_model
+        from mindie_llm.loader import load_model, resolve_dtype
         from mindie_llm.scheduler import Scheduler, SchedulerCoreConfig
 
         platform = get_platform(config.backend.device)
+        config = platform.check_and_update_config(config)
         self.platform = platform
-        device = platform.device if hasattr(platform, "device") else platform.torch_device()
+        device = platform.device()
+        if config.backend.num_threads and device.type == "cpu":
+            torch.set_num_threads(config.backend.num_threads)
         loaded = load_model(config.model, device, config.model.dtype)
         self.model = loaded.model
         self.arch = loaded.arch
@@ -90,9 +95,8 @@ class LLMEngine:
         self.config = config.replace(model=dataclasses.replace(config.model, max_seq_len=max_len))
         self.max_model_len = max_len
         self.block_size = config.cache.cache_block_size
-        kv_dtype = next(self.model.parameters()).dtype
-        if kv_dtype not in _FLOAT_DTYPES:
-            kv_dtype = _dtype_of(config.model.dtype)
+        kv_dtype = resolve_dtype(config.cache.cache_dtype if config.cache.cache_dtype != "auto"
+                                 else config.model.dtype, device, self.arch)
         spec = KVCacheSpec(self.arch.num_hidden_layers, self.arch.num_key_value_heads, self.arch.head_dim,
                            self.block_size, kv_dtype)
         self.num_kv_blocks = int(config.cache.num_blocks or platform.num_kv_blocks(config.cache, spec.bytes_per_block))
@@ -110,7 +114,9 @@ class LLMEngine:
             self.tokenizer, "vocab_size") else self.arch.vocab_size
         eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()) + tuple(self.arch.eos_token_ids or ())
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
-        self.runner = ModelRunner(self.model, self.arch.vocab_size, self.kv_caches, block_size=self.block_size,
+        runner_cls = platform.model_runner_cls()
+        runner_cls = import_qualname(runner_cls) if runner_cls else ModelRunner
+        self.runner = runner_cls(self.model, self.arch.vocab_size, self.kv_caches, block_size=self.block_size,
                                   max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
                                   max_model_len=max_len, eos_token_ids=self.eos_token_ids, device=device)
         self._rng = np.random.default_rng(config.model.seed)
@@ -249,6 +255,7 @@ class LLMEngine:
                     touched[s.group.request_id] = s.group
             return self._emit(touched)
         upd = self.scheduler.update(res.req_ids, res.sampled_token_ids)
+        now = time.time()
         finished = dict(zip(np.asarray(upd.finished_ids).tolist(), np.asarray(upd.finish_reasons).tolist()))
         self._last_step_time = time.monotonic()
         touched: dict[str, RequestGroup] = {}
@@ -346,18 +353,3 @@ class LLMEngine:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-
-
-def _dtype_of(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-
-
-def _float_dtypes():
-    import torch
-
-    return (torch.float32, torch.bfloat16, torch.float16)
-
-
-_FLOAT_DTYPES = _float_dtypes()
