@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``mindie-llm bench serve`` (server/bench_client.py): a smoke run over gRPC against a server
+process (the fake-engine server of tests/unit/server/test_grpc_server.py, so it takes seconds),
+checking the printed table, requests.csv, summary.json and plot.png; and the statistics against
+numpy's percentiles (the oracle).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mindie_llm.server import bench_client
+from mindie_llm.server.bench_client import RequestResult, add_arguments, summarize
+
+pytestmark = pytest.mark.timeout(120)
+
+_FAKE_SERVER = Path(__file__).resolve().parents[2] / "unit" / "server" / "test_grpc_server.py"
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return add_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def fake_grpc_port():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen([sys.executable, str(_FAKE_SERVER), "--step-delay", "0.002"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        pytest.fail("fake server did not start: " + proc.stderr.read()[-2000:])
+    yield int(line.split()[1])
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_bench_serve_grpc_writes_csv_json_and_png(fake_grpc_port, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = bench_client.main(_args("--protocol", "grpc", "--port", str(fake_grpc_port), "--num-requests", "12",
+                                   "--request-rate", "200", "--input-len", "8", "--output-len", "5",
+                                   "--out", str(out)))
+    assert code == 0
+    printed = capsys.readouterr().out
+    for words in ("Successful requests", "Median TTFT (ms)", "P99 TPOT (ms)", "P90 ITL (ms)", "Output token throughput"):
+        assert words in printed
+    rows = list(csv.DictReader(open(out / "requests.csv", encoding="utf-8")))
+    assert len(rows) == 12 and all(r["success"] == "1" for r in rows)
+    assert all(int(r["output_tokens"]) == 5 for r in rows)   # the fake engine never stops early
+    assert all(float(r["ttft_ms"]) <= float(r["e2e_latency_ms"]) for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] == 12 and summary["total_output_tokens"] == 60
+    png = (out / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_bench_serve_reports_failures_explicitly(tmp_path, capsys):
+    # Nothing listens on this port: every request must come back as an explicit error.
+    code = bench_client.main(_args("--protocol", "grpc", "--port", "1", "--model", "m", "--num-requests", "3",
+                                   "--timeout", "5"))
+    assert code == 1
+    assert "Failed requests" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [("--num-requests", "0"), ("--output-len", "0"), ("--request-rate", "0"),
+                                  ("--max-concurrency", "0")])
+def test_bench_serve_rejects_bad_arguments(argv, capsys):
+    assert bench_client.main(_args(*argv)) == 2
+    assert argv[0] in capsys.readouterr().out
+
+
+def test_summary_percentiles_match_numpy():
+    rng = np.random.default_rng(0)
+    results = []
+    for i in range(200):
+        ttft = float(rng.uniform(0.01, 0.5))
+        itls = [float(x) for x in rng.uniform(0.001, 0.05, size=9)]
+        results.append(RequestResult(index=i, start=i * 0.01, success=True, prompt_tokens=10, output_tokens=10,
+                                     ttft=ttft, latency=ttft + sum(itls), itls=itls))
+    results.append(RequestResult(index=200, error="RESOURCE_EXHAUSTED: queue full"))
+    s = summarize(results, duration=4.0)
+    assert s["completed"] == 200 and s["failed"] == 1 and s["errors"] == {"RESOURCE_EXHAUSTED": 1}
+    ttft_ms = [r.ttft * 1000 for r in results[:200]]
+    itl_ms = [x * 1000 for r in results[:200] for x in r.itls]
+    tpot_ms = [(r.latency - r.ttft) / 9 * 1000 for r in results[:200]]
+    for q in (50, 90, 99):
+        assert math.isclose(s[f"p{q}_ttft_ms"], np.percentile(ttft_ms, q), rel_tol=1e-9)
+        assert math.isclose(s[f"p{q}_itl_ms"], np.percentile(itl_ms, q), rel_tol=1e-9)
+        assert math.isclose(s[f"p{q}_tpot_ms"], np.percentile(tpot_ms, q), rel_tol=1e-9)
+    assert math.isclose(s["output_throughput"], 2000 / 4.0)
+    assert math.isclose(s["mean_e2el_ms"], np.mean([r.latency * 1000 for r in results[:200]]))
