@@ -371,8 +371,11 @@ def _plot(path: Path, results: list[RequestResult]) -> None:
     plt.close(fig)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Runs the benchmark; returns the exit code (0 if at least one request succeeded)."""
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Runs the benchmark; returns the exit code (0 if at least one request succeeded, 1 if none
+    did, 2 for bad arguments). ``args`` is parsed options or a command line (``None``: sys.argv)."""
+    if not isinstance(args, argparse.Namespace):
+        args = add_arguments(argparse.ArgumentParser(prog="mindie-llm bench serve")).parse_args(args)
     if args.port is None:
         args.port = 8000 if args.protocol == "http" else 8001
     try:
@@ -390,4 +393,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main(add_arguments(argparse.ArgumentParser(prog="mindie-llm bench serve")).parse_args()))
+    raise SystemExit(main())

@@ -103,3 +103,11 @@ def test_summary_percentiles_match_numpy():
         assert math.isclose(s[f"p{q}_tpot_ms"], np.percentile(tpot_ms, q), rel_tol=1e-9)
     assert math.isclose(s["output_throughput"], 2000 / 4.0)
     assert math.isclose(s["mean_e2el_ms"], np.mean([r.latency * 1000 for r in results[:200]]))
+
+
+def test_cli_entry_takes_a_command_line(fake_grpc_port, capsys):
+    from mindie_llm.cli import main as cli_main
+
+    assert cli_main(["bench", "serve", "--protocol", "grpc", "--port", str(fake_grpc_port),
+                     "--num-requests", "3", "--output-len", "2", "--input-len", "4"]) == 0
+    assert "Successful requests" in capsys.readouterr().out
