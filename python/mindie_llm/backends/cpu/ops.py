@@ -1,4 +1,182 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CPU op table: placeholder that reuses the reference ops (replaced by the fast path)."""
-from mindie_llm.ops.reference import (fused_add_rms_norm, paged_attention, rms_norm,  # noqa: F401
-                                      rotary_embedding, silu_and_mul, write_kv_cache)
+"""CPU op table (registered with ``ops.register_backend("cpu", this module)``): plain torch, but
+vectorized. Decodes attend in one batched SDPA call over blocks gathered with ``index_select``;
+prefill chunks use SDPA over their gathered context. Per-step index tensors (gathered block ids,
+masks, rotary cos/sin) are computed once and shared by all layers. ``ops/reference.py`` stays the
+oracle; tests compare every function here against it.
+
+Must not import models, layers (except for typing), the engine or another backend.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mindie_llm.layers.attention import AttentionMetadata
+
+__all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
+           "paged_attention", "silu_and_mul"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    new_residual = x + residual  # [T, H]
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+class _RotaryCache:
+    """cos/sin gathered for the positions of the current step. Holds a reference to ``positions``
+    so that the identity check cannot be fooled by a freed-and-reused tensor."""
+
+    positions: torch.Tensor | None = None
+    version: int = -1
+    table: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
+_ROPE = _RotaryCache()
+
+
+def _cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    c = _ROPE
+    if positions is c.positions and positions._version == c.version and cos_sin_cache is c.table \
+            and c.cos is not None and c.cos.dtype == dtype:
+        return c.cos, c.sin
+    cos, sin = cos_sin_cache.index_select(0, positions).to(dtype).chunk(2, dim=-1)  # [T, r/2]
+    c.positions, c.version, c.table = positions, positions._version, cos_sin_cache
+    c.cos, c.sin = cos.unsqueeze(1), sin.unsqueeze(1)                              # [T, 1, r/2]
+    return c.cos, c.sin
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int,
+                     cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rot = cos_sin_cache.shape[-1]
+    half = rot // 2
+    compute = torch.float32 if query.dtype != torch.float32 else query.dtype
+    cos, sin = _cos_sin(positions, cos_sin_cache, compute)
+    out = []
+    for x in (query, key):
+        t = x.shape[0]
+        xh = x.view(t, -1, head_dim)
+        xr = xh[..., :rot].to(compute)
+        if is_neox:
+            x1, x2 = xr[..., :half], xr[..., half:]
+        else:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        r = torch.cat((o1, o2), dim=-1) if is_neox else torch.stack((o1, o2), dim=-1).flatten(-2)
+        r = r.to(x.dtype)
+        if rot < head_dim:
+            r = torch.cat((r, xh[..., rot:]), dim=-1)
+        out.append(r.reshape(x.shape))
+    return out[0], out[1]
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    # key, value: [T, Hk, D]; kv_cache: [2, N, Bs, Hk, D]
+    n, bs, hk, d = kv_cache.shape[1:]
+    flat = kv_cache.view(2, n * bs, hk, d)
+    slots = slot_mapping
+    if slots.numel() and int(slots.min()) < 0:
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
+    flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
+
+
+def _decode_state(md: "AttentionMetadata", block_size: int, sliding_window: int | None):
+    """Per-step (all layers): flat block ids [nd * nb] and an additive mask [nd, 1, 1, nb * Bs]."""
+    key = ("cpu_decode", block_size, sliding_window)
+    st = md.backend_state.get(key)
+    if st is not None:
+        return st
+    nd = md.num_decodes
+    seq_lens = md.seq_lens[:nd].long()                                   # [nd]
+    max_len = int(seq_lens.max())
+    nb = (max_len + block_size - 1) // block_size
+    blocks = md.block_tables[:nd, :nb].reshape(-1).long()               # [nd * nb]
+    pos = torch.arange(nb * block_size)                                  # [S]
+    allowed = pos[None, :] < seq_lens[:, None]                           # [nd, S]
+    if sliding_window is not None:
+        allowed &= pos[None, :] >= (seq_lens[:, None] - sliding_window)
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
+    st = (blocks, nb, mask[:, None, None, :])                            # mask [nd, 1, 1, S]
+    md.backend_state[key] = st
+    return st
+
+
+def _prefill_state(md: "AttentionMetadata", block_size: int, sliding_window: int | None):
+    """Per-step: for each prefill request, (q_start, q_end, context slot ids, bool mask or None)."""
+    key = ("cpu_prefill", block_size, sliding_window)
+    st = md.backend_state.get(key)
+    if st is not None:
+        return st
+    qsl = md.query_start_loc.tolist()
+    seq_lens = md.seq_lens.tolist()
+    tables = md.block_tables
+    st = []
+    for i in range(md.num_decodes, len(seq_lens)):
+        qs, qe, s = qsl[i], qsl[i + 1], seq_lens[i]
+        q_len = qe - qs
+        if q_len == 0:
+            continue
+        pos = torch.arange(s)
+        slots = tables[i, :(s + block_size - 1) // block_size].long()[pos // block_size] * block_size \
+            + pos % block_size                                           # [S]
+        mask = None
+        if q_len != s or sliding_window is not None:
+            q_pos = torch.arange(s - q_len, s)[:, None]                  # [L, 1]
+            mask = pos[None, :] <= q_pos                                 # [L, S]
+            if sliding_window is not None:
+                mask &= pos[None, :] > q_pos - sliding_window
+        st.append((qs, qe, slots, mask))
+    md.backend_state[key] = st
+    return st
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: "AttentionMetadata",
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    # query: [T, Hq, D]; kv_cache: [2, N, Bs, Hk, D] -> [T, Hq, D]
+    md = attn_metadata
+    t, hq, d = query.shape
+    _, n, bs, hk, _ = kv_cache.shape
+    out = torch.empty_like(query)
+    nd = md.num_decodes
+    if nd:
+        blocks, nb, mask = _decode_state(md, bs, sliding_window)
+        k = kv_cache[0].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)  # [nd, Hk, S, D]
+        v = kv_cache[1].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)
+        q = query[:nd].unsqueeze(2)                                                        # [nd, Hq, 1, D]
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                           attn_mask=mask.to(q.dtype), scale=scale,
+                                           enable_gqa=hq != hk)                            # [nd, Hq, 1, D]
+        out[:nd] = o.squeeze(2)
+    if t > nd:
+        flat = kv_cache.view(2, n * bs, hk, d)
+        for qs, qe, slots, mask in _prefill_state(md, bs, sliding_window):
+            k = flat[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)   # [1, Hk, S, D]
+            v = flat[1].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            q = query[qs:qe].transpose(0, 1).unsqueeze(0)                     # [1, Hq, L, D]
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                               is_causal=mask is None, scale=scale,
+                                               enable_gqa=hq != hk)          # [1, Hq, L, D]
+            out[qs:qe] = o[0].transpose(0, 1)
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]  # [T, 2I] -> [T, I]
