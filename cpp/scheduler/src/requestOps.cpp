@@ -135,15 +135,9 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
             stepFailed = true;
         }
     }
-    if (!stepFailed && mBlocks.prefixCachingEnabled())
+    if (stepFailed)
     {
-        for (Request* r : mLastRows)
-        {
-            if (r->state == RequestState::kRUNNING)
-            {
-                registerFullBlocks(*r);
-            }
-        }
+        mLastRows.clear(); // nothing of this step reaches the prefix cache
     }
     UpdateResult result;
     for (size_t k = 0; k < numExpected; ++k)
@@ -165,6 +159,10 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
         {
             result.finishedIds.push_back(r.id);
             result.finishReasons.push_back(static_cast<std::int32_t>(reason));
+            if (!stepFailed)
+            {
+                registerFullBlocks(r); // its KV is complete: keep its full blocks in the cache
+            }
             finishRequest(r, reason, false);
         }
     }
@@ -179,13 +177,11 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
             auto it = mRequests.find(id);
             if (it != mRequests.end() && it->second->state == RequestState::kFINISHED)
             {
-                mRequests.erase(it);
+                dropRequest(id);
             }
         }
     }
-    mLastRows.clear();
     mLastSampleReqs.clear();
-    mGraveyard.clear();
     return result;
 }
 
@@ -194,7 +190,7 @@ void Scheduler::dropRequest(ReqId id)
     auto it = mRequests.find(id);
     assert(it != mRequests.end());
     it->second->state = RequestState::kFINISHED;
-    if (mAwaitingUpdate)
+    if (mAwaitingUpdate || !mLastRows.empty())
     {
         mGraveyard.push_back(std::move(it->second)); // the last step's rows may still point at it
     }

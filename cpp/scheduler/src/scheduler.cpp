@@ -26,6 +26,17 @@ std::shared_ptr<SchedulerOutput> Scheduler::schedule()
     std::lock_guard<std::mutex> lock(mMutex);
     MINDIE_CHECK(!mAwaitingUpdate, ContractError, "schedule() called again before update() of the previous step");
     ++mStep;
+    // Blocks filled by the last step enter the prefix cache now: the step ran (update() came back
+    // with its samples) and its requests were not aborted since (e.g. after a failed forward).
+    for (Request* r : mLastRows)
+    {
+        if (r->state == RequestState::kRUNNING)
+        {
+            registerFullBlocks(*r);
+        }
+    }
+    mLastRows.clear();
+    mGraveyard.clear();
     mPreemptedThisStep.clear();
     mPreemptedForBlocks = false;
     for (Request* r : mRunning)
@@ -364,7 +375,6 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     out.blockTableReset.reserve(numRows);
     out.newBlockOffsets.reserve(numRows + 1);
     out.newBlockOffsets.push_back(0);
-    mLastRows.clear();
     mLastSampleReqs.clear();
     auto emit = [&](Row const& row)
     {
