@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "RequestResult", "summarize"]
+__all__ = ["add_arguments", "main", "run_benchmark", "RequestResult", "summarize"]
 
 _WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had "
           "by word but not what all were we when your can said there use an each which she do how their if will "
@@ -248,6 +248,14 @@ async def _run(args: argparse.Namespace) -> tuple[list[RequestResult], float, st
         await client.close()
 
 
+def run_benchmark(args: argparse.Namespace) -> tuple[list[RequestResult], float, str]:
+    """Sends the requests; returns (one result per request, duration in seconds, model name)."""
+    if args.port is None:
+        args.port = 8000 if args.protocol == "http" else 8001
+    _validate(args)
+    return asyncio.run(_run(args))
+
+
 def _pct(values: list[float], q: float) -> float:
     vals = sorted(v for v in values if not math.isnan(v))
     if not vals:
@@ -383,7 +391,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}")
         return 2
-    results, duration, model = asyncio.run(_run(args))
+    results, duration, model = run_benchmark(args)
     summary = summarize(results, duration)
     _print(summary, args, model)
     if args.out:

@@ -72,14 +72,16 @@ def sampling_params_from_proto(msg: Any, limits: RequestLimits, has_sampling: bo
         raise RpcError(_INVALID, f"sampling.{e}") from None
 
 
-def _logprobs_to_proto(entries: list[dict[int, Any]] | None, token_ids: list[int], tokenizer: Any) -> list[Any]:
-    """One TokenLogprob per generated token: the sampled token's logprob plus the top ones."""
+def _logprobs_to_proto(entries: list[dict[int, Any]] | None, token_ids: list[int], tokenizer: Any,
+                       num_top: int) -> list[Any]:
+    """One TokenLogprob per generated token: the sampled token's logprob plus the ``num_top`` most
+    likely ones (the engine's entry also holds the sampled token when it ranks lower)."""
     if entries is None:
         return []
     result = []
     for tok, entry in zip(token_ids, entries):
         chosen = entry.get(tok)
-        tops = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None),
+        tops = sorted(((tid, lp) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= num_top),
                       key=lambda kv: kv[1].rank)
         result.append(pb2.TokenLogprob(
             token_id=tok,
@@ -181,7 +183,8 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
         for o in sorted(last.outputs, key=lambda o: o.index):
             c = pb2.Completion(index=o.index, text=o.text, token_ids=o.token_ids,
                                finish_reason=_FINISH.get(o.finish_reason or "", pb2.FINISH_REASON_UNSPECIFIED),
-                               logprobs=_logprobs_to_proto(o.logprobs, o.token_ids, self.llm.tokenizer))
+                               logprobs=_logprobs_to_proto(o.logprobs, o.token_ids, self.llm.tokenizer,
+                                                           request.sampling.logprobs))
             _set_stop_reason(c, o.stop_reason)
             if o.cumulative_logprob is not None and o.logprobs is not None:
                 c.cumulative_logprob = o.cumulative_logprob
@@ -201,7 +204,8 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
                 for i, d in enumerate(deltas):
                     msg = pb2.GenerateStreamResponse(
                         request_id=request.request_id, index=d.index, text=d.text, token_ids=d.token_ids,
-                        logprobs=_logprobs_to_proto(d.logprobs, d.token_ids, self.llm.tokenizer),
+                        logprobs=_logprobs_to_proto(d.logprobs, d.token_ids, self.llm.tokenizer,
+                                                     request.sampling.logprobs),
                         finish_reason=_FINISH.get(d.finish_reason or "", pb2.FINISH_REASON_UNSPECIFIED))
                     _set_stop_reason(msg, d.stop_reason)
                     if out.finished and i == len(deltas) - 1:
@@ -275,4 +279,5 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
             capabilities=pb2.Capabilities(chunked_prefill=cfg.scheduler.enable_chunked_prefill,
                                           prefix_caching=cfg.cache.enable_prefix_caching,
                                           streaming=True, logprobs=cfg.server.max_logprobs > 0),
-            server_version=__version__, device=cfg.backend.device)
+            server_version=__version__, device=cfg.backend.device,
+            num_free_kv_blocks=int(getattr(stats, "num_free_kv_blocks", 0) or 0))
