@@ -120,6 +120,7 @@ bool Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Ro
         }
         r->numComputedTokens += numNew;
         r->scheduledThisStep = true;
+        r->computedBeforeStep = before;
         budget -= numNew;
         rows.push_back(Row{r, numNew, before});
     }
@@ -180,9 +181,11 @@ bool Scheduler::isDeferredChild(Request const& r) const
     {
         return false;
     }
+    // NOTE: the parent's prompt KV must come from an earlier step, not be written in this one.
     Request const& parent = *it->second;
-    return parent.state == RequestState::kWAITING
-        || (parent.state == RequestState::kRUNNING && parent.numComputedTokens < parent.numPromptTokens);
+    bool const promptPending = parent.numComputedTokens < parent.numPromptTokens
+        || (parent.scheduledThisStep && parent.computedBeforeStep < parent.numPromptTokens);
+    return parent.state == RequestState::kWAITING || (parent.state == RequestState::kRUNNING && promptPending);
 }
 
 Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills)
@@ -274,6 +277,7 @@ Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector
         bool const decode = r.isDecode();
         r.numComputedTokens += numNew;
         r.scheduledThisStep = true;
+        r.computedBeforeStep = start;
         budget -= numNew;
         (decode ? decodes : prefills).push_back(Row{&r, numNew, start});
     }

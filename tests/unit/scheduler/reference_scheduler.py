@@ -67,7 +67,7 @@ class RefScheduler:
         key = (priority if self.policy == "priority" else 0, arrival_time, rid)
         r = SimpleNamespace(id=rid, key=key, prio=priority, tokens=list(prompt), n_prompt=len(prompt), computed=0,
                             blocks=[], registered=0, sent=0, reset=True, awaiting=False, scheduled=False,
-                            preempted_at=-1, last_new=0, state="waiting", max_tokens=max_tokens,
+                            preempted_at=-1, last_new=0, before=0, state="waiting", max_tokens=max_tokens,
                             min_tokens=min_tokens, eos=set(eos_token_ids), stop=set(stop_token_ids),
                             ignore_eos=ignore_eos, parent=parent_id)
         self.reqs[rid] = r
@@ -157,13 +157,14 @@ class RefScheduler:
             if not self._alloc_or_preempt(r, before + n):
                 break
             r.computed += n
-            r.scheduled = True
+            r.scheduled, r.before = True, before
             self.budget -= n
             rows.append((r, n, before))
 
     def _deferred(self, r):
         p = self.reqs.get(r.parent) if r.parent >= 0 and not r.blocks else None
-        return p is not None and (p.state == "waiting" or (p.state == "running" and p.computed < p.n_prompt))
+        pending = p is not None and (p.computed < p.n_prompt or (p.scheduled and p.before < p.n_prompt))
+        return p is not None and (p.state == "waiting" or (p.state == "running" and pending))
 
     def _try_admit(self, r, dec, pre):
         static = self.policy == "static"
@@ -212,7 +213,7 @@ class RefScheduler:
         if n > 0:
             is_dec = self._is_decode(r)
             r.computed += n
-            r.scheduled = True
+            r.scheduled, r.before = True, start
             self.budget -= n
             (dec if is_dec else pre).append((r, n, start))
         return "ok"

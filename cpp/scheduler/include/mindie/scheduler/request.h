@@ -63,6 +63,7 @@ struct Request
     bool needsTableReset{true};        ///< next schedule sends the whole table with reset=true
     bool awaitingSample{false};        ///< scheduled with sample_mask=true, update() pending
     bool scheduledThisStep{false};
+    SizeType32 computedBeforeStep{0};  ///< num_computed_tokens before this step's chunk
     SizeType32 lastNumScheduled{0};    ///< tokens of the last schedule() (rolled back if never sampled)
     std::int64_t preemptedAtStep{-1};  ///< not re-admitted in the step that preempted it
 
