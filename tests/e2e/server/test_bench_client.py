@@ -32,15 +32,16 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def fake_grpc_port():
+def fake_ports():
+    """(grpc port, http port) of a fake-engine server process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.Popen([sys.executable, str(_FAKE_SERVER), "--step-delay", "0.002"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    if not line.startswith("PORT "):
+    proc = subprocess.Popen([sys.executable, str(_FAKE_SERVER), "--step-delay", "0.002", "--http"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    http_line, grpc_line = proc.stdout.readline(), proc.stdout.readline()
+    if not (http_line.startswith("HTTP_PORT ") and grpc_line.startswith("PORT ")):
         proc.kill()
         pytest.fail("fake server did not start: " + proc.stderr.read()[-2000:])
-    yield int(line.split()[1])
+    yield int(grpc_line.split()[1]), int(http_line.split()[1])
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(20)
@@ -49,9 +50,16 @@ def fake_grpc_port():
             proc.kill()
 
 
-def test_bench_serve_grpc_writes_csv_json_and_png(fake_grpc_port, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def fake_grpc_port(fake_ports):
+    return fake_ports[0]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bench_serve_writes_csv_json_and_png(fake_ports, protocol, tmp_path, capsys):
     out = tmp_path / "bench"
-    code = bench_client.main(_args("--protocol", "grpc", "--port", str(fake_grpc_port), "--num-requests", "12",
+    port = fake_ports[0] if protocol == "grpc" else fake_ports[1]
+    code = bench_client.main(_args("--protocol", protocol, "--port", str(port), "--num-requests", "12",
                                    "--request-rate", "200", "--input-len", "8", "--output-len", "5",
                                    "--out", str(out)))
     assert code == 0

@@ -537,9 +537,11 @@ def test_cancelled_streams_free_their_kv_blocks():
 
 # ---------------------------------------------------------------------- a fake-engine server process
 def serve_forever(argv: list[str]) -> None:
-    """``python test_grpc_server.py [--api-key K] [--max-queued N] [--step-delay S]``: serves the fake
-    engine (with the KServe service) on a free port, prints ``PORT <n>``, runs until SIGTERM.
-    test_grpc_kserve.py uses it, so that tritonclient's stubs and ours live in different processes."""
+    """``python test_grpc_server.py [--api-key K] [--max-queued N] [--step-delay S] [--http]``: serves
+    the fake engine over gRPC (with the KServe service) on a free port, prints ``PORT <n>`` (and with
+    ``--http`` also the OpenAI HTTP app, ``HTTP_PORT <n>`` first), runs until SIGTERM.
+    test_grpc_kserve.py uses it, so that tritonclient's stubs and ours live in different processes;
+    test_bench_client.py uses it as a quick server for both protocols."""
     import argparse
     import signal
     import sys
@@ -548,6 +550,7 @@ def serve_forever(argv: list[str]) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-queued", type=int, default=256)
     p.add_argument("--step-delay", type=float, default=0.0)
+    p.add_argument("--http", action="store_true")
     a = p.parse_args(argv)
 
     async def main() -> None:
@@ -555,10 +558,25 @@ def serve_forever(argv: list[str]) -> None:
         llm = AsyncLLM(FakeEngine(step_delay_s=a.step_delay), config)
         srv = build_grpc_server(llm, config)
         await srv.start()
+        http = None
+        if a.http:
+            import uvicorn
+
+            from mindie_llm.server.http.app import build_app
+
+            http = uvicorn.Server(uvicorn.Config(build_app(llm, config), host="127.0.0.1", port=0,
+                                                 log_level="warning"))
+            http_task = asyncio.ensure_future(http.serve())
+            while not http.started:
+                await asyncio.sleep(0.02)
+            print(f"HTTP_PORT {http.servers[0].sockets[0].getsockname()[1]}", flush=True)
         print(f"PORT {srv.bound_port}", flush=True)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
+        if http is not None:
+            http.should_exit = True
+            await http_task
         await srv.stop(0.5)
         await llm.shutdown()
 
