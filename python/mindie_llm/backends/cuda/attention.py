@@ -268,7 +268,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, 
     """The ``ops.paged_attention`` contract: ``query[T, Hq, D]`` over ``attn_metadata``'s batch."""
     md = attn_metadata
     num_seqs = int(md.seq_lens.shape[0])
-    split = getattr(md, "cuda_split_kv", None)      # set by the CUDA-graph runner at capture time
+    split = getattr(md, "backend_state", {}).get("cuda_split_kv")   # fixed by the CUDA-graph capture
     return paged_attention_raw(query, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, num_seqs,
                                int(md.max_query_len), scale, sliding_window, split_kv=split,
                                max_seq_len=int(md.max_seq_len) if md.max_seq_len is not None else None)

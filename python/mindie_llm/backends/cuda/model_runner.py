@@ -1,0 +1,202 @@
+# SPDX-License-Identifier: Apache-2.0
+"""CudaModelRunner: the executor's ModelRunner with CUDA graphs for decode batches and pinned
+host staging for the per-step host-to-device copies.
+
+Decode-only steps (every request computes one token) of up to ``cuda_graph_max_batch_size``
+requests replay a graph captured at start-up for the smallest bucket that holds them; the rows past
+the real batch are padding (slot -1: no KV write; one-token context; outputs ignored). The graphs
+run on the runner's persistent device buffers, so a replay needs no copy beyond ``_prepare``'s.
+Prefill and mixed steps run eagerly through the same Triton kernels.
+
+Must not import the engine or the scheduler; imports the executor's runner (one layer down from
+the engine) and the model-facing AttentionMetadata.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mindie_llm.executor.input_batch import FlatBatch
+from mindie_llm.executor.model_runner import ModelRunner
+from mindie_llm.layers.attention import AttentionMetadata
+
+__all__ = ["CudaModelRunner", "CudaGraphDecodeModel", "graph_batch_sizes"]
+
+logger = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """Buckets 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, capped at ``max_batch_size``."""
+    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 1025, 16))
+    out = [s for s in sizes if s < max_batch_size] + [max_batch_size]
+    return sorted(set(out))
+
+
+class CudaGraphDecodeModel(nn.Module):
+    """Wraps the model: ``forward`` replays a captured graph for decode-only batches, else runs the
+    model eagerly. ``compute_logits`` and everything else go to the wrapped model."""
+
+    def __init__(self, model: nn.Module, runner: "CudaModelRunner", batch_sizes: Sequence[int],
+                 num_kv_heads: int, max_model_len: int) -> None:
+        super().__init__()
+        self.inner = model
+        self.runner = runner
+        self.batch_sizes = sorted(batch_sizes)
+        self.num_kv_heads = num_kv_heads
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+        dev = runner.device
+        self._arange = torch.arange(max(self.batch_sizes) + 1, dtype=torch.int32, device=dev)
+        sm = torch.cuda.get_device_properties(dev).multi_processor_count
+        self._split_below = 2 * sm                   # split-KV while B * Hk programs underfill the GPU
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.inner.compute_logits(hidden)
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        r = self.runner
+        return AttentionMetadata(
+            slot_mapping=r.slot_mapping_buf[:bs], query_start_loc=r.query_start_loc_buf[:bs + 1],
+            seq_lens=r.seq_lens_buf[:bs], block_tables=r.block_tables_buf[:bs], num_decodes=bs, max_query_len=1,
+            max_seq_len=self.max_model_len,
+            backend_state={"cuda_split_kv": bs * self.num_kv_heads < self._split_below})
+
+    def _pad(self, num_real: int, bs: int) -> None:
+        r = self.runner
+        r.query_start_loc_buf[:bs + 1].copy_(self._arange[:bs + 1])   # decode-only: one token each
+        if bs > num_real:
+            r.slot_mapping_buf[num_real:bs].fill_(-1)                   # padding rows write no KV
+            r.seq_lens_buf[num_real:bs].fill_(1)
+            r.positions_buf[num_real:bs].zero_()
+            r.input_ids_buf[num_real:bs].zero_()
+
+    @torch.inference_mode()
+    def capture(self, kv_caches: list[torch.Tensor]) -> float:
+        """Captures one graph per bucket, largest first, sharing one memory pool. Returns seconds."""
+        t0 = time.perf_counter()
+        r = self.runner
+        pool = torch.cuda.graph_pool_handle()
+        r.block_tables_buf.zero_()
+        for bs in sorted(self.batch_sizes, reverse=True):
+            self._pad(0, bs)
+            md = self._metadata(bs)
+            args = (r.input_ids_buf[:bs], r.positions_buf[:bs], kv_caches, md)
+            for _ in range(2):                   # compiles the kernels, creates cuBLAS workspaces
+                self.inner(*args)
+            torch.cuda.synchronize(r.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.inner(*args)          # [bs, H]
+            self.graphs[bs] = graph
+            self.outputs[bs] = out
+        torch.cuda.synchronize(r.device)
+        return time.perf_counter() - t0
+
+    def _bucket(self, n: int) -> int | None:
+        for bs in self.batch_sizes:
+            if bs >= n:
+                return bs if bs in self.graphs else None
+        return None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        n = input_ids.shape[0]
+        bs = self._bucket(n) if (attn_metadata.num_decodes == n == attn_metadata.num_reqs and n > 0) else None
+        if bs is None or torch.cuda.is_current_stream_capturing():
+            return self.inner(input_ids, positions, kv_caches, attn_metadata)
+        r = self.runner
+        for src, buf in ((input_ids, r.input_ids_buf), (positions, r.positions_buf),
+                         (attn_metadata.slot_mapping, r.slot_mapping_buf), (attn_metadata.seq_lens, r.seq_lens_buf)):
+            if src.data_ptr() != buf.data_ptr():
+                buf[:n].copy_(src)
+        bt = attn_metadata.block_tables
+        if bt.data_ptr() != r.block_tables_buf.data_ptr() or bt.stride(0) != r.block_tables_buf.stride(0):
+            r.block_tables_buf[:n, :bt.shape[1]].copy_(bt)
+        if r.padded_batch_size != bs:
+            self._pad(n, bs)
+        r.padded_batch_size = 0
+        self.graphs[bs].replay()
+        self.num_replays += 1
+        return self.outputs[bs][:n]
+
+
+class CudaModelRunner(ModelRunner):
+    """ModelRunner + CUDA graphs for decode batches + pinned staging of the step's host arrays."""
+
+    def __init__(self, model: nn.Module, vocab_size: int, kv_caches: list[torch.Tensor], *, block_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 eos_token_ids: Sequence[int], device: torch.device, enable_cuda_graph: bool | None = None,
+                 cuda_graph_max_batch_size: int | None = None, **kwargs: Any) -> None:
+        from mindie_llm.backends.cuda.platform import CudaPlatform
+
+        opts = CudaPlatform.runner_options          # the deployment's backend section, when not passed
+        if enable_cuda_graph is None:
+            enable_cuda_graph = opts["enable_cuda_graph"]
+        if cuda_graph_max_batch_size is None:
+            cuda_graph_max_batch_size = opts["cuda_graph_max_batch_size"]
+        super().__init__(model, vocab_size, kv_caches, block_size=block_size, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                         eos_token_ids=eos_token_ids, device=device, **kwargs)
+        T, B, W = max_num_batched_tokens, max_num_seqs, self.block_tables_buf.shape[1]
+        # One pinned buffer per dtype; the numpy views are filled on the host, then copied async.
+        T = max(T, min(cuda_graph_max_batch_size, B))                  # room for a padded decode batch
+        self._pin64 = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)
+        self._pin32 = torch.empty(2 * T + 1 + B * W, dtype=torch.int32, pin_memory=True)
+        self._np64, self._np32 = self._pin64.numpy(), self._pin32.numpy()
+        self._staged: torch.cuda.Event | None = None
+        self.padded_batch_size = 0
+        self.graph_model: CudaGraphDecodeModel | None = None
+        self.graph_capture_s = 0.0
+        if enable_cuda_graph:
+            max_bs = min(cuda_graph_max_batch_size, max_num_seqs, max_num_batched_tokens)
+            num_kv_heads = kv_caches[0].shape[3] if kv_caches else 1
+            self.graph_model = CudaGraphDecodeModel(model, self, graph_batch_sizes(max_bs), num_kv_heads,
+                                                    max_model_len)
+            self.graph_capture_s = self.graph_model.capture(kv_caches)
+            self.model = self.graph_model
+            logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_model.graphs),
+                        self.graph_capture_s)
+
+    def _prepare(self, fb: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        T, B = fb.input_ids.shape[0], fb.seq_lens.shape[0]
+        width = max(-(-fb.max_seq_len // self.block_size), 1)
+        # A decode batch that a graph will replay is padded here, in the same copies.
+        bs = T
+        if self.graph_model is not None and fb.num_decodes == B == T and T > 0:
+            bs = self.graph_model._bucket(T) or T
+        if self._staged is not None:
+            self._staged.synchronize()          # the previous step's copies have left the pinned buffers
+        n64, n32 = self._np64, self._np32
+        n64[:T], n64[bs:bs + T], n64[2 * bs:2 * bs + T] = fb.input_ids, fb.positions, fb.slot_mapping
+        n64[T:bs], n64[bs + T:2 * bs], n64[2 * bs + T:3 * bs] = 0, 0, -1    # padding: no KV write
+        Bp = max(B, bs) if bs > T else B
+        n32[:B + 1] = fb.query_start_loc
+        n32[B + 1:Bp + 1] = np.arange(B + 1, Bp + 1, dtype=np.int32)        # one token per padding row
+        n32[Bp + 1:Bp + 1 + B] = fb.seq_lens
+        n32[Bp + 1 + B:2 * Bp + 1] = 1
+        off = 2 * Bp + 1
+        bt = n32[off:off + B * width].reshape(B, width)
+        bt[:] = fb.block_tables[:, :width]
+        p64, p32 = self._pin64, self._pin32
+        nb = dict(non_blocking=True)
+        self.input_ids_buf[:bs].copy_(p64[:bs], **nb)
+        self.positions_buf[:bs].copy_(p64[bs:2 * bs], **nb)
+        self.slot_mapping_buf[:bs].copy_(p64[2 * bs:3 * bs], **nb)
+        self.query_start_loc_buf[:Bp + 1].copy_(p32[:Bp + 1], **nb)
+        self.seq_lens_buf[:Bp].copy_(p32[Bp + 1:2 * Bp + 1], **nb)
+        self.block_tables_buf[:B, :width].copy_(p32[off:off + B * width].view(B, width), **nb)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        self.padded_batch_size = bs
+        md = AttentionMetadata(
+            slot_mapping=self.slot_mapping_buf[:T], query_start_loc=self.query_start_loc_buf[:B + 1],
+            seq_lens=self.seq_lens_buf[:B], block_tables=self.block_tables_buf[:B, :width],
+            num_decodes=fb.num_decodes, max_query_len=fb.max_query_len, max_seq_len=fb.max_seq_len)
+        return self.input_ids_buf[:T], self.positions_buf[:T], md

@@ -1,0 +1,104 @@
+# SPDX-License-Identifier: Apache-2.0
+"""CudaPlatform: what the CUDA backend tells the engine (device, NCCL, dtypes, KV-cache size, the
+runner class with CUDA graphs) and the registration of its Triton ops with ``mindie_llm.ops``.
+
+KV-cache size (vLLM's rule): ``total * cache.gpu_memory_utilization`` minus what the process
+already holds (weights, CUDA context, other tensors) minus the activation peak of the largest step,
+measured by ``profile_activation_peak`` when it has run, else a conservative reserve.
+
+Imports torch only at module level; the kernels (triton) are imported by ``register_ops``. Must not
+import the engine or the scheduler.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from mindie_llm.backends.platform import Platform
+
+__all__ = ["CudaPlatform"]
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+class CudaPlatform(Platform):
+    device_type = "cuda"
+    dist_backend = "nccl"
+    ops_module = "mindie_llm.backends.cuda.ops"
+    model_runner = "mindie_llm.backends.cuda.model_runner.CudaModelRunner"
+    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    # Set by check_and_update_config from the deployment's ``backend`` section; read by the runner.
+    runner_options: dict[str, Any] = {"enable_cuda_graph": True, "cuda_graph_max_batch_size": 256}
+    activation_peak_bytes: int | None = None
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    @classmethod
+    def device(cls, index: int | None = None) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+
+    @classmethod
+    def default_dtype(cls) -> torch.dtype:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @classmethod
+    def synchronize(cls) -> None:
+        torch.cuda.synchronize()
+
+    @classmethod
+    def graph_wrapper_cls(cls) -> type | None:
+        from mindie_llm.backends.cuda.model_runner import CudaGraphDecodeModel
+
+        return CudaGraphDecodeModel
+
+    @classmethod
+    def check_and_update_config(cls, config: Any) -> Any:
+        backend = getattr(config, "backend", None)
+        if backend is not None:
+            cls.runner_options = {"enable_cuda_graph": bool(backend.enable_cuda_graph),
+                                  "cuda_graph_max_batch_size": int(backend.cuda_graph_max_batch_size)}
+        return config
+
+    # ------------------------------------------------------------------ KV-cache sizing
+    @classmethod
+    @torch.inference_mode()
+    def profile_activation_peak(cls, run_step: Callable[[], Any]) -> int:
+        """Runs ``run_step`` (the largest step the engine will run: ``max_num_batched_tokens``
+        tokens, then logits and sampling of ``max_num_seqs`` rows) and records how far the memory
+        allocated rose above what was allocated before it."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_step()
+        torch.cuda.synchronize()
+        cls.activation_peak_bytes = int(torch.cuda.max_memory_allocated() - before)
+        torch.cuda.empty_cache()
+        return cls.activation_peak_bytes
+
+    @classmethod
+    def available_kv_cache_bytes(cls, cache_config: Any) -> int:
+        """``total * gpu_memory_utilization`` - bytes in use now - activation peak (profiled, else
+        max(2 GiB, 4% of the card))."""
+        util = float(getattr(cache_config, "gpu_memory_utilization", 0.9))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        in_use = total - free                                     # weights, context, other processes
+        reserve = cls.activation_peak_bytes
+        if reserve is None:
+            reserve = max(2 * _GIB, int(0.04 * total))
+        budget = int(total * util) - in_use - reserve
+        logger.info("cuda KV cache: total %.1f GiB, in use %.1f GiB, activation reserve %.2f GiB -> "
+                    "budget %.1f GiB", total / _GIB, in_use / _GIB, reserve / _GIB, max(budget, 0) / _GIB)
+        if budget <= 0:
+            raise ValueError(f"cache.gpu_memory_utilization: {util} leaves no room for the KV cache "
+                             f"({in_use / _GIB:.1f} GiB in use of {total / _GIB:.1f} GiB, "
+                             f"activation reserve {reserve / _GIB:.2f} GiB)")
+        return budget

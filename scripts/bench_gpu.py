@@ -1,0 +1,465 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""GPU benchmark of the CUDA backend: checks, then measures, then prints one table.
+
+One call on the GPU machine, from the repository root (the C++ scheduler extension built in place):
+
+    PYTHONPATH=python python3 scripts/bench_gpu.py --out $OUT [--hf-peers path/to/hf_peers.py]
+
+Sections (``--sections``, comma separated, all by default):
+  ceilings   copy bandwidth and bf16 GEMM rate of this card (the floors below use these)
+  tests      tests/unit/backends/cuda on the GPU (every kernel vs ops/reference.py; the whole model
+             vs the CPU reference backend and vs transformers)
+  kernels    each kernel at Llama-3-8B shapes against its byte floor
+  8b         Llama-3-8B shapes, random bf16 weights: batch-1 decode, TTFT, offline throughput,
+             continuous vs static, SplitFuse vs prefill_first under Poisson load, KV waste, profiles
+  1b         Llama-3.2-1B shapes: batch-1 decode
+  peers      transformers on the same card (the ``--hf-peers`` script), run after ours
+
+Workloads copy vLLM's peer script (token-id prompts from random.Random(seed), ignore EOS, no
+detokenization) so that the figures compare. Every figure is printed as a JSON line as it is
+measured and the table at the end; with ``--out`` both also go to files there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+ROWS: list[dict] = []
+LOG = None
+ISSUE_VLLM = {"bs1": 156.0, "ttft": 28.2, "offline": 9659.0, "varied": 9554.0, "bs1_1b": 613.0}
+
+
+def emit(figure: str, value, unit: str = "", floor=None, note: str = "", **extra) -> None:
+    row = dict(figure=figure, value=value, unit=unit, floor=floor, note=note, **extra)
+    ROWS.append(row)
+    line = json.dumps(row, default=str)
+    print(line, flush=True)
+    if LOG:
+        LOG.write(line + "\n")
+        LOG.flush()
+
+
+def guarded(name: str):
+    def deco(fn):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            except Exception as e:  # one failing section must not lose the others' figures
+                emit(f"{name}: FAILED", repr(e)[:300])
+                traceback.print_exc()
+            finally:
+                print(f"# section {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        return run
+    return deco
+
+
+def prompts(n, lo, hi, vocab, seed=1):
+    r = random.Random(seed)
+    return [[r.randrange(10, vocab) for _ in range(r.randint(lo, hi))] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------- ceilings
+CEIL = {"bw": 3.0e12, "flops": 7.9e14}
+
+
+@guarded("ceilings")
+def ceilings() -> None:
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    s.record()
+    for _ in range(10):
+        y.copy_(x)
+    e.record()
+    torch.cuda.synchronize()
+    CEIL["bw"] = 2 * x.numel() * 10 / (s.elapsed_time(e) / 1e3)
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    s.record()
+    for _ in range(10):
+        a @ b
+    e.record()
+    torch.cuda.synchronize()
+    CEIL["flops"] = 2 * 8192 ** 3 * 10 / (s.elapsed_time(e) / 1e3)
+    emit("copy bandwidth (read+write)", round(CEIL["bw"] / 1e12, 3), "TB/s")
+    emit("bf16 GEMM 8192^3", round(CEIL["flops"] / 1e12, 1), "TFLOP/s")
+
+
+# ---------------------------------------------------------------------------------------- tests
+@guarded("tests")
+def run_tests(out_dir: str | None) -> None:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/backends/cuda"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    tail = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else res.stderr[-300:]
+    if out_dir:
+        with open(os.path.join(out_dir, "tests.log"), "w") as f:
+            f.write(res.stdout + res.stderr)
+    if res.returncode != 0:
+        print(res.stdout[-6000:], res.stderr[-3000:])
+    emit("GPU correctness tests (tests/unit/backends/cuda)", tail, note=f"rc={res.returncode}")
+
+
+# ---------------------------------------------------------------------------------------- kernels
+@guarded("kernels")
+def kernels() -> None:
+    import triton.testing
+
+    from mindie_llm.backends.cuda import activation, attention, norm, rotary
+    bw = CEIL["bw"]
+    bf = torch.bfloat16
+    dev = "cuda"
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3   # s
+
+    def row(name, secs, nbytes):
+        floor = nbytes / bw
+        emit(f"kernel {name}", round(secs * 1e6, 1), "us", round(floor * 1e6, 1),
+             f"{nbytes / secs / 1e9:.0f} GB/s, {secs / floor:.2f}x floor")
+
+    for T in (1, 256, 2048):
+        x = torch.randn(T, 4096, device=dev, dtype=bf)
+        r = torch.randn_like(x)
+        w = torch.randn(4096, device=dev, dtype=bf)
+        row(f"fused_add_rms_norm T={T} H=4096", bench(lambda: norm.fused_add_rms_norm(x, r, w, 1e-5)),
+            4 * x.numel() * 2)
+    x = torch.randn(256, 2 * 14336, device=dev, dtype=bf)
+    row("silu_and_mul T=256 I=14336", bench(lambda: activation.silu_and_mul(x)), x.numel() * 2 * 3 // 2)
+    T, hq, hk, d, bs = 256, 32, 8, 128, 16
+    qkv = torch.randn(T, (hq + 2 * hk) * d, device=dev, dtype=bf)
+    cache = torch.randn(8192, d, device=dev)
+    pos = torch.randint(0, 8192, (T,), device=dev)
+    kv = torch.zeros(2, 4096, bs, hk, d, device=dev, dtype=bf)
+    slots = torch.randperm(4096 * bs, device=dev)[:T]
+    q, k, v = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
+    row("rotary+kv_write T=256 (8B heads)",
+        bench(lambda: rotary.rotary_embedding_write_kv(pos, q, k, v, kv, slots, d, cache, True)),
+        qkv.numel() * 2 * 2 + 2 * T * hk * d * 2)
+    for B, ctx in ((1, 256), (1, 8192), (64, 1024), (256, 512)):
+        nblk = -(-ctx // bs)
+        kvc = torch.randn(2, B * nblk + 1, bs, hk, d, device=dev, dtype=bf)
+        bt = (torch.arange(B * nblk, device=dev, dtype=torch.int32) + 1).view(B, nblk)
+        qq = torch.randn(B, hq, d, device=dev, dtype=bf)
+        qsl = torch.arange(B + 1, device=dev, dtype=torch.int32)
+        sl = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+        nbytes = 2 * B * ctx * hk * d * 2 + 2 * qq.numel() * 2
+        for split in (False, True):
+            row(f"paged_attention decode B={B} ctx={ctx} split_kv={split}",
+                bench(lambda: attention.paged_attention_raw(qq, kvc, qsl, sl, bt, B, 1, d ** -0.5, split_kv=split)),
+                nbytes)
+    # a 2048-token prefill chunk: compute-bound, floor from FLOPs
+    L = 2048
+    nblk = L // bs
+    kvc = torch.randn(2, nblk + 1, bs, hk, d, device=dev, dtype=bf)
+    bt = (torch.arange(nblk, device=dev, dtype=torch.int32) + 1)[None]
+    qq = torch.randn(L, hq, d, device=dev, dtype=bf)
+    qsl = torch.tensor([0, L], device=dev, dtype=torch.int32)
+    sl = torch.tensor([L], device=dev, dtype=torch.int32)
+    secs = bench(lambda: attention.paged_attention_raw(qq, kvc, qsl, sl, bt, 1, L, d ** -0.5))
+    flops = 4 * L * L / 2 * hq * d
+    emit("kernel paged_attention prefill L=2048 (causal)", round(secs * 1e6, 1), "us",
+         round(flops / CEIL["flops"] * 1e6, 1), f"{flops / secs / 1e12:.0f} TFLOP/s")
+
+
+# ---------------------------------------------------------------------------------------- engine
+class NoDetokenizer:
+    """Token-id prompts and no text out (vLLM's skip_tokenizer_init / detokenize=False)."""
+
+    eos_token_ids = ()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def _gpu_dummy_init(model, seed=0):
+    """Random weights generated on the GPU (the loader's CPU generator takes minutes for 8B)."""
+    import math
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_((1.0 + 0.02 * torch.randn(p.shape, generator=g, device=p.device)) if "norm" in name
+                        else 0.02 * torch.randn(p.shape, generator=g, device=p.device))
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+
+
+def make_engine(shape: str, **over):
+    import mindie_llm.loader as loader
+    from mindie_llm.config import EngineConfig
+    from mindie_llm.engine.llm_engine import LLMEngine
+
+    loader.init_dummy_weights = _gpu_dummy_init
+    kw = dict(model=shape, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
+              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9)
+    kw.update(over)
+    t0 = time.perf_counter()
+    eng = LLMEngine(EngineConfig.from_kwargs(**kw))
+    eng.tokenizer = NoDetokenizer()
+    gm = getattr(eng.runner, "graph_model", None)
+    emit(f"{shape} engine start-up", round(time.perf_counter() - t0, 1), "s",
+         note=f"{eng.num_kv_blocks} KV blocks, {len(gm.graphs) if gm else 0} decode graphs "
+              f"({getattr(eng.runner, 'graph_capture_s', 0):.1f} s), runner {type(eng.runner).__name__}")
+    return eng
+
+
+def set_scheduler(eng, **kw) -> None:
+    from mindie_llm.scheduler import Scheduler, SchedulerCoreConfig
+    base = dict(num_blocks=eng.num_kv_blocks, block_size=eng.block_size,
+                max_num_batched_tokens=eng.max_num_batched_tokens, max_num_seqs=eng.max_num_seqs,
+                max_model_len=eng.max_model_len, enable_prefix_caching=True, enable_chunked_prefill=True,
+                policy="fcfs", role="colocated")
+    base.update(kw)
+    eng.scheduler = Scheduler(SchedulerCoreConfig(**base))
+
+
+def run(eng, ps, outs, *, arrivals=None, kv_sample_every=0):
+    """Runs requests to completion. Returns (seconds, output tokens, token times per request, kv samples)."""
+    from mindie_llm.sampling_params import SamplingParams
+    n = len(ps)
+    order = sorted(range(n), key=lambda i: arrivals[i]) if arrivals else list(range(n))
+    times: dict[str, list[float]] = {}
+    seen: dict[str, int] = {}
+    waste = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    nxt, steps = 0, 0
+    while nxt < n or eng.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while nxt < n and (arrivals is None or arrivals[order[nxt]] <= now):
+            i = order[nxt]
+            rid = f"r{i}"
+            eng.add_request(rid, ps[i], SamplingParams(temperature=0.0, max_tokens=outs[i], min_tokens=outs[i],
+                                                       ignore_eos=True))
+            times[rid] = [time.perf_counter()]
+            nxt += 1
+        if not eng.has_unfinished_requests():
+            time.sleep(max(0.0, arrivals[order[nxt]] - (time.perf_counter() - t0)))
+            continue
+        for o in eng.step():
+            k = len(o.outputs[0].token_ids)
+            if k > seen.get(o.request_id, 0):
+                seen[o.request_id] = k
+                times[o.request_id].append(time.perf_counter())
+        steps += 1
+        if kv_sample_every and steps % kv_sample_every == 0:
+            held = stored = 0
+            for rid in list(eng.runner.batch.requests):
+                try:
+                    nb = len(eng.scheduler.get_block_ids(rid))
+                    if nb:
+                        held += nb * eng.block_size
+                        stored += eng.scheduler.get_num_computed_tokens(rid)
+                except Exception:
+                    pass
+            if held:
+                waste.append(1.0 - stored / held)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, sum(seen.values()), times, waste
+
+
+def weight_bytes(eng) -> int:
+    """Bytes a decode step must read: every parameter except the input embedding (one row)."""
+    tot = 0
+    for name, p in eng.model.named_parameters():
+        if "embed_tokens" in name and not eng.arch.tie_word_embeddings:
+            continue
+        tot += p.numel() * p.element_size()
+    return tot
+
+
+def decode_gpu_time(eng, bs: int = 1) -> float | None:
+    gm = getattr(eng.runner, "graph_model", None)
+    if not gm or bs not in gm.graphs:
+        return None
+    g = gm.graphs[bs]
+    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+    g.replay()
+    s.record()
+    for _ in range(50):
+        g.replay()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / 50 / 1e3
+
+
+def profile(eng, ps, outs, path: str | None, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as tprof
+    with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(eng, ps, outs)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"\n===== {label}\n{table}\n")
+    print(f"# profile {label}\n{table[:4000]}")
+
+
+@guarded("8b")
+def bench_8b(out_dir: str | None) -> None:
+    eng = make_engine("llama3-8b")
+    V = eng.arch.vocab_size
+    wb = weight_bytes(eng)
+    prof_path = os.path.join(out_dir, "profiles.txt") if out_dir else None
+    run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)                         # warm-up
+    # batch-1 decode: 128-token prompt, 128 new (figure = new tokens / whole request time, as vLLM's)
+    dt, n, times, _ = run(eng, prompts(1, 128, 128, V), [128])
+    floor = wb / CEIL["bw"]
+    emit("8B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
+         f"vLLM (issue) {ISSUE_VLLM['bs1']}; {n / dt / ISSUE_VLLM['bs1']:.2f}x vLLM; weights {wb / 1e9:.2f} GB")
+    t = times["r0"]
+    itl = np.diff(t[2:])
+    emit("8B batch-1 decode step (median ITL)", round(float(np.median(itl)) * 1e3, 2), "ms", round(floor * 1e3, 2))
+    g = decode_gpu_time(eng, 1)
+    if g:
+        emit("8B batch-1 decode graph replay (GPU only)", round(g * 1e3, 2), "ms", round(floor * 1e3, 2),
+             f"host overhead per step {float(np.median(itl)) * 1e3 - g * 1e3:.2f} ms")
+    profile(eng, prompts(1, 128, 128, V), [16], prof_path, "8B batch-1: 128 prompt + 16 decode steps")
+    # time to first token, 1024-token prompt
+    ttfts = []
+    for rep in range(3):
+        dt, n, times, _ = run(eng, prompts(1, 1024, 1024, V, seed=3 + rep), [1])
+        ttfts.append(dt)
+    flops = 2 * (wb / 2) * 1024 + 4 * 1024 * 1024 / 2 * 4096 * 32
+    emit("8B TTFT 1024-token prompt", round(min(ttfts) * 1e3, 1), "ms", round(flops / CEIL["flops"] * 1e3, 1),
+         f"median {np.median(ttfts) * 1e3:.1f} ms; vLLM (issue) {ISSUE_VLLM['ttft']} ms")
+    profile(eng, prompts(1, 1024, 1024, V, seed=3), [1], prof_path, "8B prefill 1024")
+    # offline: 256 requests, prompts 64-512, 128 new
+    ps = prompts(256, 64, 512, V)
+    dt, n, _, waste = run(eng, ps, [128] * 256, kv_sample_every=8)
+    emit("8B offline 256 x (64-512 -> 128)", round(n / dt, 1), "out tok/s", None,
+         f"{dt:.2f} s; vLLM (issue) {ISSUE_VLLM['offline']}; {n / dt / ISSUE_VLLM['offline']:.2f}x vLLM")
+    if waste:
+        emit("KV memory waste (blocks held vs tokens stored)", round(100 * float(np.mean(waste)), 2), "%",
+             note=f"mean of {len(waste)} samples, max {100 * max(waste):.2f}%, block {eng.block_size}")
+    # outputs uniform 16-512
+    r = random.Random(5)
+    ps = prompts(256, 64, 512, V, seed=4)
+    outs = [r.randint(16, 512) for _ in ps]
+    dt, n, _, _ = run(eng, ps, outs)
+    cont = n / dt
+    emit("8B offline 256 x (64-512 -> 16-512)", round(cont, 1), "out tok/s", None,
+         f"{dt:.2f} s; vLLM (issue) {ISSUE_VLLM['varied']}; {cont / ISSUE_VLLM['varied']:.2f}x vLLM")
+    # continuous vs static policy, same engine, outputs uniform 16-512, batch cap 64
+    res = {}
+    for policy in ("fcfs", "static"):
+        set_scheduler(eng, policy=policy, max_num_seqs=64)
+        dt, n, _, _ = run(eng, ps, outs)
+        res[policy] = n / dt
+        emit(f"8B policy={policy} max_batch=64 (16-512 out)", round(n / dt, 1), "out tok/s", note=f"{dt:.1f} s")
+    emit("continuous / static throughput", round(res["fcfs"] / res["static"], 2), "x", note="target >= 3x")
+    # SplitFuse vs prefill_first, Poisson arrivals of 2k-token prompts
+    pois = {}
+    rng = np.random.default_rng(7)
+    N, rate = 64, 6.0
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, N)).tolist()
+    ps2 = prompts(N, 2048, 2048, V, seed=11)
+    outs2 = [128] * N
+    for label, kw in (("splitfuse", dict(policy="fcfs", enable_chunked_prefill=True, max_num_batched_tokens=512)),
+                      ("prefill_first", dict(policy="prefill_first", enable_chunked_prefill=False,
+                                             max_num_batched_tokens=8192))):
+        set_scheduler(eng, max_num_seqs=256, **kw)
+        dt, n, times, _ = run(eng, ps2, outs2, arrivals=arrivals)
+        itl = np.concatenate([np.diff(t[2:]) for t in times.values() if len(t) > 3])
+        pois[label] = (float(np.percentile(itl, 99)), n / dt)
+        emit(f"Poisson {rate}/s 2k prompts: {label} p99 ITL", round(pois[label][0] * 1e3, 1), "ms",
+             note=f"p50 {np.percentile(itl, 50) * 1e3:.1f} ms, {n / dt:.0f} out tok/s, {dt:.1f} s")
+    emit("SplitFuse vs prefill_first: p99 ITL ratio", round(pois["prefill_first"][0] / pois["splitfuse"][0], 2), "x",
+         note=f"throughput ratio {pois['splitfuse'][1] / pois['prefill_first'][1]:.3f} (target >= 2x, within 5%)")
+    del eng
+    torch.cuda.empty_cache()
+
+
+@guarded("1b")
+def bench_1b() -> None:
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    eng = make_engine("llama3.2-1b")
+    V = eng.arch.vocab_size
+    run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)
+    dt, n, times, _ = run(eng, prompts(1, 128, 128, V), [128])
+    floor = weight_bytes(eng) / CEIL["bw"]
+    emit("1B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
+         f"vLLM (issue) {ISSUE_VLLM['bs1_1b']}; {n / dt / ISSUE_VLLM['bs1_1b']:.2f}x vLLM")
+    g = decode_gpu_time(eng, 1)
+    itl = float(np.median(np.diff(times["r0"][2:])))
+    if g:
+        emit("1B batch-1 decode graph replay (GPU only)", round(g * 1e3, 3), "ms", round(floor * 1e3, 3),
+             f"median ITL {itl * 1e3:.3f} ms: host overhead {itl * 1e3 - g * 1e3:.3f} ms per step")
+
+
+@guarded("peers")
+def peers(path: str, out_dir: str | None) -> None:
+    res = subprocess.run([sys.executable, path, "llama3-8b"], capture_output=True, text=True, timeout=300)
+    if out_dir:
+        with open(os.path.join(out_dir, "hf_peers.log"), "w") as f:
+            f.write(res.stdout + res.stderr)
+    for line in res.stdout.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if d.get("figure") != "env":
+            emit(f"transformers peer: {d.get('model', '')} {d['figure']}", d.get("value"), note="same card")
+    if res.returncode:
+        emit("transformers peer: exit", res.returncode, note=res.stderr[-300:])
+
+
+def print_table() -> str:
+    lines = ["| figure | measured | unit | floor | note |", "| --- | --- | --- | --- | --- |"]
+    for r in ROWS:
+        lines.append(f"| {r['figure']} | {r['value']} | {r['unit']} | {'' if r['floor'] is None else r['floor']} "
+                     f"| {r['note']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global LOG
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sections", default="ceilings,tests,kernels,8b,1b,peers")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--hf-peers", default=None, help="path of hf_peers.py (transformers on the same card)")
+    args = ap.parse_args()
+    secs = set(args.sections.split(","))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        LOG = open(os.path.join(args.out, "bench_gpu.jsonl"), "w")
+    emit("env", f"{torch.cuda.get_device_name()} torch {torch.__version__} "
+                f"triton {__import__('triton').__version__} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if "ceilings" in secs:
+        ceilings()
+    if "tests" in secs:
+        run_tests(args.out)
+    if "kernels" in secs:
+        kernels()
+    if "8b" in secs:
+        bench_8b(args.out)
+    if "1b" in secs:
+        bench_1b()
+    if "peers" in secs and args.hf_peers:
+        peers(args.hf_peers, args.out)
+    table = print_table()
+    if args.out:
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table + "\n")
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
