@@ -535,6 +535,23 @@ def test_cancelled_streams_free_their_kv_blocks():
         assert stub.Generate(req("alive", max_tokens=2), timeout=30).completions[0].text == expected_text("alive", 2)
 
 
+def test_port_in_use_and_unreadable_tls_files_fail_clearly(tmp_path):
+    import socket
+
+    engine = FakeEngine()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = EngineConfig.from_dict({"server": {"grpc_port": port}})
+        with pytest.raises(OSError, match="server.grpc_port"):
+            build_grpc_server(AsyncLLM(engine, config, start=False), config, enable_kserve=False)
+    config = EngineConfig.from_dict({"server": {"grpc_port": 0, "tls_cert_file": str(tmp_path / "missing.pem"),
+                                                "tls_key_file": str(tmp_path / "missing.key")}})
+    with pytest.raises(ValueError, match="server.tls_key_file"):
+        build_grpc_server(AsyncLLM(engine, config, start=False), config, enable_kserve=False)
+
+
 # ---------------------------------------------------------------------- a fake-engine server process
 def serve_forever(argv: list[str]) -> None:
     """``python test_grpc_server.py [--api-key K] [--max-queued N] [--step-delay S] [--http]``: serves

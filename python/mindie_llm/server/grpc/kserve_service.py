@@ -104,9 +104,11 @@ class KServeServicer(pb2_grpc.GRPCInferenceServiceServicer):
             resp.parameters["triton_final_response"].bool_param = final
         return resp
 
-    async def _admit(self, request: Any) -> tuple[KServeRequest, AsyncIterator[Any], Any]:
+    async def _admit(self, request: Any, *, unary: bool = False) -> tuple[KServeRequest, AsyncIterator[Any], Any]:
         """Validates and admits; returns (decoded, generator, first output). Raises on error."""
         decoded, params = self._prepare(request)
+        if unary and decoded.stream:
+            raise RpcError(_INVALID, "stream: streaming needs ModelStreamInfer (a decoupled stream)")
         gen = self.llm.generate(decoded.prompt, params, new_request_id(), priority=decoded.priority)
         try:
             first = await gen.__anext__()
@@ -117,12 +119,9 @@ class KServeServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            decoded, gen, last = await self._admit(request)
+            _, gen, last = await self._admit(request, unary=True)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             await abort_with(context, e)
-        if decoded.stream:
-            await gen.aclose()
-            await context.abort(_INVALID, "stream: streaming needs ModelStreamInfer (a decoupled stream)")
         try:
             async for out in gen:
                 last = out
