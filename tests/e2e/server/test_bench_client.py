@@ -64,7 +64,8 @@ def test_bench_serve_writes_csv_json_and_png(fake_ports, protocol, tmp_path, cap
                                    "--out", str(out)))
     assert code == 0
     printed = capsys.readouterr().out
-    for words in ("Successful requests", "Median TTFT (ms)", "P99 TPOT (ms)", "P90 ITL (ms)", "Output token throughput"):
+    for words in ("Successful requests", "Median TTFT (ms)", "P99 TPOT (ms)", "P90 ITL (ms)",
+                  "Output token throughput"):
         assert words in printed
     rows = list(csv.DictReader(open(out / "requests.csv", encoding="utf-8")))
     assert len(rows) == 12 and all(r["success"] == "1" for r in rows)
