@@ -15,6 +15,7 @@ import queue
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,42 @@ def test_stream_false_gives_one_response(client):
     by_id = _stream(client, [("one", {"prompt": "q", "max_tokens": 5, "stream": False})])
     assert len(by_id["one"]) == 1
     assert by_id["one"][0].raw_output_contents[0][4:].decode() == expected_text("q", 5)
+
+
+def test_cancelled_stream_aborts_its_requests():
+    """tritonclient's stop_stream(cancel_requests=True) cancels the RPC: every request on it is
+    aborted and the KV blocks return (seen through mindie.v1 ModelInfo on the same server)."""
+    from mindie_llm.server.proto import mindie_generation_pb2 as gpb2
+    from mindie_llm.server.proto import mindie_generation_pb2_grpc as gpb2_grpc
+
+    proc, port = _start("--step-delay", "0.01")
+    try:
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            info = gpb2_grpc.GenerationServiceStub(ch).ModelInfo
+            baseline = info(gpb2.ModelInfoRequest(), timeout=10).num_free_kv_blocks
+            got: queue.Queue = queue.Queue()
+            c.start_stream(callback=lambda result, error: got.put((result, error)))
+            for i in range(16):
+                c.async_stream_infer(MODEL, [text_input(f"long {i}")], request_id=str(i),
+                                     parameters={"max_tokens": 400})
+            seen: set[str] = set()
+            while len(seen) < 16:
+                result, error = got.get(timeout=30)
+                assert error is None, error
+                seen.add(result.get_response().id)
+            assert info(gpb2.ModelInfoRequest(), timeout=10).num_free_kv_blocks < baseline
+            c.stop_stream(cancel_requests=True)
+            def free() -> int:
+                return info(gpb2.ModelInfoRequest(), timeout=10).num_free_kv_blocks
+
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and free() != baseline:
+                time.sleep(0.05)
+            assert free() == baseline
+        c.close()
+    finally:
+        _stop(proc)
 
 
 # ---------------------------------------------------------------------- malformed requests
