@@ -261,7 +261,8 @@ MALFORMED = [
     ("seed-out-of-range", _req(params={"seed": str(1 << 70)}), _I, "seed"),
     ("n-two", _req(params={"n": 2}), _I, "n"),
     ("too-many-stops", _req(params={"stop": json.dumps([f"s{i}" for i in range(40)])}), _I, "stop"),
-    ("stop-not-strings", _req(params={"stop": "[1, 2]"}), _I, "stop"),
+    ("stop-not-strings", _req(extra_inputs=[(_tensor("sampling_parameters", "BYTES"), _bytes1(b'{"stop": [1]}'))]),
+     _I, "stop"),
     ("stop-token-ids-json", _req(params={"stop_token_ids": "{nope"}), _I, "stop_token_ids"),
     ("unknown-parameter", _req(params={"frobnicate": 1}), _I, "frobnicate"),
     ("sequence-id", _req(params={"sequence_id": 3}), _I, "sequence_id"),
@@ -351,6 +352,11 @@ def test_decode_request_parameters_and_defaults():
     d = decode_request(r)
     assert d.prompt == "hi" and d.priority == 2 and d.stream is None
     assert d.sampling == {"max_tokens": 5, "temperature": 0.5, "stop": ["a", "b"], "ignore_eos": True}
+
+
+def test_stop_string_that_looks_like_json_is_literal():
+    assert decode_request(_req(b"hi", params={"stop": "[END]"})).sampling["stop"] == ["[END]"]
+    assert decode_request(_req(b"hi", params={"stop": '["x", "y"]'})).sampling["stop"] == ["x", "y"]
 
 
 def test_decode_request_contents_form():

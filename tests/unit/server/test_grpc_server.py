@@ -353,6 +353,7 @@ MALFORMED = [
     ("stop-too-long", "Generate", req(stop=["x" * 300]), _I, "stop"),
     ("stop-empty", "Generate", req(stop=[""]), _I, "stop"),
     ("stop-token-id-negative", "Generate", req(stop_token_ids=[-3]), _I, "stop_token_ids"),
+    ("stop-token-id-outside-vocab", "Generate", req(stop_token_ids=[1 << 40]), _I, "stop_token_ids"),
     ("logprobs-negative", "Generate", req(logprobs=-1), _I, "logprobs"),
     ("logprobs-over-limit", "Generate", req(logprobs=21), _I, "logprobs"),
     ("presence-penalty", "Generate", req(presence_penalty=3.0), _I, "presence_penalty"),

@@ -145,6 +145,10 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
         if not -(1 << 31) <= request.priority < (1 << 31):
             raise RpcError(_INVALID, f"priority: must fit in int32; got {request.priority}")
         params = sampling_params_from_proto(request.sampling, self.limits, request.HasField("sampling"))
+        vocab = int(getattr(self.llm.tokenizer, "vocab_size", _INT64_MAX))
+        bad = next((i for i in params.stop_token_ids or () if i >= vocab), None)
+        if bad is not None:
+            raise RpcError(_INVALID, f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {vocab})")
         return prompt, params
 
     async def _start(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[AsyncIterator[Any], Any]:

@@ -118,7 +118,14 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         return value
     if kind == "str_list":
         if isinstance(value, str) and value.startswith("["):
-            value = _json(value, name)
+            # A JSON list of strings (tritonclient has no list parameters); anything else that
+            # starts with "[" is a literal stop string such as "[END]".
+            try:
+                parsed = _json(value, name)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, list) and all(isinstance(s, str) for s in parsed):
+                return parsed
         if isinstance(value, str):
             return [value]
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
@@ -152,7 +159,7 @@ def _depth(obj: Any, limit: int) -> int:
 def _json(text: str, name: str) -> Any:
     # Reject deep nesting before parsing: json.loads recurses once per level.
     if max((text.count("["), text.count("{"))) > 4096:
-        raise ValueError(f"{name}: JSON is nested too deeply")
+        raise ValueError(f"{name}: JSON has too many brackets (nesting limit)")
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError):
