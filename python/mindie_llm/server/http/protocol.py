@@ -1,0 +1,139 @@
+# SPDX-License-Identifier: Apache-2.0
+"""OpenAI-compatible request bodies (pydantic) and their mapping to ``SamplingParams``.
+
+Owns the wire schema of ``/v1/completions`` and ``/v1/chat/completions``: unknown fields are
+refused (``extra="forbid"``), every numeric field is bounded here or by ``RequestLimits``.
+Must not import the engine loop, torch or FastAPI.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from mindie_llm.server.protocol_limits import RequestLimitError, RequestLimits
+
+__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "to_sampling_kwargs"]
+
+_INT64_MAX = (1 << 63) - 1
+Number = Union[StrictInt, StrictFloat]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields both endpoints share (OpenAI names, plus vLLM-style extensions)."""
+
+    model: StrictStr = Field(min_length=1, max_length=256)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=_INT64_MAX)
+    temperature: Number | None = Field(default=None, ge=0.0, le=100.0)
+    top_p: Number | None = Field(default=None, gt=0.0, le=1.0)
+    n: StrictInt = Field(default=1, ge=1, le=1 << 20)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(1 << 63), le=_INT64_MAX)
+    presence_penalty: Number | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Number | None = Field(default=None, ge=-2.0, le=2.0)
+    user: StrictStr | None = Field(default=None, max_length=256)
+    # Extensions (vLLM names), sent by the openai client through extra_body.
+    top_k: StrictInt | None = Field(default=None, ge=-1, le=1 << 20)
+    min_p: Number | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Number | None = Field(default=None, gt=0.0, le=10.0)
+    min_tokens: StrictInt | None = Field(default=None, ge=0, le=_INT64_MAX)
+    ignore_eos: StrictBool | None = None
+    stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=64)
+    skip_special_tokens: StrictBool | None = None
+    include_stop_str_in_output: StrictBool | None = None
+    priority: StrictInt = Field(default=0, ge=-(1 << 31), le=(1 << 31) - 1)
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``: one prompt (text or token ids)."""
+
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] = Field(
+        description="A string or a list of token ids; a list of strings must hold exactly one string")
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=1 << 20)
+
+
+class ChatContentPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr | list[ChatContentPart] | None = None
+    name: StrictStr | None = Field(default=None, max_length=256)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=_INT64_MAX)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=1 << 20)
+    add_generation_prompt: StrictBool = True
+
+
+def _resolve_max_tokens(req: _SamplingFields, default: int) -> tuple[int, str]:
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            raise RequestLimitError("max_completion_tokens", "conflicts with max_tokens; send one of them")
+        return req.max_completion_tokens, "max_completion_tokens"
+    if req.max_tokens is not None:
+        return req.max_tokens, "max_tokens"
+    return default, "max_tokens"
+
+
+def to_sampling_kwargs(req: CompletionRequest | ChatCompletionRequest, limits: RequestLimits,
+                       *, default_max_tokens: int) -> dict[str, Any]:
+    """Checks ``req`` against ``limits`` and returns keyword arguments for ``SamplingParams``.
+
+    Raises :class:`RequestLimitError` (a ValueError) naming the wire field.
+    """
+    max_tokens, max_tokens_name = _resolve_max_tokens(req, default_max_tokens)
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise RequestLimitError("top_logprobs", "needs logprobs set to true")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        logprobs_name = "top_logprobs"
+    else:
+        logprobs = req.logprobs
+        logprobs_name = "logprobs"
+    limits.check(n=req.n, max_tokens=max_tokens, stop=req.stop, logprobs=logprobs,
+                 names={"max_tokens": max_tokens_name, "logprobs": logprobs_name})
+    if req.stream_options is not None and not req.stream:
+        raise RequestLimitError("stream_options", "only allowed when stream is true")
+    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "logprobs": logprobs, "seed": req.seed}
+    optional = {
+        "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
+        "ignore_eos": req.ignore_eos, "stop_token_ids": req.stop_token_ids,
+        "skip_special_tokens": req.skip_special_tokens,
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+    }
+    for k, v in optional.items():
+        if v is not None:
+            kw[k] = float(v) if k in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                                      "repetition_penalty") else v
+    if req.stop is not None:
+        kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if kw.get("min_tokens", 0) > max_tokens:
+        raise RequestLimitError("min_tokens", f"must be <= {max_tokens_name} ({max_tokens})")
+    return kw

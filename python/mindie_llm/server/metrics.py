@@ -1,0 +1,102 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Prometheus metrics of one server, in its own ``CollectorRegistry``.
+
+Owns the metric names and how they are fed: request-level histograms and counters from
+``AsyncLLM`` request records (so HTTP and gRPC requests count alike), engine gauges read from
+``AsyncLLM.get_stats()`` at scrape time. Must not import torch or any web framework.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mindie_llm.engine.async_llm import RequestRecord
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    """Gauges and cumulative counters read from the engine's stats at scrape time."""
+
+    def __init__(self, async_llm: Any, model_name: str) -> None:
+        self._llm = async_llm
+        self._model = model_name
+
+    def collect(self) -> Iterator[Any]:
+        s = self._llm.get_stats()
+        labels = ["model_name"]
+        values = [self._model]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, float(value))
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, float(value))
+            return c
+
+        total = max(int(s.num_kv_blocks), 0)
+        free = int(s.num_free_kv_blocks)
+        queries = int(s.prefix_cache_queries)
+        yield gauge("mindie_num_requests_waiting", "Requests queued in the scheduler.", s.num_waiting)
+        yield gauge("mindie_num_requests_running", "Requests in the running batch.", s.num_running)
+        yield gauge("mindie_kv_blocks_total", "KV cache blocks in the pool (block 0 included).", total)
+        yield gauge("mindie_kv_blocks_free", "KV cache blocks free to allocate.", free)
+        yield gauge("mindie_kv_blocks_cached", "Free KV blocks still holding a cached prefix.",
+                    s.num_cached_kv_blocks)
+        yield gauge("mindie_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1).",
+                    (total - free) / total if total else 0.0)
+        yield gauge("mindie_prefix_cache_hit_rate", "Prefix-cache hits / queries since start (0..1).",
+                    int(s.prefix_cache_hits) / queries if queries else 0.0)
+        yield counter("mindie_prefix_cache_queries", "Prefix-cache lookups.", queries)
+        yield counter("mindie_prefix_cache_hits", "Prefix-cache lookups that hit.", s.prefix_cache_hits)
+        yield counter("mindie_num_preemptions", "Requests preempted (recompute) since start.", s.num_preemptions)
+        yield counter("mindie_prompt_tokens", "Prompt tokens processed since start.", s.num_prompt_tokens_total)
+        yield counter("mindie_generation_tokens", "Tokens generated since start.", s.num_generation_tokens_total)
+        yield gauge("mindie_engine_live", "1 while the engine loop makes progress.", 1.0 if self._llm.is_live() else 0.0)
+
+
+class ServerMetrics:
+    """All metrics of one server; :meth:`observe` is an ``AsyncLLM`` request listener."""
+
+    def __init__(self, async_llm: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        model = async_llm.model_name
+        self._model = model
+        self.requests = Counter("mindie_requests", "Requests by outcome (stop, length, abort, cancelled, "
+                                "rejected_invalid, rejected_queue_full, rejected_draining, error).",
+                                ["model_name", "outcome"], registry=self.registry)
+        self.ttft = Histogram("mindie_time_to_first_token_seconds", "Arrival to first generated token.",
+                              ["model_name"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("mindie_time_per_output_token_seconds",
+                              "Mean time between generated tokens of a request after the first.",
+                              ["model_name"], buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("mindie_e2e_request_latency_seconds", "Arrival to the request's end.",
+                             ["model_name"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(async_llm, model))
+        async_llm.add_listener(self.observe)
+
+    def observe(self, record: RequestRecord) -> None:
+        self.requests.labels(self._model, record.outcome).inc()
+        if record.outcome.startswith("rejected"):
+            return
+        if record.first_token_time is not None:
+            self.ttft.labels(self._model).observe(record.first_token_time - record.arrival_time)
+            if record.finished_time is not None and record.num_generation_tokens > 1:
+                self.tpot.labels(self._model).observe(
+                    (record.finished_time - record.first_token_time) / (record.num_generation_tokens - 1))
+        if record.finished_time is not None:
+            self.e2e.labels(self._model).observe(record.finished_time - record.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
