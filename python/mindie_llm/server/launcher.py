@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``mindie-llm serve``: one process serving HTTP (OpenAI) and gRPC from a YAML deployment.
+
+Owns start-up order (config -> ports -> model -> servers -> ready line), the one-line start-up
+errors with a non-zero exit, and shutdown: on SIGTERM/SIGINT ``/ready`` turns 503, new requests are
+refused, in-flight ones finish (up to ``server.drain_timeout_s``), then the process exits 0.
+
+Exit codes: 0 clean shutdown, 2 configuration error, 3 a port cannot be bound, 4 the model cannot
+be loaded, 1 anything else. Must not import torch directly (the engine does).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from typing import Any, Iterator, Sequence
+
+__all__ = ["build_arg_parser", "main", "load_config"]
+
+logger = logging.getLogger("mindie_llm.server")
+
+EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_OTHER = 2, 3, 4, 1
+
+
+class StartupError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mindie-llm serve",
+                                description="Serve a model over HTTP (OpenAI-compatible) and gRPC.")
+    p.add_argument("--config", "-c", default=None, help="deployment YAML (default: built-in defaults)")
+    p.add_argument("--set", dest="set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key of the YAML (repeatable), e.g. --set server.http_port=9000")
+    p.add_argument("--model", default=None, help="shortcut for --set model.path=...")
+    p.add_argument("--host", default=None, help="shortcut for --set server.host=...")
+    p.add_argument("--port", type=int, default=None, help="shortcut for --set server.http_port=...")
+    p.add_argument("--grpc-port", type=int, default=None, help="shortcut for --set server.grpc_port=...")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    """The deployment from ``--config`` and the overrides; raises ``ConfigError`` naming the key."""
+    from mindie_llm.config import EngineConfig
+
+    overrides = list(getattr(args, "set", None) or [])
+    for attr, key in (("model", "model.path"), ("host", "server.host"), ("port", "server.http_port"),
+                      ("grpc_port", "server.grpc_port")):
+        v = getattr(args, attr, None)
+        if v is not None:
+            overrides.append(f"{key}={v}")
+    if args.config:
+        return EngineConfig.from_yaml(args.config, overrides)
+    from mindie_llm.config import _apply_overrides
+
+    return EngineConfig.from_dict(_apply_overrides({}, overrides, None))
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    """A listening TCP socket on host:port (port 0 = any free port)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(EXIT_CONFIG, f"server.host: cannot resolve {host!r} ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise StartupError(EXIT_PORT, f"server.{what}: cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _check_tls(cfg: Any) -> None:
+    for key in ("tls_cert_file", "tls_key_file"):
+        path = getattr(cfg.server, key)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise StartupError(EXIT_CONFIG, f"server.{key}: cannot read {path!r} ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def _no_signal_capture() -> Iterator[None]:
+    yield
+
+
+async def _serve(cfg: Any) -> int:
+    import uvicorn
+
+    from mindie_llm.config import ConfigError
+    from mindie_llm.engine.async_llm import AsyncLLM
+    from mindie_llm.server.http.app import build_app
+    from mindie_llm.server.metrics import ServerMetrics
+
+    scfg = cfg.server
+    _check_tls(cfg)
+    http_sock = _bind(scfg.host, scfg.http_port, "http_port") if scfg.http_port >= 0 else None
+    grpc_server = None
+    llm = None
+    try:
+        if scfg.grpc_port >= 0 and scfg.grpc_port == scfg.http_port and scfg.grpc_port != 0:
+            raise StartupError(EXIT_CONFIG, "server.grpc_port: must differ from server.http_port")
+        try:
+            llm = await asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_config, cfg)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, RuntimeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StartupError(EXIT_MODEL, f"model: cannot load ({first})") from None
+        cfg = llm.config
+        metrics = ServerMetrics(llm)
+        grpc_addr = "off"
+        if scfg.grpc_port >= 0:
+            from mindie_llm.server.grpc import build_grpc_server
+
+            try:
+                grpc_server = build_grpc_server(llm, cfg)
+            except OSError as e:
+                raise StartupError(EXIT_PORT, f"server.grpc_port: cannot listen on {scfg.host}:{scfg.grpc_port} "
+                                   f"({e.strerror or e})") from None
+            except (ValueError, RuntimeError) as e:
+                raise StartupError(EXIT_PORT, f"server.grpc_port: {str(e).splitlines()[0]}") from None
+            await grpc_server.start()
+            grpc_addr = f"{scfg.host}:{getattr(grpc_server, 'bound_port', scfg.grpc_port)}"
+        http_server = None
+        http_addr = "off"
+        http_task = None
+        if http_sock is not None:
+            app = build_app(llm, cfg, metrics)
+            ucfg = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                  ssl_certfile=scfg.tls_cert_file, ssl_keyfile=scfg.tls_key_file,
+                                  timeout_graceful_shutdown=max(1, int(scfg.drain_timeout_s)) + 5)
+            http_server = uvicorn.Server(ucfg)
+            http_server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
+            http_task = asyncio.ensure_future(http_server.serve(sockets=[http_sock]))
+            while not http_server.started:
+                if http_task.done():
+                    http_task.result()
+                    raise StartupError(EXIT_PORT, "server.http_port: the HTTP server did not start")
+                await asyncio.sleep(0.01)
+            scheme = "https" if scfg.tls_cert_file else "http"
+            http_addr = f"{scheme}://{scfg.host}:{http_sock.getsockname()[1]}"
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"mindie-llm ready: http={http_addr} grpc={grpc_addr} model={llm.model_name} "
+              f"max_model_len={llm.max_model_len}", flush=True)
+        waiter = asyncio.ensure_future(stop.wait())
+        watch = {waiter} | ({http_task} if http_task else set())
+        await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        if http_task is not None and http_task.done() and not waiter.done():
+            http_task.result()
+            raise StartupError(EXIT_OTHER, "the HTTP server stopped unexpectedly")
+
+        # Drain: /ready -> 503 and new requests refused, in-flight ones finish.
+        llm.begin_drain()
+        print("mindie-llm draining: refusing new requests", flush=True)
+        drained = await llm.wait_drained(scfg.drain_timeout_s)
+        if not drained:
+            print(f"mindie-llm: drain timeout ({scfg.drain_timeout_s}s) reached; aborting the rest", flush=True)
+        if http_server is not None:
+            http_server.should_exit = True
+            await http_task
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
+            grpc_server = None
+        await llm.shutdown()
+        llm = None
+        print("mindie-llm stopped", flush=True)
+        return 0
+    finally:
+        if http_sock is not None:
+            http_sock.close()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=None)
+        if llm is not None:
+            await llm.shutdown()
+
+
+def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
+    """Entry of ``mindie-llm serve``; returns the process exit code."""
+    args = argv if isinstance(argv, argparse.Namespace) else build_arg_parser().parse_args(
+        list(argv) if argv is not None else None)
+    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "warning")).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mindie_llm.config import ConfigError
+
+    try:
+        cfg = load_config(args)
+    except ConfigError as e:
+        print(f"mindie-llm: configuration error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(_serve(cfg))
+    except StartupError as e:
+        print(f"mindie-llm: error: {e}", file=sys.stderr, flush=True)
+        return e.code
+    except ConfigError as e:
+        print(f"mindie-llm: configuration error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:  # one line, no traceback: start-up failures must read clearly
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"mindie-llm: error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+        return EXIT_OTHER
+
+
+if __name__ == "__main__":
+    sys.exit(main())
