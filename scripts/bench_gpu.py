@@ -125,8 +125,9 @@ def kernels() -> None:
     bf = torch.bfloat16
     dev = "cuda"
 
-    def bench(fn):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3   # s
+    def bench(fn):   # replayed from a CUDA graph: launch overhead out, as inside the decode graphs
+        fn()
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e-3   # s
 
     def row(name, secs, nbytes):
         floor = nbytes / bw
@@ -163,18 +164,41 @@ def kernels() -> None:
             row(f"paged_attention decode B={B} ctx={ctx} split_kv={split}",
                 bench(lambda: attention.paged_attention_raw(qq, kvc, qsl, sl, bt, B, 1, d ** -0.5, split_kv=split)),
                 nbytes)
-    # a 2048-token prefill chunk: compute-bound, floor from FLOPs
-    L = 2048
-    nblk = L // bs
-    kvc = torch.randn(2, nblk + 1, bs, hk, d, device=dev, dtype=bf)
-    bt = (torch.arange(nblk, device=dev, dtype=torch.int32) + 1)[None]
-    qq = torch.randn(L, hq, d, device=dev, dtype=bf)
-    qsl = torch.tensor([0, L], device=dev, dtype=torch.int32)
-    sl = torch.tensor([L], device=dev, dtype=torch.int32)
-    secs = bench(lambda: attention.paged_attention_raw(qq, kvc, qsl, sl, bt, 1, L, d ** -0.5))
-    flops = 4 * L * L / 2 * hq * d
-    emit("kernel paged_attention prefill L=2048 (causal)", round(secs * 1e6, 1), "us",
-         round(flops / CEIL["flops"] * 1e6, 1), f"{flops / secs / 1e12:.0f} TFLOP/s")
+    prefill_sweep(bench)
+
+
+def prefill_sweep(bench) -> None:
+    """Tile choices of the prefill attention (causal, one sequence, 8B heads); the fastest for the
+    1024-token prompt becomes attention.PREFILL_TILE for the engine sections that follow."""
+    from mindie_llm.backends.cuda import attention
+    hq, hk, d, bs, dev = 32, 8, 128, 16, "cuda"
+    best = {}
+    for L in (1024, 2048):
+        nblk = L // bs
+        kvc = torch.randn(2, nblk + 1, bs, hk, d, device=dev, dtype=torch.bfloat16)
+        bt = (torch.arange(nblk, device=dev, dtype=torch.int32) + 1)[None]
+        qq = torch.randn(L, hq, d, device=dev, dtype=torch.bfloat16)
+        qsl = torch.tensor([0, L], device=dev, dtype=torch.int32)
+        sl = torch.tensor([L], device=dev, dtype=torch.int32)
+        flops = 4 * L * L / 2 * hq * d
+        for bm in (64, 128):
+            for tn in (32, 64):
+                for nw in (4, 8):
+                    for st in (2, 3):
+                        cfg = {"block_m": bm, "tile_n": tn, "num_warps": nw, "num_stages": st}
+                        attention.PREFILL_TILE = cfg
+                        try:
+                            secs = bench(lambda: attention.paged_attention_raw(qq, kvc, qsl, sl, bt, 1, L, d ** -0.5))
+                        except Exception as e:  # e.g. out of shared memory
+                            print(f"# prefill tile {cfg}: {e!r}"[:200])
+                            continue
+                        print(f"# prefill L={L} {cfg}: {secs * 1e6:.1f} us", flush=True)
+                        if L not in best or secs < best[L][0]:
+                            best[L] = (secs, dict(cfg))
+        secs, cfg = best[L]
+        emit(f"kernel paged_attention prefill L={L} (causal, best tile)", round(secs * 1e6, 1), "us",
+             round(flops / CEIL["flops"] * 1e6, 1), f"{flops / secs / 1e12:.0f} TFLOP/s, {cfg}")
+    attention.PREFILL_TILE = best[1024][1]
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -310,13 +334,30 @@ def profile(eng, ps, outs, path: str | None, label: str) -> None:
     print(f"# profile {label}\n{table[:4000]}")
 
 
+def host_profile(eng, ps, outs, path: str | None) -> None:
+    """Where the host's time goes in engine steps (cProfile, cumulative)."""
+    import cProfile
+    import io
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    dt, n, _, _ = run(eng, ps, outs)
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(30)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"\n===== host cProfile: {len(ps)} requests x {outs[0]} new, {dt:.2f} s\n{buf.getvalue()}\n")
+
+
 @guarded("8b")
 def bench_8b(out_dir: str | None) -> None:
     eng = make_engine("llama3-8b")
     V = eng.arch.vocab_size
     wb = weight_bytes(eng)
     prof_path = os.path.join(out_dir, "profiles.txt") if out_dir else None
-    run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)                         # warm-up
+    run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)                         # warm-up (4 sequences)
+    run(eng, prompts(1, 100, 100, V, seed=8), [4])                            # warm-up (one sequence)
     # batch-1 decode: 128-token prompt, 128 new (figure = new tokens / whole request time, as vLLM's)
     dt, n, times, _ = run(eng, prompts(1, 128, 128, V), [128])
     floor = wb / CEIL["bw"]
@@ -338,7 +379,7 @@ def bench_8b(out_dir: str | None) -> None:
     flops = 2 * (wb / 2) * 1024 + 4 * 1024 * 1024 / 2 * 4096 * 32
     emit("8B TTFT 1024-token prompt", round(min(ttfts) * 1e3, 1), "ms", round(flops / CEIL["flops"] * 1e3, 1),
          f"median {np.median(ttfts) * 1e3:.1f} ms; vLLM (issue) {ISSUE_VLLM['ttft']} ms")
-    profile(eng, prompts(1, 1024, 1024, V, seed=3), [1], prof_path, "8B prefill 1024")
+    profile(eng, prompts(1, 1024, 1024, V, seed=20), [1], prof_path, "8B prefill 1024 (fresh prompt)")
     # offline: 256 requests, prompts 64-512, 128 new
     ps = prompts(256, 64, 512, V)
     dt, n, _, waste = run(eng, ps, [128] * 256, kv_sample_every=8)
@@ -347,6 +388,8 @@ def bench_8b(out_dir: str | None) -> None:
     if waste:
         emit("KV memory waste (blocks held vs tokens stored)", round(100 * float(np.mean(waste)), 2), "%",
              note=f"mean of {len(waste)} samples, max {100 * max(waste):.2f}%, block {eng.block_size}")
+    profile(eng, prompts(256, 64, 512, V, seed=21), [16] * 256, prof_path, "8B offline 256 x (64-512 -> 16)")
+    host_profile(eng, prompts(256, 64, 512, V, seed=22), [16] * 256, prof_path)
     # outputs uniform 16-512
     r = random.Random(5)
     ps = prompts(256, 64, 512, V, seed=4)
@@ -393,6 +436,7 @@ def bench_1b() -> None:
     eng = make_engine("llama3.2-1b")
     V = eng.arch.vocab_size
     run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)
+    run(eng, prompts(1, 100, 100, V, seed=8), [4])
     dt, n, times, _ = run(eng, prompts(1, 128, 128, V), [128])
     floor = weight_bytes(eng) / CEIL["bw"]
     emit("1B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
@@ -406,19 +450,25 @@ def bench_1b() -> None:
 
 @guarded("peers")
 def peers(path: str, out_dir: str | None) -> None:
-    res = subprocess.run([sys.executable, path, "llama3-8b"], capture_output=True, text=True, timeout=300)
-    if out_dir:
-        with open(os.path.join(out_dir, "hf_peers.log"), "w") as f:
-            f.write(res.stdout + res.stderr)
-    for line in res.stdout.splitlines():
+    import gc
+    gc.collect()                       # the engines (runner <-> graph wrapper cycles) and their pools
+    torch.cuda.empty_cache()
+    log = os.path.join(out_dir or "/tmp", "hf_peers.log")
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run([sys.executable, path, "llama3-8b"], stdout=f, stderr=subprocess.STDOUT,
+                                timeout=float(os.environ.get("HF_PEERS_TIMEOUT", "300"))).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    for line in open(log).read().splitlines():
         try:
             d = json.loads(line)
         except ValueError:
             continue
         if d.get("figure") != "env":
             emit(f"transformers peer: {d.get('model', '')} {d['figure']}", d.get("value"), note="same card")
-    if res.returncode:
-        emit("transformers peer: exit", res.returncode, note=res.stderr[-300:])
+    if rc:
+        emit("transformers peer: exit", rc, note="see hf_peers.log")
 
 
 def print_table() -> str:

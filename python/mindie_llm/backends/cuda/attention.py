@@ -24,6 +24,9 @@ __all__ = ["paged_attention", "paged_attention_raw", "NUM_SEGMENTS"]
 
 NUM_SEGMENTS = 16          # split-KV segments of the decode-only variant
 _SPLIT_MIN_SEQ_LEN = 512   # eager batches with a shorter longest context use the single-pass kernel
+# Tile of batches with prefill chunks (max_query_len > 1): rows of the M tile (query tokens x GQA
+# group), keys per step, warps and software-pipelining stages. Measured on an H100: docs/gpu_notes.md.
+PREFILL_TILE = {"block_m": 64, "tile_n": 32, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -102,7 +105,7 @@ def _q_tile(q_ptr, q_block_local, cur_q_start, q_len, kv_head, stride_qt, stride
     return q, query_pos, tok, head, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
 def _unified_attn_kernel(out_ptr, q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, scale, sliding_window,
                          num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_c0, stride_cn,
                          stride_cb, stride_ch, stride_bt, QPKV: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -249,17 +252,19 @@ def paged_attention_raw(query: torch.Tensor, kv_cache: torch.Tensor, query_start
         _split_kv_reduce_kernel[(T, hq)](out, part_out, part_m, part_l, out.stride(0), out.stride(1),
                                          HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEG=NUM_SEGMENTS, num_warps=4)
         return out
-    block_m = 16 if max_query_len <= max(1, 16 // qpkv) else 64
-    block_m = max(block_m, triton.next_power_of_2(qpkv))
+    small = max_query_len <= max(1, 16 // qpkv)                                 # decodes (and tiny chunks)
+    cfg = {"block_m": 16, "tile_n": 32 if ieee else 64, "num_warps": 4, "num_stages": 2} if small else PREFILL_TILE
+    block_m = max(cfg["block_m"], triton.next_power_of_2(qpkv))
     block_q = block_m // qpkv
-    tile_n = 32 if (ieee or block_m > 16) else 64
+    tile_n = 32 if ieee else cfg["tile_n"]
     grid = (T // block_q + num_seqs, hk)
     _unified_attn_kernel[grid](
         out, query, kv_cache, block_tables, seq_lens, query_start_loc, scale, window, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1),
         kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0), QPKV=qpkv, BLOCK_Q=block_q,
         BLOCK_M=block_m, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
-        USE_WINDOW=use_window, IEEE=ieee, UPCAST=upcast, num_warps=4)
+        USE_WINDOW=use_window, IEEE=ieee, UPCAST=upcast, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return out
 
 

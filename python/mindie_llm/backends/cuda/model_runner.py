@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mindie_llm.executor.input_batch import FlatBatch
-from mindie_llm.executor.model_runner import ModelRunner
+from mindie_llm.executor.model_runner import ModelRunner, RunnerOutput
 from mindie_llm.layers.attention import AttentionMetadata
 
 __all__ = ["CudaModelRunner", "CudaGraphDecodeModel", "graph_batch_sizes"]
@@ -39,7 +39,8 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
 
 class CudaGraphDecodeModel(nn.Module):
     """Wraps the model: ``forward`` replays a captured graph for decode-only batches, else runs the
-    model eagerly. ``compute_logits`` and everything else go to the wrapped model."""
+    model eagerly. A graph holds the forward, the logits of every row and their argmax (greedy
+    tokens), so that a greedy decode step is one replay and one copy to the host."""
 
     def __init__(self, model: nn.Module, runner: "CudaModelRunner", batch_sizes: Sequence[int],
                  num_kv_heads: int, max_model_len: int) -> None:
@@ -50,7 +51,9 @@ class CudaGraphDecodeModel(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}     # [bs, H] hidden states
+        self.logits: dict[int, torch.Tensor] = {}      # [bs, V] float32
+        self.greedy: dict[int, torch.Tensor] = {}      # [bs] int64 argmax of the logits
         self.num_replays = 0
         dev = runner.device
         self._arange = torch.arange(max(self.batch_sizes) + 1, dtype=torch.int32, device=dev)
@@ -93,9 +96,13 @@ class CudaGraphDecodeModel(nn.Module):
             torch.cuda.synchronize(r.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.inner(*args)          # [bs, H]
+                hidden = self.inner(*args)                       # [bs, H]
+                logits = self.inner.compute_logits(hidden)       # [bs, V] float32
+                greedy = logits.argmax(dim=-1)                   # [bs]
             self.graphs[bs] = graph
-            self.outputs[bs] = out
+            self.outputs[bs] = hidden
+            self.logits[bs] = logits
+            self.greedy[bs] = greedy
         torch.cuda.synchronize(r.device)
         return time.perf_counter() - t0
 
@@ -104,6 +111,15 @@ class CudaGraphDecodeModel(nn.Module):
             if bs >= n:
                 return bs if bs in self.graphs else None
         return None
+
+    def replay(self, n: int) -> int:
+        """Replays the bucket of a decode batch of ``n`` whose inputs the runner has staged (padded)."""
+        bs = self._bucket(n)
+        assert bs is not None and self.runner.padded_batch_size == bs, (n, bs, self.runner.padded_batch_size)
+        self.runner.padded_batch_size = 0
+        self.graphs[bs].replay()
+        self.num_replays += 1
+        return bs
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -163,6 +179,52 @@ class CudaModelRunner(ModelRunner):
             self.model = self.graph_model
             logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_model.graphs),
                         self.graph_capture_s)
+
+    def _graph_step_kind(self, out: Any) -> str | None:
+        """"greedy" (one replay, argmax in the graph), "sample" (replay, then the Sampler on the
+        graph's logits) or None (the eager path) for a SchedulerOutput, judged before its diffs."""
+        gm = self.graph_model
+        n = len(out.req_ids)
+        if gm is None or n == 0 or gm._bucket(n) is None:
+            return None
+        nsched = np.asarray(out.num_scheduled_tokens)
+        if not (nsched == 1).all() or not np.asarray(out.sample_mask).all():
+            return None
+        greedy = True
+        ncomp = np.asarray(out.num_computed_tokens).tolist()
+        for rid, nc in zip(np.asarray(out.req_ids).tolist(), ncomp):
+            st = self.batch.requests.get(rid)
+            if st is None or (st.want_prompt_logprobs and nc < st.num_prompt - 1):
+                return None
+            p = st.params
+            if greedy and (p.temperature > 0 or p.logprobs is not None or p.presence_penalty
+                           or p.frequency_penalty or p.repetition_penalty != 1.0
+                           or (len(st.output_token_ids) < p.min_tokens
+                               and (p.stop_token_ids or not p.ignore_eos))):
+                greedy = False
+        return "greedy" if greedy else "sample"
+
+    @torch.inference_mode()
+    def execute(self, out: Any) -> RunnerOutput:
+        kind = self._graph_step_kind(out)
+        if kind is None:
+            return super().execute(out)
+        self.batch.apply_diffs(out)
+        fb = self.batch.build(out)
+        self._prepare(fb)
+        n = fb.input_ids.shape[0]
+        bs = self.graph_model.replay(n)
+        result = RunnerOutput(fb.sample_req_ids, np.zeros(0, np.int32))
+        if kind == "greedy":
+            sampled = self.graph_model.greedy[bs][:n].to("cpu", torch.int32).numpy()     # the host sync
+        else:
+            so = self.sampler(self.graph_model.logits[bs][:n], self._sampling_metadata(fb.sample_states))
+            sampled = so.sampled.to("cpu", torch.int32).numpy()
+            self._collect_logprobs(fb.sample_states, so, sampled, result)
+        result.sampled_token_ids = sampled
+        for st, t in zip(fb.sample_states, sampled.tolist()):
+            st.output_token_ids.append(t)
+        return result
 
     def _prepare(self, fb: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         T, B = fb.input_ids.shape[0], fb.seq_lens.shape[0]
