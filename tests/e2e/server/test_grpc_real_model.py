@@ -4,9 +4,8 @@ CPU): the generated mindie.v1 stubs and the official ``tritonclient[grpc]`` clie
 
 Oracles: streaming and unary text are identical for the same seed; the KServe and mindie.v1 front
 ends give the same greedy text; Tokenize/Detokenize round-trip; the KV pool returns to its idle free
-count after cancelled streams. The server runs in its own process (this file, ``--serve``): it loads
-the model once for the module, and our ``inference.*`` stubs never meet tritonclient's in one
-process. Tiny max_tokens keep it within a couple of minutes on 2 cores.
+count after cancelled streams. The server runs in its own process (this file, ``--serve``) and
+loads the model once for the module. Tiny max_tokens keep it within a couple of minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -49,7 +48,7 @@ def _serve(argv: list[str]) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
-    # Serve before importing tritonclient: its inference.* stubs must not share this process.
+    # The server process needs none of the test-only imports below.
     _serve(sys.argv[2:])
     sys.exit(0)
 

@@ -3,9 +3,7 @@
 client, against a server process running the fake engine of test_grpc_server.py.
 
 Oracle: the fake engine's rule (``expected_text`` in test_grpc_server.py), computable by hand.
-The server runs in its own process because tritonclient's stubs and ours define the same
-``inference.*`` messages, which cannot share one process's descriptor pool. Nothing here imports
-mindie_llm.server.grpc.kserve_service.
+The server runs in its own process, as a real deployment does (SIGTERM exits it with code 0).
 """
 from __future__ import annotations
 

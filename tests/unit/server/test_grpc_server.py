@@ -6,9 +6,8 @@ Oracle: the fake engine's rule, computable by hand (:func:`expected_text`): prom
 character codes; each step appends ``(last + 1) % 26 + 97`` to every running sample. KV accounting
 is exact (``ceil(len / block_size)`` blocks per running sample), so leaks are visible.
 
-The KServe service is left out here (enable_kserve=False): its ``inference.*`` messages would clash
-with tritonclient's in one test process; tests/e2e/server/test_kserve_*.py cover it against a real
-server process.
+The KServe service is covered by test_grpc_kserve.py (with tritonclient, against this file run as a
+server process) and here only by the check that it shares a process with tritonclient.
 """
 from __future__ import annotations
 
@@ -190,7 +189,7 @@ def serve(engine: FakeEngine | None = None, **server):
 
     async def main() -> None:
         llm = AsyncLLM(engine, config)
-        srv = build_grpc_server(llm, config, enable_kserve=False)
+        srv = build_grpc_server(llm, config)
         await srv.start()
         holder.update(llm=llm, srv=srv, port=srv.bound_port, stop=asyncio.Event())
         started.set()
@@ -300,6 +299,26 @@ def test_health_and_reflection(server):
                                               timeout=5))
         names = {s.name for s in answers[0].list_services_response.service}
         assert {"mindie.v1.GenerationService", "grpc.health.v1.Health"} <= names
+
+
+def test_kserve_and_tritonclient_share_one_process(server):
+    """Our inference.* messages live in a private descriptor pool, so importing tritonclient next to
+    the server works, and reflection still describes the KServe service."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import numpy as np
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    inp = grpcclient.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"abc"], dtype=np.object_))
+    res = c.infer("fake-model", [inp], parameters={"max_tokens": 3})
+    assert res.as_numpy("text_output")[0].decode() == expected_text("abc", 3)
+    c.close()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        ans = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="inference.GRPCInferenceService")]), timeout=5))
+        assert ans[0].file_descriptor_response.file_descriptor_proto
 
 
 def test_health_not_serving_while_draining():
@@ -558,8 +577,7 @@ def serve_forever(argv: list[str]) -> None:
     """``python test_grpc_server.py [--api-key K] [--max-queued N] [--step-delay S] [--http]``: serves
     the fake engine over gRPC (with the KServe service) on a free port, prints ``PORT <n>`` (and with
     ``--http`` also the OpenAI HTTP app, ``HTTP_PORT <n>`` first), runs until SIGTERM.
-    test_grpc_kserve.py uses it, so that tritonclient's stubs and ours live in different processes;
-    test_bench_client.py uses it as a quick server for both protocols."""
+    test_grpc_kserve.py and test_bench_client.py use it as a quick server process."""
     import argparse
     import signal
     import sys

@@ -4,7 +4,8 @@
 Owns liveness/readiness/metadata answers, ModelInfer (one response with the whole text) and
 ModelStreamInfer (decoupled: one response per text delta, ``triton_final_response`` marks the last
 one; errors of one request come back as ``error_message`` while the stream stays open). Request
-decoding lives in kserve_params.py.
+decoding lives in kserve_params.py; the message classes come from a private descriptor pool
+(kserve_stubs.py) so that this module and tritonclient can share a process.
 
 Must not import torch or the model code; talks to the engine only through AsyncLLM.
 """
@@ -17,8 +18,9 @@ from typing import Any, AsyncIterator
 import grpc
 
 from mindie_llm.sampling_params import SamplingParams
-from mindie_llm.server.grpc.common import DeltaTracker, load_stubs, new_request_id, timings_ns
+from mindie_llm.server.grpc.common import DeltaTracker, new_request_id, timings_ns
 from mindie_llm.server.grpc.errors import RpcError, abort_with, status_for
+from mindie_llm.server.grpc.kserve_stubs import load_kserve_messages
 from mindie_llm.server.grpc.kserve_params import (INPUT_SAMPLING, INPUT_STREAM, INPUT_TEXT, OUTPUT_TEXT,
                                                   KServeRequest, decode_request, serialize_bytes_tensor)
 from mindie_llm.server.protocol_limits import RequestLimits
@@ -27,7 +29,7 @@ __all__ = ["KServeServicer", "SERVICE_NAME"]
 
 logger = logging.getLogger(__name__)
 
-pb2, pb2_grpc = load_stubs("kserve_grpc_service")
+pb2 = load_kserve_messages()   # a private descriptor pool: see kserve_stubs.py
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -35,7 +37,7 @@ _VERSION = "1"
 _MAX_STREAM_REQUESTS = 256   # concurrent requests on one ModelStreamInfer stream
 
 
-class KServeServicer(pb2_grpc.GRPCInferenceServiceServicer):
+class KServeServicer:
     """inference.GRPCInferenceService over one AsyncLLM."""
 
     def __init__(self, async_llm: Any, config: Any):

@@ -227,8 +227,7 @@ def build_grpc_server(async_llm: Any, config: Any, *, enable_kserve: bool = True
     """A grpc.aio server bound to ``server.host:server.grpc_port`` (TLS when configured), not yet
     started. The bound port (useful with grpc_port=0) is ``server.bound_port``.
 
-    ``enable_kserve=False`` leaves out the KServe service (its ``inference.*`` messages clash with
-    those of tritonclient's own stubs when both live in one process, as in a test process).
+    ``enable_kserve=False`` leaves out the KServe service.
     Raises ValueError for unreadable TLS files and OSError when the port cannot be bound.
     """
     from grpc_reflection.v1alpha import reflection
@@ -261,7 +260,12 @@ def build_grpc_server(async_llm: Any, config: Any, *, enable_kserve: bool = True
         names.append(KSERVE_NAME)
     server.add_generic_rpc_handlers(tuple(handlers))
     health_pb2_grpc.add_HealthServicer_to_server(_HealthServicer(async_llm, names), server)
-    reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from mindie_llm.server.grpc.kserve_stubs import reflection_pool
+
+    pool = reflection_pool(gen_pb2, health_pb2, reflection_pb2, include_kserve=enable_kserve)
+    reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server, pool=pool)
 
     address = _address(scfg.host, scfg.grpc_port)
     try:
