@@ -365,7 +365,8 @@ def bench_8b(out_dir: str | None) -> None:
          f"vLLM (issue) {ISSUE_VLLM['bs1']}; {n / dt / ISSUE_VLLM['bs1']:.2f}x vLLM; weights {wb / 1e9:.2f} GB")
     t = times["r0"]
     itl = np.diff(t[2:])
-    emit("8B batch-1 decode step (median ITL)", round(float(np.median(itl)) * 1e3, 2), "ms", round(floor * 1e3, 2))
+    emit("8B batch-1 decode step (median ITL)", round(float(np.median(itl)) * 1e3, 2), "ms", round(floor * 1e3, 2),
+         f"{getattr(eng.runner, 'num_overlapped_steps', 0)} steps so far overlapped with the host")
     g = decode_gpu_time(eng, 1)
     if g:
         emit("8B batch-1 decode graph replay (GPU only)", round(g * 1e3, 2), "ms", round(floor * 1e3, 2),

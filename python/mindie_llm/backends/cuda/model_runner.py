@@ -1,12 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CudaModelRunner: the executor's ModelRunner with CUDA graphs for decode batches and pinned
-host staging for the per-step host-to-device copies.
+"""CudaModelRunner: the executor's ModelRunner with CUDA graphs for decode batches, pinned host
+staging for the per-step host-to-device copies, and the next greedy decode overlapped with the
+host's work on the current one.
 
 Decode-only steps (every request computes one token) of up to ``cuda_graph_max_batch_size``
 requests replay a graph captured at start-up for the smallest bucket that holds them; the rows past
 the real batch are padding (slot -1: no KV write; one-token context; outputs ignored). The graphs
 run on the runner's persistent device buffers, so a replay needs no copy beyond ``_prepare``'s.
 Prefill and mixed steps run eagerly through the same Triton kernels.
+
+Overlap: after queueing a greedy decode replay, the runner queues the *next* decode of the same
+batch with its inputs advanced on the GPU (``_speculate``), then waits only for the first. When
+the engine's next SchedulerOutput is exactly that step (same requests, positions, tokens, no new
+blocks) its tokens are already on the way; otherwise it is dropped (its K/V writes land in slots
+the requests own and are rewritten before any read) and the step runs normally.
 
 Must not import the engine or the scheduler; imports the executor's runner (one layer down from
 the engine) and the model-facing AttentionMetadata.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -143,6 +151,19 @@ class CudaGraphDecodeModel(nn.Module):
         return self.outputs[bs][:n]
 
 
+@dataclass
+class _InFlight:
+    """A greedy decode replay queued on the GPU whose tokens the host has not read yet."""
+
+    req_ids: np.ndarray          # [n] int64, batch order
+    ncomp: np.ndarray            # [n] int64: num_computed_tokens of the step
+    states: list                 # RequestState of each row
+    n: int
+    bs: int                      # graph bucket
+    host: torch.Tensor           # [n] int64 pinned, valid once ``event`` has completed
+    event: torch.cuda.Event
+
+
 class CudaModelRunner(ModelRunner):
     """ModelRunner + CUDA graphs for decode batches + pinned staging of the step's host arrays."""
 
@@ -168,6 +189,13 @@ class CudaModelRunner(ModelRunner):
         self._np64, self._np32 = self._pin64.numpy(), self._pin32.numpy()
         self._staged: torch.cuda.Event | None = None
         self.padded_batch_size = 0
+        self.max_model_len = max_model_len
+        self.enable_overlap = enable_cuda_graph     # speculative next decode (needs the graphs)
+        self.num_overlapped_steps = 0
+        self._inflight: _InFlight | None = None
+        self._last_sampled: np.ndarray | None = None
+        self._tok_pin = torch.empty((2, max(max_num_seqs, 1)), dtype=torch.int64, pin_memory=True)
+        self._tok_slot = 0
         self.graph_model: CudaGraphDecodeModel | None = None
         self.graph_capture_s = 0.0
         if enable_cuda_graph:
@@ -206,25 +234,82 @@ class CudaModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute(self, out: Any) -> RunnerOutput:
-        kind = self._graph_step_kind(out)
-        if kind is None:
-            return super().execute(out)
-        self.batch.apply_diffs(out)
-        fb = self.batch.build(out)
-        self._prepare(fb)
-        n = fb.input_ids.shape[0]
-        bs = self.graph_model.replay(n)
-        result = RunnerOutput(fb.sample_req_ids, np.zeros(0, np.int32))
-        if kind == "greedy":
-            sampled = self.graph_model.greedy[bs][:n].to("cpu", torch.int32).numpy()     # the host sync
+        spec, self._inflight = self._inflight, None
+        if spec is not None and self._matches(spec, out):
+            self.batch.apply_diffs(out)                 # no block changes: finished ids of others only
+            cur = spec
+            self.num_overlapped_steps += 1
         else:
-            so = self.sampler(self.graph_model.logits[bs][:n], self._sampling_metadata(fb.sample_states))
-            sampled = so.sampled.to("cpu", torch.int32).numpy()
-            self._collect_logprobs(fb.sample_states, so, sampled, result)
-        result.sampled_token_ids = sampled
-        for st, t in zip(fb.sample_states, sampled.tolist()):
+            kind = self._graph_step_kind(out)
+            if kind is None:
+                return super().execute(out)
+            self.batch.apply_diffs(out)
+            fb = self.batch.build(out)
+            self._prepare(fb)
+            n = fb.input_ids.shape[0]
+            if kind == "sample":
+                bs = self.graph_model.replay(n)
+                result = RunnerOutput(fb.sample_req_ids, np.zeros(0, np.int32))
+                so = self.sampler(self.graph_model.logits[bs][:n], self._sampling_metadata(fb.sample_states))
+                sampled = so.sampled.to("cpu", torch.int32).numpy()                      # the host sync
+                self._collect_logprobs(fb.sample_states, so, sampled, result)
+                result.sampled_token_ids = sampled
+                for st, t in zip(fb.sample_states, sampled.tolist()):
+                    st.output_token_ids.append(t)
+                return result
+            bs = self.graph_model.replay(n)
+            cur = self._greedy_launched(fb.sample_req_ids, np.asarray(out.num_computed_tokens, np.int64),
+                                        fb.sample_states, n, bs)
+        # Queue the next decode of the same batch behind this one, so that the GPU computes it while
+        # the host returns the tokens, updates the scheduler and schedules (used if it matches).
+        self._inflight = self._speculate(cur)
+        cur.event.synchronize()                                                       # the host sync
+        sampled = cur.host.numpy().astype(np.int32)
+        self._last_sampled = sampled
+        for st, t in zip(cur.states, sampled.tolist()):
             st.output_token_ids.append(t)
-        return result
+        return RunnerOutput(cur.req_ids, sampled)
+
+    def _greedy_launched(self, req_ids: np.ndarray, ncomp: np.ndarray, states: list, n: int,
+                         bs: int) -> "_InFlight":
+        """Tokens of the replay just queued: copied to a pinned buffer behind it, with an event."""
+        host = self._tok_pin[self._tok_slot, :n]
+        self._tok_slot ^= 1                             # two steps can be in flight
+        host.copy_(self.graph_model.greedy[bs][:n], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _InFlight(req_ids, ncomp, states, n, bs, host, event)
+
+    def _speculate(self, cur: "_InFlight") -> "_InFlight | None":
+        """Replays the next greedy decode of ``cur``'s batch with its inputs advanced on the GPU
+        (tokens = this step's argmax, positions, slots and lengths + 1), when the next token stays
+        in each request's current block (no new block id needed) and stays greedy. Its K/V writes
+        go to slots the requests own, so a discarded speculation leaves nothing wrong behind."""
+        nxt = cur.ncomp + 1
+        if not self.enable_overlap or ((nxt % self.block_size) == 0).any() or (nxt + 1 > self.max_model_len).any():
+            return None
+        for st in cur.states:
+            p = st.params
+            if len(st.output_token_ids) + 1 < p.min_tokens and (p.stop_token_ids or not p.ignore_eos):
+                return None
+        n, bs = cur.n, cur.bs
+        self.input_ids_buf[:n].copy_(self.graph_model.greedy[bs][:n])
+        self.positions_buf[:n] += 1
+        self.slot_mapping_buf[:n] += 1
+        self.seq_lens_buf[:n] += 1
+        self.padded_batch_size = bs
+        self.graph_model.replay(n)
+        return self._greedy_launched(cur.req_ids, nxt, cur.states, n, bs)
+
+    def _matches(self, spec: "_InFlight", out: Any) -> bool:
+        """Is ``out`` exactly the step that ``spec`` computes?"""
+        return (len(out.req_ids) == spec.n and np.array_equal(np.asarray(out.req_ids), spec.req_ids)
+                and np.array_equal(np.asarray(out.num_computed_tokens, np.int64), spec.ncomp)
+                and (np.asarray(out.num_scheduled_tokens) == 1).all() and np.asarray(out.sample_mask).all()
+                and len(out.new_block_ids) == 0 and not np.asarray(out.block_table_reset).any()
+                and self._last_sampled is not None
+                and np.array_equal(np.asarray(out.input_token_ids, np.int64), self._last_sampled.astype(np.int64))
+                and all(int(r) in self.batch.requests for r in spec.req_ids))
 
     def _prepare(self, fb: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         T, B = fb.input_ids.shape[0], fb.seq_lens.shape[0]

@@ -40,29 +40,40 @@ def _prompts(seed: int = 0) -> list[list[int]]:
 
 class MiniScheduler:
     """Contract-2 outputs for a fixed set of requests: one step of whole-prompt prefills (one mixed
-    chunk batch), then decode steps; each request holds consecutive blocks from the start."""
+    chunk batch), then decode steps; each request holds consecutive blocks from the start. With
+    ``finish_at={step: index}`` a request leaves the batch at that step (finished_ids)."""
 
-    def __init__(self, prompts: list[list[int]], max_new: int):
+    def __init__(self, prompts: list[list[int]], max_new: int, finish_at: dict[int, int] | None = None):
         self.prompts, self.max_new, self.step_no = prompts, max_new, 0
+        self.finish_at = dict(finish_at or {})
         need = [-(-(len(p) + max_new) // BLOCK) for p in prompts]
         starts = np.cumsum([1] + need[:-1])                     # block 0 is the null block
         self.blocks = [list(range(s, s + n)) for s, n in zip(starts, need)]
         self.num_blocks = int(starts[-1] + need[-1])
-        self.last: list[int] = []
+        self.active = list(range(len(prompts)))
+        self.last: list[int] = []                               # sampled tokens of the last step, batch order
 
     def schedule(self) -> SimpleNamespace:
-        B = len(self.prompts)
-        ids = np.arange(1, B + 1, dtype=np.int64)
+        finished = []
+        if self.step_no in self.finish_at:
+            i = self.finish_at[self.step_no]
+            keep = [k for k, a in enumerate(self.active) if a != i]
+            self.last = [self.last[k] for k in keep]
+            self.active = [self.active[k] for k in keep]
+            finished = [i + 1]
+        act = self.active
+        B = len(act)
+        ids = np.asarray([a + 1 for a in act], dtype=np.int64)
         if self.step_no == 0:
-            nsched = np.array([len(p) for p in self.prompts], np.int32)
+            nsched = np.array([len(self.prompts[a]) for a in act], np.int32)
             ncomp = np.zeros(B, np.int32)
-            tokens = np.concatenate([np.asarray(p, np.int32) for p in self.prompts])
+            tokens = np.concatenate([np.asarray(self.prompts[a], np.int32) for a in act])
             reset = np.ones(B, bool)
-            offs = np.concatenate([[0], np.cumsum([len(b) for b in self.blocks])]).astype(np.int32)
-            new_ids = np.concatenate([np.asarray(b, np.int32) for b in self.blocks])
+            offs = np.concatenate([[0], np.cumsum([len(self.blocks[a]) for a in act])]).astype(np.int32)
+            new_ids = np.concatenate([np.asarray(self.blocks[a], np.int32) for a in act])
         else:
             nsched = np.ones(B, np.int32)
-            ncomp = np.array([len(p) + self.step_no - 1 for p in self.prompts], np.int32)
+            ncomp = np.array([len(self.prompts[a]) + self.step_no - 1 for a in act], np.int32)
             tokens = np.asarray(self.last, np.int32)
             reset = np.zeros(B, bool)
             offs = np.zeros(B + 1, np.int32)
@@ -71,17 +82,17 @@ class MiniScheduler:
         e = np.zeros(0, np.int64)
         return SimpleNamespace(req_ids=ids, num_scheduled_tokens=nsched, num_computed_tokens=ncomp,
                                input_token_ids=tokens, sample_mask=np.ones(B, bool), block_table_reset=reset,
-                               new_block_offsets=offs, new_block_ids=new_ids, preempted_ids=e, finished_ids=e,
-                               num_batched_tokens=int(nsched.sum()))
+                               new_block_offsets=offs, new_block_ids=new_ids, preempted_ids=e,
+                               finished_ids=np.asarray(finished, np.int64), num_batched_tokens=int(nsched.sum()))
 
 
 def _greedy(runner_cls, model, device: str, max_new: int = 20, params: dict | None = None,
-            **kw) -> tuple[np.ndarray, object]:
+            finish_at: dict[int, int] | None = None, **kw) -> tuple[np.ndarray, object]:
     from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches
     from mindie_llm.sampling_params import SamplingParams
 
     prompts = _prompts()
-    sched = MiniScheduler(prompts, max_new)
+    sched = MiniScheduler(prompts, max_new, finish_at)
     dtype = next(model.parameters()).dtype
     hd = ARCH["hidden_size"] // ARCH["num_attention_heads"]
     spec = KVCacheSpec(ARCH["num_hidden_layers"], ARCH["num_key_value_heads"], hd, BLOCK, dtype)
@@ -92,12 +103,14 @@ def _greedy(runner_cls, model, device: str, max_new: int = 20, params: dict | No
     for i, p in enumerate(prompts):
         sp = dict(temperature=0.0, max_tokens=max_new, ignore_eos=True, **(params or {}))
         runner.add_request(i + 1, p, SamplingParams(**sp), seed=i)
-    out = []
+    out = {i + 1: [] for i in range(len(prompts))}
     for _ in range(max_new):
         res = runner.execute(sched.schedule())
         sched.last = res.sampled_token_ids.tolist()
-        out.append(res.sampled_token_ids)
-    return np.stack(out, axis=1), runner                       # [B, max_new]
+        for rid, t in zip(res.req_ids.tolist(), sched.last):
+            out[rid].append(t)
+    n = max(len(v) for v in out.values())
+    return np.array([v + [-1] * (n - len(v)) for v in out.values()]), runner   # [B, max_new], -1 after finish
 
 
 def test_greedy_tokens_identical_to_cpu_reference_fp32():
@@ -109,9 +122,24 @@ def test_greedy_tokens_identical_to_cpu_reference_fp32():
     graph_tokens, runner = _greedy(CudaModelRunner, model, "cuda", enable_cuda_graph=True,
                                    cuda_graph_max_batch_size=8)
     assert runner.graph_model is not None and runner.graph_model.num_replays >= 19   # decodes were replayed
+    assert runner.num_overlapped_steps >= 10          # most decodes were the speculated next step
     eager_tokens, _ = _greedy(CudaModelRunner, model, "cuda", enable_cuda_graph=False)
     np.testing.assert_array_equal(eager_tokens, ref)
     np.testing.assert_array_equal(graph_tokens, ref)
+
+
+def test_overlap_dropped_when_the_batch_changes():
+    """Requests leave the batch mid-way (a speculated step no longer matches): tokens still equal
+    the CPU reference's for the same schedule."""
+    from mindie_llm.backends.cuda.model_runner import CudaModelRunner
+    from mindie_llm.executor.model_runner import ModelRunner
+
+    finish_at = {5: 2, 9: 0}
+    ref, _ = _greedy(ModelRunner, _load("cpu", "float32"), "cpu", finish_at=finish_at)
+    out, runner = _greedy(CudaModelRunner, _load("cuda", "float32"), "cuda", finish_at=finish_at,
+                          enable_cuda_graph=True, cuda_graph_max_batch_size=8)
+    assert runner.num_overlapped_steps >= 5
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_sampling_path_graph_matches_eager():
