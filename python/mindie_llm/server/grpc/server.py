@@ -12,6 +12,7 @@ Must not import torch or the model code.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from typing import Any, AsyncIterator, Callable
 
@@ -275,10 +276,10 @@ def build_grpc_server(async_llm: Any, config: Any, *, enable_kserve: bool = True
             port = server.add_secure_port(address, creds)
         else:
             port = server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise OSError(f"server.grpc_port: cannot bind gRPC to {address}: {e}") from None
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"server.grpc_port: cannot bind gRPC to {address} (in use?)")
+        raise OSError(errno.EADDRINUSE, f"server.grpc_port: cannot bind gRPC to {address} (in use or not available)")
     server.bound_port = port  # type: ignore[attr-defined]
     logger.info("gRPC bound to %s (tls=%s, auth=%s)", _address(scfg.host, port),
                 bool(scfg.tls_cert_file), bool(key))

@@ -1,0 +1,130 @@
+# SPDX-License-Identifier: Apache-2.0
+"""gRPC through ``mindie-llm serve --config configs/default.yaml`` (the launcher, the real default
+model): the README's gRPC call, tritonclient, the API key from the environment on every service
+but health, and drain on SIGTERM (in-flight streams finish, new requests get UNAVAILABLE, health
+turns NOT_SERVING, exit code 0).
+
+Oracles: a stream started before SIGTERM with ignore_eos delivers exactly max_tokens tokens and ends
+with finish reason LENGTH; status codes as the issue specifies.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+pb2 = pytest.importorskip("mindie_llm.server.proto.mindie_generation_pb2")
+pb2_grpc = pytest.importorskip("mindie_llm.server.proto.mindie_generation_pb2_grpc")
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+_ROOT = Path(__file__).resolve().parents[3]
+_CONFIG = _ROOT / "configs" / "default.yaml"
+_KEY = "grpc-e2e-key"
+_AUTH = (("authorization", f"Bearer {_KEY}"),)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(process, grpc port) of ``mindie-llm serve`` with an API key from the environment."""
+    if not _CONFIG.exists():
+        pytest.skip("configs/default.yaml is missing")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), MINDIE_API_KEY=_KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "mindie_llm.cli", "serve", "--config", str(_CONFIG),
+                             "--set", "server.http_port=0", "--set", "server.grpc_port=0",
+                             "--set", "server.drain_timeout_s=60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=_ROOT)
+    lines = []
+    port = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"grpc=[^\s]*:(\d+)", line)
+        if line.startswith("mindie-llm ready") and m:
+            port = int(m.group(1))
+            break
+    if port is None:
+        proc.kill()
+        pytest.fail("mindie-llm serve did not print its ready line: " + "".join(lines)[-2000:])
+    yield proc, port
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def _req(**sampling) -> "pb2.GenerateRequest":
+    return pb2.GenerateRequest(text="Write a haiku about the sea.", sampling=pb2.SamplingParameters(**sampling))
+
+
+def test_readme_grpc_call_with_the_key(served):
+    _, port = served
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb2_grpc.GenerationServiceStub(ch)
+        resp = stub.Generate(pb2.GenerateRequest(text="Hello, my name is",
+                                                 sampling=pb2.SamplingParameters(max_tokens=4, temperature=0.0)),
+                             metadata=_AUTH, timeout=120)
+        assert resp.completions[0].token_ids and resp.model == "SmolLM2-135M-Instruct"
+
+
+def test_key_required_everywhere_but_health(served):
+    _, port = served
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb2_grpc.GenerationServiceStub(ch)
+        for md in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfo(pb2.ModelInfoRequest(), metadata=md, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tritonclient_against_the_launcher(served):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    _, port = served
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    headers = {"authorization": f"Bearer {_KEY}"}
+    assert c.is_server_ready(headers=headers) and c.is_model_ready("SmolLM2-135M-Instruct", headers=headers)
+    inp = grpcclient.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"Hello, my name is"], dtype=np.object_))
+    res = c.infer("SmolLM2-135M-Instruct", [inp], parameters={"max_tokens": 4, "temperature": "0"}, headers=headers)
+    assert res.as_numpy("text_output")[0].decode()
+    c.close()
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_zero(served):
+    """Runs last in this module: it stops the server."""
+    proc, port = served
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb2_grpc.GenerationServiceStub(ch)
+        stream = stub.GenerateStream(_req(max_tokens=48, temperature=0.9, seed=11, ignore_eos=True),
+                                     metadata=_AUTH, timeout=300)
+        msgs = [next(stream)]   # in flight
+        rest: list = []
+        reader = threading.Thread(target=lambda: rest.extend(stream), daemon=True)
+        reader.start()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(_req(max_tokens=2), metadata=_AUTH, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        reader.join(300)
+        msgs += rest
+    # ignore_eos + max_tokens: the drained stream must deliver exactly 48 tokens and end normally.
+    assert msgs[-1].finished and msgs[-1].finish_reason == pb2.FINISH_REASON_LENGTH
+    assert sum(len(m.token_ids) for m in msgs) == 48
+    assert proc.wait(120) == 0
