@@ -36,6 +36,13 @@ BlockManager::BlockManager(SizeType32 numBlocks, SizeType32 blockSize, bool enab
     if (mEnableCaching)
     {
         mTokens.resize(static_cast<size_t>(numBlocks) * static_cast<size_t>(blockSize));
+        size_t capacity = 16;
+        while (capacity < 2 * static_cast<size_t>(numBlocks))
+        {
+            capacity <<= 1;
+        }
+        mSlots.assign(capacity, Slot{});
+        mSlotMask = capacity - 1;
     }
     for (BlockId b = 1; b < numBlocks; ++b)
     {
@@ -70,22 +77,22 @@ void BlockManager::findCachedPrefix(TokenId const* tokens, SizeType32 maxBlocks,
         {
             hashes.push_back(hashBlock(parent, blockTokens));
         }
-        auto it = mCache.find(hashes[i] & mHashMask);
-        if (it == mCache.end())
+        BlockId const cached = mSlots[findSlot(hashes[i] & mHashMask)].block;
+        if (cached < 0)
         {
             return;
         }
-        Block const& blk = mBlocks[it->second];
+        Block const& blk = mBlocks[cached];
         // NOTE: a hit is confirmed by the full hash, the parent's hash and the token ids, so a
         // collision of the (masked) table key never yields a wrong prefix.
         if (blk.hash != hashes[i] || blk.parentHash != parent
-            || std::memcmp(&mTokens[static_cast<size_t>(it->second) * mBlockSize], blockTokens,
+            || std::memcmp(&mTokens[static_cast<size_t>(cached) * mBlockSize], blockTokens,
                    sizeof(TokenId) * mBlockSize)
                 != 0)
         {
             return;
         }
-        blocks.push_back(it->second);
+        blocks.push_back(cached);
     }
 }
 
@@ -149,11 +156,14 @@ bool BlockManager::cacheBlock(BlockId block, BlockHash hash, BlockHash parentHas
     {
         return false;
     }
-    auto const [it, inserted] = mCache.emplace(hash & mHashMask, block);
-    if (!inserted)
+    BlockHash const key = hash & mHashMask;
+    size_t const slot = findSlot(key);
+    if (mSlots[slot].block >= 0)
     {
         return false; // the key is taken (same content elsewhere, or a collision): keep the first
     }
+    mSlots[slot] = Slot{key, block};
+    ++mNumCached;
     Block& blk = mBlocks[block];
     blk.isCached = true;
     blk.hash = hash;
@@ -175,12 +185,43 @@ std::vector<BlockId> BlockManager::freeListForTesting() const
 void BlockManager::evict(BlockId block)
 {
     Block& blk = mBlocks[block];
-    auto it = mCache.find(blk.hash & mHashMask);
-    if (it != mCache.end() && it->second == block)
+    size_t const slot = findSlot(blk.hash & mHashMask);
+    if (mSlots[slot].block == block)
     {
-        mCache.erase(it);
+        eraseSlot(slot);
+        --mNumCached;
     }
     blk.isCached = false;
+}
+
+size_t BlockManager::findSlot(BlockHash key) const noexcept
+{
+    size_t slot = static_cast<size_t>(mix64(key)) & mSlotMask;
+    while (mSlots[slot].block >= 0 && mSlots[slot].key != key)
+    {
+        slot = (slot + 1) & mSlotMask;
+    }
+    return slot;
+}
+
+void BlockManager::eraseSlot(size_t slot) noexcept
+{
+    // Backward-shift deletion keeps every probe chain unbroken without tombstones.
+    size_t hole = slot;
+    size_t next = (hole + 1) & mSlotMask;
+    while (mSlots[next].block >= 0)
+    {
+        size_t const home = static_cast<size_t>(mix64(mSlots[next].key)) & mSlotMask;
+        // Move `next` into the hole unless its home lies cyclically in (hole, next].
+        bool const stays = hole <= next ? (hole < home && home <= next) : (hole < home || home <= next);
+        if (!stays)
+        {
+            mSlots[hole] = mSlots[next];
+            hole = next;
+        }
+        next = (next + 1) & mSlotMask;
+    }
+    mSlots[hole].block = -1;
 }
 
 void BlockManager::pushFront(BlockId block)

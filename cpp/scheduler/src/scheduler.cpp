@@ -44,9 +44,10 @@ std::shared_ptr<SchedulerOutput> Scheduler::schedule()
         r->scheduledThisStep = false;
     }
     SizeType32 budget = mConfig.maxNumBatchedTokens;
-    std::vector<Row> decodes;
-    std::vector<Row> prefills;
-    decodes.reserve(mRunning.size());
+    std::vector<Row>& decodes = mDecodeRows;
+    std::vector<Row>& prefills = mPrefillRows;
+    decodes.clear();
+    prefills.clear();
     bool const runningWasEmpty = mRunning.empty();
 
     if (mConfig.policy == Policy::kPRIORITY)
@@ -379,6 +380,18 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     out.blockTableReset.reserve(numRows);
     out.newBlockOffsets.reserve(numRows + 1);
     out.newBlockOffsets.push_back(0);
+    size_t numTokens = 0;
+    size_t numNewBlocks = 0;
+    for (auto const* rows : {&decodes, &prefills})
+    {
+        for (Row const& row : *rows)
+        {
+            numTokens += static_cast<size_t>(row.numNew);
+            numNewBlocks += row.req->blocks.size() - (row.req->needsTableReset ? 0 : row.req->numBlocksSent);
+        }
+    }
+    out.inputTokenIds.reserve(numTokens);
+    out.newBlockIds.reserve(numNewBlocks);
     mLastSampleReqs.clear();
     auto emit = [&](Row const& row)
     {
@@ -386,8 +399,15 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
         out.reqIds.push_back(r.id);
         out.numScheduledTokens.push_back(row.numNew);
         out.numComputedTokens.push_back(row.numComputedBefore);
-        out.inputTokenIds.insert(out.inputTokenIds.end(), r.tokens.begin() + row.numComputedBefore,
-            r.tokens.begin() + row.numComputedBefore + row.numNew);
+        if (row.numNew == 1)
+        {
+            out.inputTokenIds.push_back(r.tokens[row.numComputedBefore]); // decodes: no range-insert call
+        }
+        else
+        {
+            out.inputTokenIds.insert(out.inputTokenIds.end(), r.tokens.begin() + row.numComputedBefore,
+                r.tokens.begin() + row.numComputedBefore + row.numNew);
+        }
         bool const sample = row.numComputedBefore + row.numNew == r.numTokens();
         r.awaitingSample = sample;
         r.lastNumScheduled = row.numNew;
@@ -403,7 +423,10 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
             r.numBlocksSent = 0;
             r.needsTableReset = false;
         }
-        out.newBlockIds.insert(out.newBlockIds.end(), r.blocks.begin() + r.numBlocksSent, r.blocks.end());
+        for (size_t b = static_cast<size_t>(r.numBlocksSent); b < r.blocks.size(); ++b)
+        {
+            out.newBlockIds.push_back(r.blocks[b]);
+        }
         r.numBlocksSent = static_cast<SizeType32>(r.blocks.size());
         out.newBlockOffsets.push_back(static_cast<std::int32_t>(out.newBlockIds.size()));
     };

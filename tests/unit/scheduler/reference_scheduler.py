@@ -6,6 +6,7 @@ cache keyed by the whole token prefix (no hashes). Must not import mindie_llm.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from types import SimpleNamespace
 
@@ -75,13 +76,11 @@ class RefScheduler:
 
     def _to_waiting(self, r):
         r.state = "waiting"
-        self.waiting.append(r)
-        self.waiting.sort(key=lambda q: q.key)
+        bisect.insort(self.waiting, r, key=lambda q: q.key)
 
     def _to_running(self, r):
         r.state = "running"
-        self.running.append(r)
-        self.running.sort(key=lambda q: q.key)
+        bisect.insort(self.running, r, key=lambda q: q.key)
 
     def _drop(self, r, reason, report=True):
         if r in self.waiting:

@@ -8,7 +8,6 @@
 
 #include "mindie/scheduler/common.h"
 
-#include <unordered_map>
 #include <vector>
 
 namespace mindie::scheduler
@@ -27,7 +26,7 @@ public:
     /// @brief Blocks with reference count 0 (uncached, or cached and evictable).
     [[nodiscard]] SizeType32 numFreeBlocks() const noexcept { return mNumFree; }
     /// @brief Blocks registered in the prefix cache (in use or evictable).
-    [[nodiscard]] SizeType32 numCachedBlocks() const noexcept { return static_cast<SizeType32>(mCache.size()); }
+    [[nodiscard]] SizeType32 numCachedBlocks() const noexcept { return mNumCached; }
     [[nodiscard]] SizeType32 refCount(BlockId block) const { return mBlocks.at(block).refCount; }
     [[nodiscard]] bool isCached(BlockId block) const { return mBlocks.at(block).isCached; }
     /// @brief Blocks needed to hold `numTokens` tokens.
@@ -86,6 +85,10 @@ private:
         BlockHash parentHash{0}; ///< full hash of the previous block in the chain
     };
 
+    /// Open-addressing (linear probing) table slot of `key`: holds it, or is the empty slot
+    /// where it would go. Never allocates; at most half full (capacity >= 2 * numBlocks).
+    [[nodiscard]] size_t findSlot(BlockHash key) const noexcept;
+    void eraseSlot(size_t slot) noexcept;
     void pushFront(BlockId block);
     void pushBack(BlockId block);
     void unlink(BlockId block);
@@ -100,7 +103,14 @@ private:
     BlockId mTail{-1};
     SizeType32 mNumFree{0};
     BlockHash mHashMask{~BlockHash{0}};
-    std::unordered_map<BlockHash, BlockId> mCache; ///< masked hash -> block
+    struct Slot
+    {
+        BlockHash key{0};  ///< masked hash
+        BlockId block{-1}; ///< -1: empty
+    };
+    std::vector<Slot> mSlots; ///< key and block side by side: one cache line per probe
+    size_t mSlotMask{0};
+    SizeType32 mNumCached{0};
 };
 
 } // namespace mindie::scheduler

@@ -150,6 +150,8 @@ private:
     std::int64_t mPrefixHits{0};
     std::int64_t mNumPreemptions{0};
     std::vector<BlockId> mScratchBlocks;
+    std::vector<Row> mDecodeRows;  ///< reused across steps (no per-step allocation)
+    std::vector<Row> mPrefillRows;
 };
 
 } // namespace mindie::scheduler
