@@ -4,57 +4,24 @@ CPU): the generated mindie.v1 stubs and the official ``tritonclient[grpc]`` clie
 
 Oracles: streaming and unary text are identical for the same seed; the KServe and mindie.v1 front
 ends give the same greedy text; Tokenize/Detokenize round-trip; the KV pool returns to its idle free
-count after cancelled streams. The server runs in its own process (this file, ``--serve``) and
-loads the model once for the module. Tiny max_tokens keep it within a couple of minutes on 2 cores.
+count after cancelled streams. The server is ``mindie-llm serve --config configs/default.yaml`` with
+test overrides, started once for the module. Tiny max_tokens keep it within a couple of minutes on
+2 cores.
 """
 from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-
-# ---------------------------------------------------------------------- the server process
-def _serve(argv: list[str]) -> None:
-    """``python test_grpc_real_model.py --serve``: the default model behind build_grpc_server on a
-    free port; prints ``PORT <n>`` once ready, exits 0 on SIGTERM."""
-    import asyncio
-
-    from mindie_llm.config import EngineConfig
-    from mindie_llm.engine.async_llm import AsyncLLM
-    from mindie_llm.server.grpc import build_grpc_server
-
-    async def main() -> None:
-        config = EngineConfig.from_dict({
-            "model": {"max_seq_len": 512},
-            "cache": {"num_blocks": 1024},
-            "scheduler": {"max_queued_requests": 1024, "max_batch_size": 64, "max_n": 4},
-            "server": {"grpc_port": 0, "http_port": -1},
-        })
-        llm = AsyncLLM.from_config(config)
-        srv = build_grpc_server(llm, config)
-        await srv.start()
-        print(f"PORT {srv.bound_port}", flush=True)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await srv.stop(1.0)
-        await llm.shutdown()
-
-    asyncio.run(main())
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
-    # The server process needs none of the test-only imports below.
-    _serve(sys.argv[2:])
-    sys.exit(0)
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import grpc
+import numpy as np
+import pytest
 
 pb2 = pytest.importorskip("mindie_llm.server.proto.mindie_generation_pb2")
 pb2_grpc = pytest.importorskip("mindie_llm.server.proto.mindie_generation_pb2_grpc")
@@ -64,21 +31,36 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 _PROMPT = "The capital of France is"
+_ROOT = Path(__file__).resolve().parents[3]
+_OVERRIDES = ["model.max_seq_len=512", "cache.num_blocks=1024", "scheduler.max_queued_requests=1024",
+              "scheduler.max_batch_size=64", "scheduler.max_n=4", "server.max_tokens_limit=1024",
+              "server.http_port=-1", "server.grpc_port=0", "server.api_key_env=MINDIE_GRPC_E2E_UNSET_KEY"]
 
 
 @pytest.fixture(scope="module")
 def port():
+    """The gRPC port of ``mindie-llm serve --config configs/default.yaml`` with test overrides."""
+    config = _ROOT / "configs" / "default.yaml"
+    if not config.exists():
+        pytest.skip("configs/default.yaml is missing")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
-    line = proc.stdout.readline()
-    if not line.startswith("PORT "):
+    sets = [a for kv in _OVERRIDES for a in ("--set", kv)]
+    proc = subprocess.Popen([sys.executable, "-m", "mindie_llm.cli", "serve", "--config", str(config), *sets],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=_ROOT)
+    found, lines = None, []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"grpc=\S*:(\d+)", line)
+        if line.startswith("mindie-llm ready") and m:
+            found = int(m.group(1))
+            break
+    if found is None:
         proc.kill()
-        pytest.fail(f"the real-model gRPC server did not start (exit {proc.wait()})")
-    yield int(line.split()[1])
+        pytest.fail(f"mindie-llm serve did not become ready (exit {proc.wait()}): {''.join(lines)[-2000:]}")
+    yield found
     proc.send_signal(signal.SIGTERM)
     try:
-        assert proc.wait(60) == 0, "the server did not exit cleanly on SIGTERM"
+        assert proc.wait(120) == 0, "the server did not exit cleanly on SIGTERM"
     finally:
         if proc.poll() is None:
             proc.kill()
