@@ -2,7 +2,7 @@
 """CPU op table (registered with ``ops.register_backend("cpu", this module)``): plain torch, but
 vectorized. Decodes attend in one batched SDPA call over blocks gathered with ``index_select``;
 prefill chunks use SDPA over their gathered context. Per-step index tensors (gathered block ids,
-masks, rotary cos/sin) are computed once and shared by all layers. ``ops/reference.py`` stays the
+masks) are computed once and shared by all layers. ``ops/reference.py`` stays the
 oracle; tests compare every function here against it.
 
 Must not import models, layers (except for typing), the engine or another backend.
@@ -33,30 +33,12 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(new_residual, weight, eps), new_residual
 
 
-class _RotaryCache:
-    """cos/sin gathered for the positions of the current step. Holds a reference to ``positions``
-    so that the identity check cannot be fooled by a freed-and-reused tensor."""
-
-    positions: torch.Tensor | None = None
-    version: int = -1
-    table: torch.Tensor | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
-
-
-_ROPE = _RotaryCache()
-
-
 def _cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    c = _ROPE
-    if positions is c.positions and positions._version == c.version and cos_sin_cache is c.table \
-            and c.cos is not None and c.cos.dtype == dtype:
-        return c.cos, c.sin
+    # NOTE: recomputed per layer (3 small ops): a cross-layer cache cannot be keyed safely, since
+    # inference-mode tensors carry no version counter.
     cos, sin = cos_sin_cache.index_select(0, positions).to(dtype).chunk(2, dim=-1)  # [T, r/2]
-    c.positions, c.version, c.table = positions, positions._version, cos_sin_cache
-    c.cos, c.sin = cos.unsqueeze(1), sin.unsqueeze(1)                              # [T, 1, r/2]
-    return c.cos, c.sin
+    return cos.unsqueeze(1), sin.unsqueeze(1)                                      # [T, 1, r/2]
 
 
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int,
