@@ -81,14 +81,16 @@ def install_error_handlers(app: FastAPI) -> None:
         if not errors:
             return error_response(400, "invalid request body", "body", "invalid_value")
         first = errors[0]
-        param = _loc_to_param(tuple(first.get("loc", ())))
         kind = first.get("type", "")
+        if kind == "json_invalid":
+            return error_response(400, "body: not valid JSON", "body", "invalid_json")
+        param = _loc_to_param(tuple(first.get("loc", ())))
         if kind == "extra_forbidden":
             msg = f"{param}: unknown field"
         elif kind == "missing":
             msg = f"{param}: field required"
-        elif kind in ("json_invalid", "model_attributes_type") or param == "body":
-            msg = "body: not a valid JSON object" if param == "body" else f"{param}: {first.get('msg', 'invalid')}"
+        elif param == "body":
+            msg = "body: must be a JSON object"
         else:
             msg = f"{param}: {first.get('msg', 'invalid value')}"
         return error_response(400, msg[:512], param, "invalid_value")

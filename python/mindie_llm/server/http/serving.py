@@ -152,7 +152,7 @@ class OpenAIServing:
         return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
     async def _run(self, req: Any, raw: Request, prompt: Any, kind: str) -> Response:
-        default_max_tokens = 16
+        default_max_tokens = min(16, self.limits.max_tokens_limit)  # OpenAI's completion default
         if kind == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
             # As OpenAI: without a cap, a chat reply may use the rest of the context window.
             room = self.llm.max_model_len - len(self.llm.tokenizer.encode(prompt))
