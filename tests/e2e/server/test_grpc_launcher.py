@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""gRPC through ``mindie-llm serve --config configs/default.yaml`` (the launcher, the real default
-model): the README's gRPC call, tritonclient, the API key from the environment on every service
+"""gRPC through ``mindie-llm serve`` (the launcher, the real default model, started by the shared
+``server_factory`` fixture): the README's gRPC call, tritonclient, the API key from the environment on every service
 but health, and drain on SIGTERM (in-flight streams finish, new requests get UNAVAILABLE, health
 turns NOT_SERVING, exit code 0).
 
@@ -9,14 +9,9 @@ with finish reason LENGTH; status codes as the issue specifies.
 """
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -28,41 +23,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-_ROOT = Path(__file__).resolve().parents[3]
-_CONFIG = _ROOT / "configs" / "default.yaml"
 _KEY = "grpc-e2e-key"
 _AUTH = (("authorization", f"Bearer {_KEY}"),)
 
 
 @pytest.fixture(scope="module")
-def served():
+def served(server_factory):
     """(process, grpc port) of ``mindie-llm serve`` with an API key from the environment."""
-    if not _CONFIG.exists():
-        pytest.skip("configs/default.yaml is missing")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), MINDIE_API_KEY=_KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "mindie_llm.cli", "serve", "--config", str(_CONFIG),
-                             "--set", "server.http_port=0", "--set", "server.grpc_port=0",
-                             "--set", "server.drain_timeout_s=60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=_ROOT)
-    lines = []
-    port = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"grpc=[^\s]*:(\d+)", line)
-        if line.startswith("mindie-llm ready") and m:
-            port = int(m.group(1))
-            break
-    if port is None:
-        proc.kill()
-        pytest.fail("mindie-llm serve did not print its ready line: " + "".join(lines)[-2000:])
-    yield proc, port
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    srv = server_factory(env={"MINDIE_API_KEY": _KEY})
+    return srv.proc, int(srv.grpc_address.rsplit(":", 1)[1])
 
 
 def _req(**sampling) -> "pb2.GenerateRequest":

@@ -4,20 +4,14 @@ CPU): the generated mindie.v1 stubs and the official ``tritonclient[grpc]`` clie
 
 Oracles: streaming and unary text are identical for the same seed; the KServe and mindie.v1 front
 ends give the same greedy text; Tokenize/Detokenize round-trip; the KV pool returns to its idle free
-count after cancelled streams. The server is ``mindie-llm serve --config configs/default.yaml`` with
-test overrides, started once for the module. Tiny max_tokens keep it within a couple of minutes on
-2 cores.
+count after cancelled streams. The server is ``mindie-llm serve`` started once for the module by the
+shared ``server_factory`` fixture (tests/e2e/server/conftest.py). Tiny max_tokens keep it within a
+couple of minutes on 2 cores.
 """
 from __future__ import annotations
 
-import os
 import queue
-import re
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -31,39 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 _PROMPT = "The capital of France is"
-_ROOT = Path(__file__).resolve().parents[3]
-_OVERRIDES = ["model.max_seq_len=512", "cache.num_blocks=1024", "scheduler.max_queued_requests=1024",
-              "scheduler.max_batch_size=64", "scheduler.max_n=4", "server.max_tokens_limit=1024",
-              "server.http_port=-1", "server.grpc_port=0", "server.api_key_env=MINDIE_GRPC_E2E_UNSET_KEY"]
-
-
 @pytest.fixture(scope="module")
-def port():
-    """The gRPC port of ``mindie-llm serve --config configs/default.yaml`` with test overrides."""
-    config = _ROOT / "configs" / "default.yaml"
-    if not config.exists():
-        pytest.skip("configs/default.yaml is missing")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    sets = [a for kv in _OVERRIDES for a in ("--set", kv)]
-    proc = subprocess.Popen([sys.executable, "-m", "mindie_llm.cli", "serve", "--config", str(config), *sets],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=_ROOT)
-    found, lines = None, []
-    for line in proc.stdout:
-        lines.append(line)
-        m = re.search(r"grpc=\S*:(\d+)", line)
-        if line.startswith("mindie-llm ready") and m:
-            found = int(m.group(1))
-            break
-    if found is None:
-        proc.kill()
-        pytest.fail(f"mindie-llm serve did not become ready (exit {proc.wait()}): {''.join(lines)[-2000:]}")
-    yield found
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(120) == 0, "the server did not exit cleanly on SIGTERM"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def port(server_factory):
+    """The gRPC port of a ``mindie-llm serve`` process (the shared conftest's), HTTP off."""
+    srv = server_factory({"cache": {"num_blocks": 1024},
+                          "scheduler": {"max_queued_requests": 1024, "max_n": 4},
+                          "server": {"http_port": -1}})
+    return int(srv.grpc_address.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")
