@@ -8,11 +8,13 @@ for the C++ scheduler (through its Python facade) and for the reference
 (tests/unit/scheduler/reference_scheduler.py) driven by the same trace. Prints p50 / p99 in
 microseconds per step and the speed-up as a Markdown table.
 
-    python scripts/bench_scheduler.py [--running 256 1024] [--steps 200] [--budget 8192]
+    python scripts/bench_scheduler.py [--running 256 1024] [--steps 200] [--budget 8192] [--clock wall|cpu]
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import platform
 import sys
 import time
@@ -50,7 +52,7 @@ def next_tokens(n: int, step: int) -> np.ndarray:
     return (np.arange(n, dtype=np.int32) * 7 + step) % (VOCAB - 1) + 1
 
 
-def run(sched, trace, running: int, steps: int, is_ref: bool) -> tuple[list[float], float]:
+def run(sched, trace, running: int, steps: int, is_ref: bool, clock) -> tuple[list[float], float]:
     """Adds the whole trace, steps until `running` requests run (warm-up, untimed), then times the
     next `steps` steps. Returns the per-step times and the mean number running while timed."""
     for rid, (prompt, max_tokens) in enumerate(trace, start=1):
@@ -58,22 +60,24 @@ def run(sched, trace, running: int, steps: int, is_ref: bool) -> tuple[list[floa
             sched.add_request(rid, prompt, max_tokens, arrival_time=float(rid))
         else:
             sched.add_request(rid, np.asarray(prompt, np.int32), max_tokens, arrival_time=float(rid))
+    gc.collect()
+    gc.freeze()  # the trace's millions of list items would otherwise make GC passes slow and random
     times: list[float] = []
     counts: list[int] = []
     step, warm = 0, False
     while len(times) < steps:
-        t0 = time.perf_counter()
+        t0 = clock()
         out = sched.schedule()
-        t1 = time.perf_counter()
+        t1 = clock()
         if is_ref:
             ids = [r for r, m in zip(out["req_ids"], out["sample_mask"]) if m]
             toks = next_tokens(len(ids), step).tolist()
         else:
             ids = out.req_ids[out.sample_mask]
             toks = next_tokens(len(ids), step)
-        t2 = time.perf_counter()
+        t2 = clock()
         sched.update(ids, toks)
-        t3 = time.perf_counter()
+        t3 = clock()
         num_running = len(sched.running) if is_ref else sched.num_running
         num_waiting = len(sched.waiting) if is_ref else sched.num_waiting
         if warm:
@@ -93,10 +97,15 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reference", action="store_true", help="time the C++ scheduler only")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: this thread's CPU time (less noisy on a shared machine)")
     args = ap.parse_args()
 
     print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()}")
-    print(f"block {BLOCK}, max_num_batched_tokens {args.budget}, prefix caching on, {args.steps} timed steps\n")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"block {BLOCK}, max_num_batched_tokens {args.budget}, prefix caching on, {args.steps} timed steps, "
+          f"{args.clock} clock, load average {load}\n")
     print("running: max_num_seqs (mean running while timed)\n")
     print("| running | C++ p50 us | C++ p99 us | Python ref p50 us | Python ref p99 us | speed-up (p50) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -105,13 +114,13 @@ def main() -> None:
         num_blocks = running * (2048 + 1024) // BLOCK + 1
         cfg = dict(num_blocks=num_blocks, block_size=BLOCK, max_num_batched_tokens=args.budget,
                    max_num_seqs=running, max_model_len=2048 + 1024)
-        cpp_times, mean_running = run(Scheduler(SchedulerCoreConfig(**cfg)), trace, running, args.steps, False)
+        cpp_times, mean_running = run(Scheduler(SchedulerCoreConfig(**cfg)), trace, running, args.steps, False, clock)
         cpp = np.asarray(cpp_times) * 1e6
         c50, c99 = np.percentile(cpp, 50), np.percentile(cpp, 99)
         if args.no_reference:
             print(f"| {running} ({mean_running:.0f}) | {c50:.1f} | {c99:.1f} | - | - | - |")
             continue
-        ref = np.asarray(run(RefScheduler(**cfg), trace, running, args.steps, True)[0]) * 1e6
+        ref = np.asarray(run(RefScheduler(**cfg), trace, running, args.steps, True, clock)[0]) * 1e6
         r50, r99 = np.percentile(ref, 50), np.percentile(ref, 99)
         print(f"| {running} ({mean_running:.0f}) | {c50:.1f} | {c99:.1f} | {r50:.0f} | {r99:.0f} | {r50 / c50:.0f}x |")
         sys.stdout.flush()

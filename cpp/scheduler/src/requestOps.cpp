@@ -122,22 +122,32 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
     MINDIE_CHECK(j == n, ContractError,
         "update(): req_ids[" << j << "] = " << (j < n ? reqIds[j] : -1)
                              << " did not sample in the last schedule() or is out of batch order");
-    // A live request left out never ran (e.g. the forward failed): roll back its last chunk, and
-    // cache no block of this step, since its KV may be missing.
+    // A live sampling request left out means the step did not run (e.g. the forward failed):
+    // only an empty update() may say so, and then every row of the step is rolled back, so its
+    // chunk is computed again and nothing of it reaches the prefix cache.
     bool stepFailed = false;
     for (size_t k = 0; k < numExpected; ++k)
     {
-        Request& r = *mLastSampleReqs[k];
+        Request const& r = *mLastSampleReqs[k];
         if (mScratchMatch[k] < 0 && r.state == RequestState::kRUNNING && r.awaitingSample)
         {
-            r.numComputedTokens -= r.lastNumScheduled;
-            r.awaitingSample = false;
             stepFailed = true;
+            MINDIE_CHECK(n == 0, ContractError,
+                "update() has no sampled token for request " << r.id
+                                                             << " (sample_mask was true); only an empty update() may "
+                                                                "report a step that did not run");
         }
     }
     if (stepFailed)
     {
-        mLastRows.clear(); // nothing of this step reaches the prefix cache
+        for (Request* r : mLastRows)
+        {
+            if (r->state == RequestState::kRUNNING)
+            {
+                r->numComputedTokens -= r->lastNumScheduled;
+                r->awaitingSample = false;
+            }
+        }
     }
     UpdateResult result;
     for (size_t k = 0; k < numExpected; ++k)
@@ -159,10 +169,7 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
         {
             result.finishedIds.push_back(r.id);
             result.finishReasons.push_back(static_cast<std::int32_t>(reason));
-            if (!stepFailed)
-            {
-                registerFullBlocks(r); // its KV is complete: keep its full blocks in the cache
-            }
+            registerFullBlocks(r); // its KV is complete: keep its full blocks in the cache
             finishRequest(r, reason, false);
         }
     }

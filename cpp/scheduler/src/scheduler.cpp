@@ -26,23 +26,22 @@ std::shared_ptr<SchedulerOutput> Scheduler::schedule()
     std::lock_guard<std::mutex> lock(mMutex);
     MINDIE_CHECK(!mAwaitingUpdate, ContractError, "schedule() called again before update() of the previous step");
     ++mStep;
-    // Blocks filled by the last step enter the prefix cache now: the step ran (update() came back
-    // with its samples) and its requests were not aborted since (e.g. after a failed forward).
-    for (Request* r : mLastRows)
+    // Blocks filled by earlier steps enter the prefix cache now, once update() confirmed that their
+    // step ran (a failed step was rolled back) and the request was not aborted since.
+    bool const caching = mBlocks.prefixCachingEnabled();
+    for (Request* r : mRunning)
     {
-        if (r->state == RequestState::kRUNNING)
+        if (caching)
         {
             registerFullBlocks(*r);
         }
+        r->scheduledThisStep = false;
     }
     mLastRows.clear();
     mGraveyard.clear();
     mPreemptedThisStep.clear();
     mPreemptedForBlocks = false;
-    for (Request* r : mRunning)
-    {
-        r->scheduledThisStep = false;
-    }
+    mCandidatesCollected = false;
     SizeType32 budget = mConfig.maxNumBatchedTokens;
     std::vector<Row>& decodes = mDecodeRows;
     std::vector<Row>& prefills = mPrefillRows;
@@ -100,46 +99,84 @@ SizeType32 Scheduler::chunkFor(Request const& r, SizeType32 budget) const
     return chunkAllowed(r) ? budget : 0;
 }
 
-bool Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows)
+bool Scheduler::scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& rows)
 {
-    for (size_t i = 0; i < mRunning.size() && budget > 0; ++i)
+    SizeType32 const numNew = chunkFor(r, budget);
+    if (numNew == 0)
     {
-        Request* r = mRunning[i];
-        if (r->scheduledThisStep || r->isDecode() != decodes)
-        {
-            continue;
-        }
-        SizeType32 const numNew = chunkFor(*r, budget);
-        if (numNew == 0)
-        {
-            continue;
-        }
-        SizeType32 const before = r->numComputedTokens;
-        if (!allocateOrPreempt(*r, i, before + numNew))
-        {
-            break; // preempted itself: nothing after it is worth more
-        }
-        r->numComputedTokens += numNew;
-        r->scheduledThisStep = true;
-        r->computedBeforeStep = before;
-        budget -= numNew;
-        rows.push_back(Row{r, numNew, before});
+        return true;
     }
-    return mPreemptedForBlocks;
+    SizeType32 const before = r.numComputedTokens;
+    if (!allocateOrPreempt(r, before + numNew))
+    {
+        return false; // preempted itself: nothing after it is worth more
+    }
+    r.numComputedTokens += numNew;
+    r.scheduledThisStep = true;
+    r.computedBeforeStep = before;
+    budget -= numNew;
+    rows.push_back(Row{&r, numNew, before});
+    return true;
 }
 
-bool Scheduler::allocateOrPreempt(Request& r, size_t index, SizeType32 numTokens)
+void Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows)
+{
+    if (decodes || !mCandidatesCollected)
+    {
+        // One pass over the running set: decodes are scheduled, the others (prefill chunks) are
+        // collected in order for the prefill pass.
+        mPrefillCandidates.clear();
+        bool stopped = !decodes;
+        for (size_t i = 0; i < mRunning.size(); ++i)
+        {
+            Request* r = mRunning[i];
+            if (!r->isDecode())
+            {
+                mPrefillCandidates.push_back(r);
+            }
+            else if (!stopped && budget > 0 && !r->scheduledThisStep && !scheduleOne(*r, budget, rows))
+            {
+                stopped = true;
+                --i; // r left the running set
+            }
+        }
+        mCandidatesCollected = true;
+        if (decodes)
+        {
+            return;
+        }
+    }
+    for (Request* r : mPrefillCandidates)
+    {
+        if (budget <= 0)
+        {
+            break;
+        }
+        if (r->state != RequestState::kRUNNING || r->scheduledThisStep)
+        {
+            continue; // preempted as a victim, or already scheduled
+        }
+        if (!scheduleOne(*r, budget, rows))
+        {
+            break;
+        }
+    }
+}
+
+bool Scheduler::allocateOrPreempt(Request& r, SizeType32 numTokens)
 {
     SizeType32 const need = mBlocks.blocksFor(numTokens) - static_cast<SizeType32>(r.blocks.size());
     while (need > 0 && !mBlocks.canAllocate(need))
     {
-        // Victim: the least valuable running request not yet scheduled in this step.
+        // Victim: the least valuable running request (largest key, after r) not yet scheduled.
+        auto const self = std::lower_bound(mRunning.begin(), mRunning.end(), &r, KeyLess{});
         Request* victim = nullptr;
-        for (size_t j = mRunning.size(); j-- > index + 1;)
+        for (auto it = mRunning.end(); it != self + 1;)
         {
-            if (!mRunning[j]->scheduledThisStep)
+            --it;
+            if (!(*it)->scheduledThisStep)
             {
-                victim = mRunning[j];
+                victim = *it;
                 break;
             }
         }

@@ -236,8 +236,8 @@ class RefScheduler:
 
     def schedule(self):
         assert not self.last_sample, "update() pending"
-        for r in self.last_rows:
-            if r.state == "running" and self.caching:
+        for r in self.running:
+            if self.caching:
                 self._register(r)
         self.last_rows = []
         self.step += 1
@@ -297,13 +297,12 @@ class RefScheduler:
 
     def update(self, ids, toks):
         given = dict(zip(ids, toks))
-        failed = False
-        for r in self.last_sample:
-            if r.id not in given and r.state == "running" and r.awaiting:
-                r.computed -= r.last_new
-                r.awaiting, failed = False, True
-        if failed:
-            self.last_rows = []
+        if any(r.id not in given and r.state == "running" and r.awaiting for r in self.last_sample):
+            assert not ids, "a partial update() is a contract error"
+            for r in self.last_rows:  # the step did not run: roll all of it back
+                if r.state == "running":
+                    r.computed -= r.last_new
+                    r.awaiting = False
         done = []
         for r in self.last_sample:
             if r.id not in given or r.state != "running" or not r.awaiting:
@@ -313,7 +312,7 @@ class RefScheduler:
             reason = self._stop(r, given[r.id]) or (7 if self.role == "prefill" else 0)
             if reason:
                 done.append((r.id, reason))
-                if not failed and self.caching:
+                if self.caching:
                     self._register(r)
                 self._drop(r, reason)
         self.last_sample = []

@@ -207,6 +207,21 @@ def test_left_out_sample_is_rolled_back_and_recomputed():
     assert s.stats()["num_cached_blocks"] == 1
 
 
+def test_failed_step_rolls_back_every_row_and_partial_update_is_refused():
+    s = make(max_num_batched_tokens=8)
+    s.add_request(1, [1, 2, 3], 4)
+    s.add_request(2, [4, 5], 4)
+    s.add_request(3, list(range(1, 21)), 4)
+    out = s.schedule()
+    assert out.req_ids.tolist() == [1, 2, 3] and out.sample_mask.tolist() == [True, True, False]
+    with pytest.raises(SchedulerContractError, match="empty update"):
+        s.update(np.array([1], np.int64), np.array([3], np.int32))   # request 2's token is missing
+    s.update(np.zeros(0, np.int64), np.zeros(0, np.int32))            # the forward failed
+    assert [s.get_num_computed_tokens(i) for i in (1, 2, 3)] == [0, 0, 0]  # every row rolled back
+    out, _ = step(s)
+    assert out.num_computed_tokens.tolist() == [0, 0, 0] and out.num_scheduled_tokens.tolist() == [3, 2, 3]
+
+
 def test_chunked_prefill_then_decode_fused_with_other_prefill():
     s = make(max_num_batched_tokens=6)
     s.add_request(1, list(range(1, 11)), 3)   # 10 tokens: chunks 6 + 4

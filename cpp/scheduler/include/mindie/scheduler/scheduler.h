@@ -112,8 +112,9 @@ private:
     Request& lookup(ReqId id) const;
     Request& makeRequest(ReqId id, std::vector<TokenId>&& tokens, SizeType32 numPromptTokens, RequestParams&& params);
     SizeType32 chunkFor(Request const& r, SizeType32 budget) const;
-    bool scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows);
-    bool allocateOrPreempt(Request& r, size_t index, SizeType32 numTokens);
+    void scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows);
+    bool scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& rows);
+    bool allocateOrPreempt(Request& r, SizeType32 numTokens);
     Admit tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     bool chunkAllowed(Request const& r) const;
     void validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const;
@@ -152,6 +153,8 @@ private:
     std::vector<BlockId> mScratchBlocks;
     std::vector<Row> mDecodeRows;  ///< reused across steps (no per-step allocation)
     std::vector<Row> mPrefillRows;
+    std::vector<Request*> mPrefillCandidates; ///< running non-decodes of this step, in key order
+    bool mCandidatesCollected{false};
 };
 
 } // namespace mindie::scheduler
