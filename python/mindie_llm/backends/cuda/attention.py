@@ -45,47 +45,70 @@ def _find_seq_idx(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attn_tile_loop(q, acc, m_i, l_i, kv_ptr, bt_row_ptr, tile_lo, tile_hi, seq_len, context_len,
-                    query_pos, kv_head, scale, sliding_window, stride_c0, stride_cn, stride_cb, stride_ch,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    if UPCAST:
-        q = q.to(tl.float32)
+def _attn_tile(q, acc, m_i, l_i, j, kv_ptr, bt_row_ptr, seq_len, abs_q, kv_head, qk_scale, sliding_window,
+               stride_c0, stride_cn, stride_cb, stride_ch, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
+               IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of TILE_N keys (online softmax in base 2). MASKED: the tile crosses the causal
+    diagonal, the sequence end or the window; otherwise every key is visible to every row."""
     offs_d = tl.arange(0, HEAD_DIM_P)
     dmask = offs_d < HEAD_DIM
-    offs_n = tl.arange(0, TILE_N)
-    for j in range(tile_lo, tile_hi):
-        key_pos = j * TILE_N + offs_n                                           # [TILE_N]
+    key_pos = j * TILE_N + tl.arange(0, TILE_N)                                 # [N]
+    if MASKED:
         kmask = key_pos < seq_len
-        blk = tl.load(bt_row_ptr + key_pos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
-        base = kv_ptr + blk * stride_cn + (key_pos % BLOCK_SIZE) * stride_cb + kv_head * stride_ch
-        k = tl.load(base[None, :] + offs_d[:, None], mask=dmask[:, None] & kmask[None, :], other=0.0)  # [D, N]
-        v = tl.load(base[:, None] + stride_c0 + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
-                    other=0.0)                                                  # [N, D]
-        if UPCAST:   # the Triton interpreter's bf16/fp16 dot is wrong (triton 3.9): compute it in fp32
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * scale                                                           # [M, N]
-        abs_q = context_len + query_pos                                         # [M]
+    else:
+        kmask = key_pos >= 0
+    blk = tl.load(bt_row_ptr + key_pos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+    base = kv_ptr + blk * stride_cn + (key_pos % BLOCK_SIZE) * stride_cb + kv_head * stride_ch
+    ptrs = base[:, None] + offs_d[None, :]                                      # [N, D]
+    lmask = kmask[:, None] & dmask[None, :]
+    k = tl.load(ptrs, mask=lmask, other=0.0)
+    v = tl.load(ptrs + stride_c0, mask=lmask, other=0.0)
+    if UPCAST:   # the Triton interpreter's bf16/fp16 dot is wrong (triton 3.9): compute it in fp32
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale                                                            # [M, N], log2 units
+    if MASKED:
         mask = (key_pos[None, :] <= abs_q[:, None]) & kmask[None, :]
         if USE_WINDOW:
             mask = mask & (abs_q[:, None] - key_pos[None, :] < sliding_window)
         s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_tile_loop(q, acc, m_i, l_i, kv_ptr, bt_row_ptr, tile_lo, tile_hi, full_hi, seq_len, context_len,
+                    query_pos, kv_head, scale, sliding_window, stride_c0, stride_cn, stride_cb, stride_ch,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """Tiles [tile_lo, tile_hi): those below ``full_hi`` unmasked, the rest masked."""
+    if UPCAST:
+        q = q.to(tl.float32)
+    qk_scale = scale * 1.4426950408889634                                       # log2(e)
+    abs_q = context_len + query_pos                                             # [M]
+    mid = tl.minimum(tl.maximum(full_hi, tile_lo), tile_hi)
+    for j in range(tile_lo, mid):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, j, kv_ptr, bt_row_ptr, seq_len, abs_q, kv_head, qk_scale,
+                                   sliding_window, stride_c0, stride_cn, stride_cb, stride_ch, HEAD_DIM,
+                                   HEAD_DIM_P, BLOCK_SIZE, TILE_N, False, USE_WINDOW, IEEE, UPCAST)
+    for j in range(mid, tile_hi):
+        acc, m_i, l_i = _attn_tile(q, acc, m_i, l_i, j, kv_ptr, bt_row_ptr, seq_len, abs_q, kv_head, qk_scale,
+                                   sliding_window, stride_c0, stride_cn, stride_cb, stride_ch, HEAD_DIM,
+                                   HEAD_DIM_P, BLOCK_SIZE, TILE_N, True, USE_WINDOW, IEEE, UPCAST)
     return acc, m_i, l_i
 
 
@@ -126,14 +149,16 @@ def _unified_attn_kernel(out_ptr, q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, 
         last_key = tl.minimum(seq_len, context_len + (q_block_local + 1) * BLOCK_Q)   # exclusive
         tile_hi = tl.cdiv(last_key, TILE_N)
         tile_lo = 0
+        full_hi = (context_len + q_block_local * BLOCK_Q + 1) // TILE_N        # tiles every row sees whole
         if USE_WINDOW:
             first_key = tl.maximum(context_len + q_block_local * BLOCK_Q - sliding_window + 1, 0)
             tile_lo = first_key // TILE_N
+            full_hi = tile_lo
         acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, m_i, l_i = _attn_tile_loop(q, acc, m_i, l_i, kv_ptr, bt_ptr + seq.to(tl.int64) * stride_bt,
-                                        tile_lo, tile_hi, seq_len, context_len, query_pos, kv_head, scale,
+                                        tile_lo, tile_hi, full_hi, seq_len, context_len, query_pos, kv_head, scale,
                                         sliding_window, stride_c0, stride_cn, stride_cb, stride_ch, HEAD_DIM,
                                         HEAD_DIM_P, BLOCK_SIZE, TILE_N, USE_WINDOW, IEEE, UPCAST)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -162,14 +187,16 @@ def _split_kv_decode_kernel(part_out_ptr, part_m_ptr, part_l_ptr, q_ptr, kv_ptr,
     tiles_per_seg = tl.cdiv(num_tiles, NUM_SEG)
     tile_lo = segment * tiles_per_seg
     tile_hi = tl.minimum(tile_lo + tiles_per_seg, num_tiles)
+    full_hi = seq_len // TILE_N
     if USE_WINDOW:
         first_tile = tl.maximum(context_len - sliding_window + 1, 0) // TILE_N
         tile_lo = tl.maximum(tile_lo, first_tile)
+        full_hi = tile_lo
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attn_tile_loop(q, acc, m_i, l_i, kv_ptr, bt_ptr + seq.to(tl.int64) * stride_bt, tile_lo,
-                                    tile_hi, seq_len, context_len, query_pos, kv_head, scale, sliding_window,
+                                    tile_hi, full_hi, seq_len, context_len, query_pos, kv_head, scale, sliding_window,
                                     stride_c0, stride_cn, stride_cb, stride_ch, HEAD_DIM, HEAD_DIM_P,
                                     BLOCK_SIZE, TILE_N, USE_WINDOW, IEEE, UPCAST)
     offs_m = tl.arange(0, BLOCK_M)
@@ -194,7 +221,7 @@ def _split_kv_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, strid
     l = tl.load(part_l_ptr + row * NUM_SEG + offs_s)                            # [S]
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
-    w = tl.exp(m - m_max)                                                       # empty segments: exp(-inf) = 0
+    w = tl.exp2(m - m_max)                                 # maxima are in log2 units; empty segments: 0
     denom = tl.sum(l * w, axis=0)
     acc = tl.load(part_out_ptr + (row * NUM_SEG + offs_s)[:, None] * HEAD_DIM_P + offs_d[None, :])  # [S, D]
     out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mindie_llm.backends.cuda.sampling import argmax as gpu_argmax
 from mindie_llm.executor.input_batch import FlatBatch
 from mindie_llm.executor.model_runner import ModelRunner, RunnerOutput
 from mindie_llm.layers.attention import AttentionMetadata
@@ -106,7 +107,7 @@ class CudaGraphDecodeModel(nn.Module):
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.inner(*args)                       # [bs, H]
                 logits = self.inner.compute_logits(hidden)       # [bs, V] float32
-                greedy = logits.argmax(dim=-1)                   # [bs]
+                greedy = gpu_argmax(logits)                      # [bs] int64, as torch.argmax
             self.graphs[bs] = graph
             self.outputs[bs] = hidden
             self.logits[bs] = logits

@@ -115,3 +115,16 @@ def test_fused_rotary_write_kv_matches_two_ops(device, dtype, is_neox, d, rot):
     assert rel_err(q, ref_q) < TOL[dtype] and rel_err(k, ref_k) < TOL[dtype]
     assert torch.equal(out_cache.cpu().isnan(), ref_cache.isnan())
     assert rel_err(out_cache.cpu().nan_to_num(), ref_cache.nan_to_num()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("S,V", [(1, 100), (3, 4096), (5, 9000)])
+def test_argmax_first_index_of_max(device, S, V):
+    """Oracle: torch.argmax (first index of the maximum), with planted ties across chunks."""
+    from mindie_llm.backends.cuda import sampling
+    g = torch.Generator().manual_seed(S * V)
+    x = torch.randn(S, V, generator=g)
+    x[0, V - 1] = x[0, V // 3] = 50.0                                  # tie: the lower index wins
+    if S > 1:
+        x[1, :] = 7.0                                                  # all equal: index 0
+    out = sampling.argmax(x.to(device))
+    assert torch.equal(out.cpu(), torch.argmax(x, dim=-1))

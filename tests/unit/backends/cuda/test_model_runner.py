@@ -101,7 +101,7 @@ def _greedy(runner_cls, model, device: str, max_new: int = 20, params: dict | No
                         max_num_batched_tokens=256, max_model_len=ARCH["max_position_embeddings"],
                         eos_token_ids=[2], device=torch.device(device), **kw)
     for i, p in enumerate(prompts):
-        sp = dict(temperature=0.0, max_tokens=max_new, ignore_eos=True, **(params or {}))
+        sp = {**dict(temperature=0.0, max_tokens=max_new, ignore_eos=True), **(params or {})}
         runner.add_request(i + 1, p, SamplingParams(**sp), seed=i)
     out = {i + 1: [] for i in range(len(prompts))}
     for _ in range(max_new):
