@@ -102,18 +102,25 @@ def build_empty_model(arch: LlamaArchConfig, device: torch.device, dtype: torch.
 
 
 def _load_weights(model: nn.Module, weights: Iterable[tuple[str, str, torch.Tensor]]) -> None:
-    loaded: set[str] = set()
-    for file, name, tensor in weights:
-        try:
-            loaded |= model.load_weights([(name, tensor)])
-        except UnknownWeightError:
-            raise WeightMismatchError(file, "no parameter of the model matches this tensor (wrong "
-                                            "architecture?)", tensor=name) from None
-        except ValueError as e:
-            raise WeightMismatchError(file, str(e).split(": ", 1)[-1], tensor=name) from None
+    current = [None, None]  # (file, tensor) being loaded, for error messages
+
+    def named() -> Iterable[tuple[str, torch.Tensor]]:
+        for file, name, tensor in weights:
+            current[0], current[1] = file, name
+            yield name, tensor
+
+    try:
+        loaded = model.load_weights(named())
+    except UnknownWeightError:
+        raise WeightMismatchError(current[0], "no parameter of the model matches this tensor (wrong "
+                                              "architecture?)", tensor=current[1]) from None
+    except LoaderError:
+        raise
+    except ValueError as e:
+        raise WeightMismatchError(current[0], str(e).split(": ", 1)[-1], tensor=current[1]) from None
     missing = model.missing_parameters(loaded)
     if missing:
-        raise WeightMismatchError(file if loaded else None, f"the checkpoint lacks {len(missing)} tensor(s) "
+        raise WeightMismatchError(current[0], f"the checkpoint lacks {len(missing)} tensor(s) "
                                   f"the config needs, e.g. {', '.join(missing[:3])}")
 
 
@@ -147,13 +154,16 @@ def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool):
     from mindie_llm.loader.gguf_loader import gguf_arch_dict, iter_gguf_tensors, open_gguf, read_gguf_metadata
 
     reader = open_gguf(path)
-    meta = read_gguf_metadata(reader)
-    cfg = gguf_arch_dict(meta, path)
-    names = {t.name for t in reader.tensors}
-    cfg["tie_word_embeddings"] = "output.weight" not in names
-    arch = _arch_from(cfg, path)
-    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
-    _load_weights(model, ((path, n, t) for n, t in iter_gguf_tensors(reader, path, cfg, progress)))
+    try:
+        meta = read_gguf_metadata(reader)
+        cfg = gguf_arch_dict(meta, path)
+        names = {t.name for t in reader.tensors}
+        cfg["tie_word_embeddings"] = "output.weight" not in names
+        arch = _arch_from(cfg, path)
+        model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
+        _load_weights(model, ((path, n, t) for n, t in iter_gguf_tensors(reader, path, cfg, progress)))
+    finally:
+        reader.close()
     try:
         tok = Tokenizer.from_gguf_fields(meta, name=path)
     except TokenizerError as e:

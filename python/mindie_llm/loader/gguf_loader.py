@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""GGUF loader through the ``gguf`` package: metadata -> LlamaArchConfig, tensors dequantized to
-float (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants: whatever ``gguf.quants.dequantize`` supports),
+"""GGUF loader: metadata -> LlamaArchConfig, tensors dequantized to float (F32, F16, BF16, Q8_0,
+Q4_0, Q4_1 in torch; K-quants and the rest through ``gguf.quants.dequantize``),
 GGUF names -> Hugging Face names, and the rotary permutation of llama Q/K weights undone exactly as
 transformers' GGUF loader does, so logits match transformers on the same file.
 
@@ -12,10 +12,10 @@ import os
 import re
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from mindie_llm.loader.errors import CorruptCheckpointError, ModelNotFoundError, WeightMismatchError
+from mindie_llm.loader.gguf_reader import GGUFFile, GGUFTensorInfo, dequantize
 
 __all__ = ["read_gguf_metadata", "open_gguf", "gguf_arch_dict", "iter_gguf_tensors"]
 
@@ -31,47 +31,19 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def open_gguf(path: str):
-    """A ``gguf.GGUFReader`` over ``path``; truncated or malformed files raise
-    CorruptCheckpointError naming the file."""
-    import gguf
-
+def open_gguf(path: str) -> GGUFFile:
+    """Parses the GGUF file at ``path`` (metadata and tensor infos; tensor bytes stay mapped).
+    Truncated or malformed files raise CorruptCheckpointError naming the file."""
     if not os.path.isfile(path):
         raise ModelNotFoundError(path, "no such file")
     if not os.access(path, os.R_OK):
         raise ModelNotFoundError(path, "not readable")
-    try:
-        return gguf.GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OSError, TypeError, AssertionError) as e:
-        raise CorruptCheckpointError(path, f"truncated or corrupt GGUF: {type(e).__name__}: {e}") from None
+    return GGUFFile(path)
 
 
-def _field_value(field: Any) -> Any:
-    import gguf
-
-    types = field.types
-    if not types:
-        return None
-    if types[0] == gguf.GGUFValueType.ARRAY:
-        sub = types[-1]
-        if sub == gguf.GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if types[0] == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    return field.parts[field.data[0]].tolist()[0]
-
-
-def read_gguf_metadata(path_or_reader: Any) -> dict[str, Any]:
-    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, str) else path_or_reader
-    path = getattr(reader, "data", None) is not None and getattr(reader, "_path", None)
-    out = {}
-    for name, field in reader.fields.items():
-        try:
-            out[name] = _field_value(field)
-        except (IndexError, UnicodeDecodeError, ValueError) as e:
-            raise CorruptCheckpointError(path or "gguf", f"corrupt metadata field {name}: {e}") from None
-    return out
+def read_gguf_metadata(path_or_file: str | GGUFFile) -> dict[str, Any]:
+    f = open_gguf(path_or_file) if isinstance(path_or_file, str) else path_or_file
+    return dict(f.metadata)
 
 
 def gguf_arch_dict(meta: dict[str, Any], path: str) -> dict[str, Any]:
@@ -135,54 +107,41 @@ def _hf_name(name: str) -> str | None:
     return name  # unknown: the model rejects it by name
 
 
-def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # Undo llama.cpp's convert_hf_to_gguf permute of Q/K rows (same as transformers' loader).
+def _reverse_permute(w: Any, n_head: int) -> Any:
+    # Undo llama.cpp's convert_hf_to_gguf permute of Q/K rows (same as transformers' loader);
+    # works on numpy arrays and torch tensors.
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def dequantize_tensor(tensor: Any, path: str) -> np.ndarray:
-    """A ReaderTensor -> float32 numpy array in PyTorch's [out, in] order."""
-    import gguf
-
+def dequantize_tensor(f: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
+    """One tensor -> float32 tensor in PyTorch's [out, in] order."""
     try:
-        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return dequantize(f.raw(info), info.ggml_type, info.shape)
     except NotImplementedError:
-        raise WeightMismatchError(path, f"quantization {tensor.tensor_type.name} is not supported by "
-                                        "the gguf package's dequantizer", tensor=tensor.name) from None
-    except (ValueError, IndexError) as e:
-        raise CorruptCheckpointError(path, f"cannot dequantize: {e}", tensor=tensor.name) from None
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    if int(np.prod(shape)) != arr.size:
-        raise CorruptCheckpointError(path, f"holds {arr.size} values, shape says {shape}", tensor=tensor.name)
-    out = np.asarray(arr, dtype=np.float32).reshape(shape)
-    return out if out.flags.writeable else out.copy()  # F32 tensors are views of the read-only map
+        raise WeightMismatchError(f.path, f"ggml type {info.ggml_type} cannot be dequantized by the gguf "
+                                          "package", tensor=info.name) from None
+    except (ValueError, IndexError, RuntimeError) as e:
+        raise CorruptCheckpointError(f.path, f"cannot dequantize: {e}", tensor=info.name) from None
 
 
-def iter_gguf_tensors(reader: Any, path: str, cfg: dict[str, Any], progress: bool = False
+def iter_gguf_tensors(f: GGUFFile, path: str, cfg: dict[str, Any], progress: bool = False
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (HF name, float32 tensor) for every tensor, Q/K un-permuted for llama-style rotary."""
-    size = os.path.getsize(path)
-    tensors = list(reader.tensors)
-    for t in tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CorruptCheckpointError(path, f"truncated: data ends at byte {end}, file has {size}",
-                                         tensor=t.name)
-    it = tensors
+    it: Any = f.tensors
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(tensors, desc=f"Dequantizing {os.path.basename(path)}", unit="tensor", leave=False)
+        it = tqdm(f.tensors, desc=f"Dequantizing {os.path.basename(path)}", unit="tensor", leave=False)
     n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     permuted = cfg.get("model_type") in ("llama", "mistral")  # llama.cpp permutes these only
-    for t in it:
-        hf = _hf_name(t.name)
+    for info in it:
+        hf = _hf_name(info.name)
         if hf is None:
             continue
-        arr = dequantize_tensor(t, path)
-        if permuted and ".attn_q." in t.name:
-            arr = _reverse_permute(arr, n_heads)
-        elif permuted and ".attn_k." in t.name:
-            arr = _reverse_permute(arr, n_kv)
-        yield hf, torch.from_numpy(np.ascontiguousarray(arr))  # [out, in] float32
+        w = dequantize_tensor(f, info)                                   # [out, in] float32
+        if permuted and ".attn_q." in info.name:
+            w = _reverse_permute(w, n_heads)
+        elif permuted and ".attn_k." in info.name:
+            w = _reverse_permute(w, n_kv)
+        yield hf, w
