@@ -94,6 +94,10 @@ def _check_tls(cfg: Any) -> None:
             raise StartupError(EXIT_CONFIG, f"server.{key}: cannot read {path!r} ({e.strerror})") from None
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 @contextlib.contextmanager
 def _no_signal_capture() -> Iterator[None]:
     yield
@@ -110,6 +114,14 @@ async def _serve(cfg: Any) -> int:
     scfg = cfg.server
     _check_tls(cfg)
     http_sock = _bind(scfg.host, scfg.http_port, "http_port") if scfg.http_port >= 0 else None
+    if scfg.grpc_port > 0:
+        # Fail before the (slow) model load if the gRPC port is taken; gRPC binds it again later.
+        try:
+            _bind(scfg.host, scfg.grpc_port, "grpc_port").close()
+        except StartupError:
+            if http_sock is not None:
+                http_sock.close()
+            raise
     grpc_server = None
     llm = None
     try:
@@ -205,7 +217,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     try:
         cfg = load_config(args)
     except ConfigError as e:
-        print(f"mindie-llm: configuration error: {e}", file=sys.stderr, flush=True)
+        print(f"mindie-llm: configuration error: {_one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     try:
         return asyncio.run(_serve(cfg))
@@ -213,7 +225,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         print(f"mindie-llm: error: {e}", file=sys.stderr, flush=True)
         return e.code
     except ConfigError as e:
-        print(f"mindie-llm: configuration error: {e}", file=sys.stderr, flush=True)
+        print(f"mindie-llm: configuration error: {_one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0
