@@ -162,7 +162,7 @@ bool BlockManager::cacheBlock(BlockId block, BlockHash hash, BlockHash parentHas
     {
         return false; // the key is taken (same content elsewhere, or a collision): keep the first
     }
-    mSlots[slot] = Slot{key, block};
+    mSlots[slot] = Slot{static_cast<std::uint32_t>(key >> 32), block};
     ++mNumCached;
     Block& blk = mBlocks[block];
     blk.isCached = true;
@@ -196,12 +196,16 @@ void BlockManager::evict(BlockId block)
 
 size_t BlockManager::findSlot(BlockHash key) const noexcept
 {
+    auto const tag = static_cast<std::uint32_t>(key >> 32);
     size_t slot = static_cast<size_t>(mix64(key)) & mSlotMask;
-    while (mSlots[slot].block >= 0 && mSlots[slot].key != key)
+    for (;; slot = (slot + 1) & mSlotMask)
     {
-        slot = (slot + 1) & mSlotMask;
+        Slot const& s = mSlots[slot];
+        if (s.block < 0 || (s.tag == tag && (mBlocks[s.block].hash & mHashMask) == key))
+        {
+            return slot;
+        }
     }
-    return slot;
 }
 
 void BlockManager::eraseSlot(size_t slot) noexcept
@@ -211,7 +215,7 @@ void BlockManager::eraseSlot(size_t slot) noexcept
     size_t next = (hole + 1) & mSlotMask;
     while (mSlots[next].block >= 0)
     {
-        size_t const home = static_cast<size_t>(mix64(mSlots[next].key)) & mSlotMask;
+        size_t const home = static_cast<size_t>(mix64(mBlocks[mSlots[next].block].hash & mHashMask)) & mSlotMask;
         // Move `next` into the hole unless its home lies cyclically in (hole, next].
         bool const stays = hole <= next ? (hole < home && home <= next) : (hole < home || home <= next);
         if (!stays)

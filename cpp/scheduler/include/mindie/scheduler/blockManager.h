@@ -68,7 +68,11 @@ public:
     bool cacheBlock(BlockId block, BlockHash hash, BlockHash parentHash, TokenId const* tokens);
 
     /// @brief Test hook: hash-table keys become `hash & mask`, forcing collisions (0: all collide).
-    void setHashMaskForTesting(BlockHash mask) noexcept { mHashMask = mask; }
+    void setHashMaskForTesting(BlockHash mask)
+    {
+        MINDIE_CHECK(mNumCached == 0, ContractError, "set the hash mask before anything is cached");
+        mHashMask = mask;
+    }
 
     /// @brief Free-list order, least recently used first (for tests).
     [[nodiscard]] std::vector<BlockId> freeListForTesting() const;
@@ -105,10 +109,10 @@ private:
     BlockHash mHashMask{~BlockHash{0}};
     struct Slot
     {
-        BlockHash key{0};  ///< masked hash
-        BlockId block{-1}; ///< -1: empty
+        std::uint32_t tag{0}; ///< high 32 bits of the masked hash (the block's own hash confirms)
+        BlockId block{-1};    ///< -1: empty
     };
-    std::vector<Slot> mSlots; ///< key and block side by side: one cache line per probe
+    std::vector<Slot> mSlots; ///< 8 bytes a slot: tag and block share one cache line per probe
     size_t mSlotMask{0};
     SizeType32 mNumCached{0};
 };
