@@ -29,7 +29,8 @@ def build_app(async_llm: Any, config: Any, metrics: ServerMetrics | None = None)
     serving = OpenAIServing(async_llm, limits)
     created = int(time.time())
     app = FastAPI(title="mindie-llm", version="0.1.0",
-                  description="OpenAI-compatible API of mindie-llm", docs_url=None, redoc_url=None)
+                  description="OpenAI-compatible API of mindie-llm", docs_url=None, redoc_url=None,
+                  strict_content_type=False)  # a body without Content-Type is read as JSON
     install_error_handlers(app)
 
     @app.get("/health", summary="Liveness: fails when the engine loop stops making progress")
