@@ -231,11 +231,12 @@ def build_grpc_server(async_llm: Any, config: Any, *, enable_kserve: bool = True
     ``enable_kserve=False`` leaves out the KServe service.
     Raises ValueError for unreadable TLS files and OSError when the port cannot be bound.
     """
-    from grpc_reflection.v1alpha import reflection
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
     from mindie_llm.server.grpc.generation_service import SERVICE_NAME as GEN_NAME
     from mindie_llm.server.grpc.generation_service import GenerationServicer
     from mindie_llm.server.grpc.generation_service import pb2 as gen_pb2
+    from mindie_llm.server.grpc.kserve_stubs import reflection_pool
 
     scfg = config.server
     if scfg.grpc_port < 0:
@@ -261,10 +262,7 @@ def build_grpc_server(async_llm: Any, config: Any, *, enable_kserve: bool = True
         names.append(KSERVE_NAME)
     server.add_generic_rpc_handlers(tuple(handlers))
     health_pb2_grpc.add_HealthServicer_to_server(_HealthServicer(async_llm, names), server)
-    from grpc_reflection.v1alpha import reflection_pb2
-
-    from mindie_llm.server.grpc.kserve_stubs import reflection_pool
-
+    # Reflection reads a private pool: the KServe descriptors are not in the default one.
     pool = reflection_pool(gen_pb2, health_pb2, reflection_pb2, include_kserve=enable_kserve)
     reflection.enable_server_reflection([*names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server, pool=pool)
 
