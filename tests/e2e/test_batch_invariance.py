@@ -50,9 +50,17 @@ def _mixed_batch():
 
 
 @pytest.fixture(scope="module")
-def alone():
+def weights():
+    from mindie_llm.config import ModelConfig
+    from mindie_llm.loader import load_model
+
+    return load_model(ModelConfig(dtype="float32"), "cpu", "float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def alone(weights):
     llm = LLM(dtype="float32", max_model_len=512, max_num_batched_tokens=512, enable_chunked_prefill=False,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, loaded_model=weights)
     res = [llm.generate([t], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for t in TARGETS]
     assert all(len(r) == 8 for r in res)
     return res
@@ -69,8 +77,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_target_tokens_identical_inside_mixed_batch(alone, case):
-    llm = LLM(dtype="float32", max_model_len=512, block_size=16, **CASES[case])
+def test_target_tokens_identical_inside_mixed_batch(weights, alone, case):
+    llm = LLM(dtype="float32", max_model_len=512, block_size=16, loaded_model=weights, **CASES[case])
     prompts, params = _mixed_batch()
     outs = llm.generate(prompts, params, use_tqdm=False)
     got = [outs[pos].outputs[0].token_ids for pos in (0, 13, 31)]

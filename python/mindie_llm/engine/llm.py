@@ -47,11 +47,12 @@ class LLM:
     (``EngineConfig.from_kwargs``: ``max_model_len``, ``dtype``, ``block_size``, ``num_blocks``,
     ``enable_prefix_caching``, ``enable_chunked_prefill``, ``max_num_seqs``, ``seed``, ...)."""
 
-    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 loaded_model: Any = None, **overrides: Any) -> None:
         if model is not None:
             overrides["model"] = model
         self.config = EngineConfig.from_kwargs(base=config, **overrides)
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(self.config, loaded_model=loaded_model)
         self._counter = 0
 
     def get_tokenizer(self):

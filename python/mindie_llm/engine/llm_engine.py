@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -68,7 +68,9 @@ def _stat(stats: object, *names: str, default: int = 0) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, loaded_model: Any = None) -> None:
+        """``loaded_model``: a ``loader.LoadedModel`` to reuse instead of loading ``config.model``
+        (tests and benchmarks that build several engines over the same weights)."""
         import torch
 
         from mindie_llm.backends import get_platform, import_qualname
@@ -83,7 +85,7 @@ class LLMEngine:
         device = platform.device()
         if config.backend.num_threads and device.type == "cpu":
             torch.set_num_threads(config.backend.num_threads)
-        loaded = load_model(config.model, device, config.model.dtype)
+        loaded = loaded_model or load_model(config.model, device, config.model.dtype)
         self.model = loaded.model
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer

@@ -132,9 +132,8 @@ class ModelRunner:
         t = (lambda a: torch.from_numpy(a).to(dev))
         md = SamplingMetadata(
             temperature=t(temp), top_k=t(top_k), top_p=t(top_p), min_p=t(min_p),
-            seeds=t(np.fromiter((s.seed for s in states), np.int64, S)),
-            output_positions=t(np.fromiter((len(s.output_token_ids) for s in states), np.int64, S)),
-            all_greedy=bool((temp == 0).all()),
+            seeds=[s.seed for s in states], output_positions=[len(s.output_token_ids) for s in states],
+            all_greedy=bool((temp == 0).all()), random_rows=np.flatnonzero(temp > 0).tolist(),
             need_top_k_top_p=bool(((top_k > 0) & (temp > 0)).any() or ((top_p < 1) & (temp > 0)).any()),
             need_min_p=bool(((min_p > 0) & (temp > 0)).any()),
         )

@@ -28,8 +28,8 @@ class SamplingMetadata:
     top_k: torch.Tensor                # [S] int64, <= 0 = off
     top_p: torch.Tensor                # [S] f32
     min_p: torch.Tensor                # [S] f32
-    seeds: torch.Tensor                # [S] int64
-    output_positions: torch.Tensor     # [S] int64: index of the token being sampled in the output
+    seeds: list[int]                   # S seeds (int64)
+    output_positions: list[int]        # S indices of the token being sampled in the output
     all_greedy: bool
     need_top_k_top_p: bool
     need_min_p: bool
@@ -43,6 +43,7 @@ class SamplingMetadata:
     banned_rows: torch.Tensor | None = None   # [K] int64
     banned_tokens: torch.Tensor | None = None  # [K] int64
     max_num_logprobs: int = 0                 # top-N over rows asking for logprobs; -1 = none asks
+    random_rows: list[int] | None = None      # rows with temperature > 0 (None: derived here)
 
 
 @dataclass
@@ -68,13 +69,18 @@ class Sampler(nn.Module):
         if md.all_greedy:
             sampled = greedy_tokens
         else:
-            x = ops.apply_temperature(logits, md.temperature)
+            # Only the rows that sample randomly pay for temperature, filtering and the draw.
+            rows = md.random_rows
+            if rows is None:
+                rows = [i for i, t in enumerate(md.temperature.tolist()) if t > 0]
+            idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+            x = ops.apply_temperature(logits[idx], md.temperature[idx])   # [R, V]
             if md.need_min_p:
-                x = ops.apply_min_p(x, md.min_p)
+                x = ops.apply_min_p(x, md.min_p[idx])
             if md.need_top_k_top_p:
-                x = ops.apply_top_k_top_p(x, md.top_k, md.top_p)
-            drawn = ops.sample_seeded(x, md.seeds, md.output_positions)
-            sampled = torch.where(md.temperature > 0, drawn, greedy_tokens)
+                x = ops.apply_top_k_top_p(x, md.top_k[idx], md.top_p[idx])
+            drawn = ops.sample_seeded(x, [md.seeds[i] for i in rows], [md.output_positions[i] for i in rows])
+            sampled = greedy_tokens.index_copy(0, idx, drawn)
         out = SamplerOutput(sampled=sampled)
         if raw_logprobs is not None:
             out.top_ids, out.top_logprobs, out.token_logprob, out.token_rank = ops.gather_logprobs(

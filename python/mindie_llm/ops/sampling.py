@@ -2,10 +2,11 @@
 """Sampling ops in plain torch: penalties, temperature, min-p, top-k/top-p, seeded sampling and
 logprob gathering. This file is the reference every device backend's sampling must match.
 
-Seeded randomness is counter-based: the uniform number of (request seed, output position, token)
-is a 32-bit integer hash of the three, computed with vectorized torch integer ops. A request's
+Seeded randomness is counter-based: the exponential noise of the token at output position ``p``
+of a request comes from a generator seeded with ``mix_seed(seed, p)`` (splitmix64). A request's
 draws therefore depend only on its own seed and position: the same whatever else is in the batch,
-and the same after preemption and recompute. No global RNG is touched.
+and the same after preemption and recompute. No global RNG is touched. (Numbers differ between
+devices, whose generators differ; on one device they are reproducible.)
 
 Must not import anything of the package but torch (no engine, no scheduler, no models).
 """
@@ -14,45 +15,19 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "apply_penalties", "apply_temperature", "apply_min_p", "apply_top_k_top_p", "hash_uniform",
+    "apply_penalties", "apply_temperature", "apply_min_p", "apply_top_k_top_p", "mix_seed",
     "sample_seeded", "compute_logprobs", "gather_logprobs",
 ]
 
-_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for 0 <= x < 2**32 in int64 without overflow (c split in 16-bit halves)."""
-    lo = x * (c & 0xFFFF)                    # < 2**48
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16    # < 2**32
-    return (lo + hi) & _M32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (Chris Wellons), an avalanching 32-bit integer hash; x int64 in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    x = x ^ (x >> 16)
-    return x
-
-
-def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform numbers in (0, 1) from (seed, position, token): [S, V] float32.
-
-    seeds: [S] int64 (any int64), positions: [S] int64 (output index of the token being drawn).
-    """
-    dev = seeds.device
-    s = seeds.to(torch.int64)
-    k0 = s & _M32                                        # [S]
-    k1 = (s >> 32) & _M32                                # [S] (arithmetic shift, masked)
-    row = _hash32(k0 ^ _hash32(k1 ^ _hash32(positions.to(torch.int64) & _M32)))  # [S]
-    cols = torch.arange(vocab_size, device=dev, dtype=torch.int64)               # [V]
-    h = _hash32(row[:, None] ^ _hash32((cols * 0x9E37 + 0x6A09) & _M32)[None, :])  # [S, V]
-    h = _hash32(h ^ 0x5BD1E995)
-    # 24 high bits, centred: never 0 or 1, exactly representable in float32.
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+def mix_seed(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): the generator seed of one draw, in [0, 2**63)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) >> 1
 
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_counts: torch.Tensor,
@@ -103,13 +78,17 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample_seeded(logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Draws one token per row from softmax(logits) by the exponential race
-    ``argmax(p / E)``, E = -log(U), U = hash_uniform(seed, position, token). Returns [S] int64."""
-    u = hash_uniform(seeds, positions, logits.shape[-1])                  # [S, V]
-    # argmax(p / E) == argmax(log p - log E); log p = logits - logsumexp is a per-row shift.
-    score = logits - torch.log(-torch.log(u))
-    return score.argmax(dim=-1)
+def sample_seeded(logits: torch.Tensor, seeds: list[int], positions: list[int]) -> torch.Tensor:
+    """Draws one token per row from softmax(logits) by the exponential race ``argmax(p / E)``,
+    E ~ Exp(1) drawn from a generator seeded with ``mix_seed(seed, position)`` of that row.
+    logits [S, V]; seeds, positions: S ints. Returns [S] int64."""
+    probs = torch.softmax(logits, dim=-1)                                 # [S, V]
+    q = torch.empty_like(probs)
+    gen = torch.Generator(device=logits.device)
+    for i, (seed, pos) in enumerate(zip(seeds, positions)):  # one generator draw per row
+        gen.manual_seed(mix_seed(seed, pos))
+        q[i].exponential_(generator=gen)
+    return (probs / q).argmax(dim=-1)
 
 
 def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from mindie_llm.ops import sampling as ops
 
 def _md(S, **kw):
     base = dict(temperature=torch.ones(S), top_k=torch.full((S,), -1), top_p=torch.ones(S),
-                min_p=torch.zeros(S), seeds=torch.arange(S, dtype=torch.int64),
-                output_positions=torch.zeros(S, dtype=torch.int64), all_greedy=False,
+                min_p=torch.zeros(S), seeds=list(range(S)),
+                output_positions=[0] * S, all_greedy=False,
                 need_top_k_top_p=False, need_min_p=False)
     base.update(kw)
     return SamplingMetadata(**base)
@@ -79,14 +79,9 @@ def test_min_p_masks_below_fraction_of_max():
     assert torch.isinf(got[0, 3]) and not torch.isinf(got[0, :3]).any()
 
 
-def test_hash_uniform_range_and_independence():
-    u = ops.hash_uniform(torch.tensor([1, 1, 2, -(1 << 63)]), torch.tensor([0, 1, 0, 0]), 4096)
-    assert u.min() > 0 and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.02
-    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
-    # Same (seed, position) gives the same numbers whatever the other rows are.
-    v = ops.hash_uniform(torch.tensor([7, 1]), torch.tensor([3, 1]), 4096)
-    assert torch.equal(v[1], u[1])
+def test_mix_seed_distinct_and_in_range():
+    vals = {ops.mix_seed(s, p) for s in (0, 1, -1, (1 << 63) - 1, -(1 << 63)) for p in range(50)}
+    assert len(vals) == 250 and all(0 <= v < (1 << 63) for v in vals)
 
 
 def test_seeded_sampling_follows_the_distribution():
@@ -94,22 +89,23 @@ def test_seeded_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
     n = 8000
     logits = torch.log(probs).expand(n, -1)
-    seeds = torch.arange(n, dtype=torch.int64) * 1000003
-    tok = ops.sample_seeded(logits, seeds, torch.zeros(n, dtype=torch.int64))
+    tok = ops.sample_seeded(logits, [7] * n, list(range(n)))
     freq = torch.bincount(tok, minlength=5).float() / n
     assert torch.allclose(freq, probs, atol=0.02), freq
+    # Same (seed, position) -> same token; the row's neighbours do not matter.
+    again = ops.sample_seeded(logits[:3], [7, 7, 7], [2, 1, 0])
+    assert again.tolist() == tok[:3].flip(0).tolist()
 
 
 def test_sampler_greedy_seeded_and_batch_independent():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 100, generator=g)
     s = Sampler()
-    md = _md(3, temperature=torch.tensor([0.0, 0.8, 1.3]), seeds=torch.tensor([5, 6, 7]),
-             output_positions=torch.tensor([0, 4, 9]))
+    md = _md(3, temperature=torch.tensor([0.0, 0.8, 1.3]), seeds=[5, 6, 7], output_positions=[0, 4, 9])
     out = s(logits, md)
     assert out.sampled[0] == logits[0].argmax()
     # Row 1 alone, with the same seed/position, gives the same token.
-    md1 = _md(1, temperature=torch.tensor([0.8]), seeds=torch.tensor([6]), output_positions=torch.tensor([4]))
+    md1 = _md(1, temperature=torch.tensor([0.8]), seeds=[6], output_positions=[4])
     assert s(logits[1:2], md1).sampled[0] == out.sampled[1]
     # All-greedy fast path equals argmax.
     mdg = _md(3, temperature=torch.zeros(3), all_greedy=True)
