@@ -2,7 +2,7 @@
 """gRPC through ``mindie-llm serve`` (the launcher, the real default model, started by the shared
 ``server_factory`` fixture): the README's gRPC call, tritonclient, the API key from the environment on every service
 but health, and drain on SIGTERM (in-flight streams finish, new requests get UNAVAILABLE, health
-turns NOT_SERVING, exit code 0).
+turns NOT_SERVING, exit code 0), and a burst of 200 requests over a queue of 8.
 
 Oracles: a stream started before SIGTERM with ignore_eos delivers exactly max_tokens tokens and ends
 with finish reason LENGTH; status codes as the issue specifies.
@@ -30,7 +30,7 @@ _AUTH = (("authorization", f"Bearer {_KEY}"),)
 @pytest.fixture(scope="module")
 def served(server_factory):
     """(process, grpc port) of ``mindie-llm serve`` with an API key from the environment."""
-    srv = server_factory(env={"MINDIE_API_KEY": _KEY})
+    srv = server_factory({"scheduler": {"max_queued_requests": 8}}, env={"MINDIE_API_KEY": _KEY})
     return srv.proc, int(srv.grpc_address.rsplit(":", 1)[1])
 
 
@@ -71,6 +71,36 @@ def test_tritonclient_against_the_launcher(served):
     res = c.infer("SmolLM2-135M-Instruct", [inp], parameters={"max_tokens": 4, "temperature": "0"}, headers=headers)
     assert res.as_numpy("text_output")[0].decode()
     c.close()
+
+
+def test_burst_of_200_over_a_queue_of_8(served):
+    """RESOURCE_EXHAUSTED for what does not fit, before any stream message; the admitted ones
+    complete; the server stays up."""
+    _, port = served
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb2_grpc.GenerationServiceStub(ch)
+        calls = [stub.Generate.future(_req(max_tokens=2, temperature=0.0), metadata=_AUTH, timeout=300)
+                 for _ in range(150)]
+        streams = [stub.GenerateStream(_req(max_tokens=2), metadata=_AUTH, timeout=300) for _ in range(50)]
+        ok = exhausted = 0
+        for f in calls:
+            try:
+                assert len(f.result().completions[0].token_ids) >= 1
+                ok += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                exhausted += 1
+        for s in streams:
+            got = []
+            try:
+                got.extend(s)
+                assert got[-1].finished
+                ok += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not got, e.details()
+                exhausted += 1
+        assert ok + exhausted == 200 and ok >= 1 and exhausted >= 1
+        assert stub.Generate(_req(max_tokens=1), metadata=_AUTH, timeout=120).completions[0].token_ids
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_zero(served):
