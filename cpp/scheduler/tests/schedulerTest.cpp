@@ -9,6 +9,7 @@
 
 #include <functional>
 #include <numeric>
+#include <random>
 #include <string>
 
 using namespace mindie::scheduler;
@@ -493,4 +494,107 @@ TEST(SchedulerTest, TypedErrorsNeverAbort)
     EXPECT_THROW(s.update(&bad, &tok, 1), ContractError);
     EXPECT_THROW(Scheduler(config(8, 4, 0, 2)), ConfigError);
     EXPECT_THROW(Scheduler(config(8, 4, 8, 0)), ConfigError);
+}
+
+// ------------------------------------------------------------------------------- random operations
+
+TEST(SchedulerTest, RandomOperationsKeepTheBlockPoolConsistent)
+{
+    // Random admissions (some invalid), aborts, finishes, steps (some failed) and PD calls across
+    // policies and roles; run under ASan/UBSan by `make test-cpp`. Oracle: typed exceptions only,
+    // budget and sequence cap held every step, and every block back in the pool at the end.
+    std::mt19937 rng(11);
+    for (int round = 0; round < 24; ++round)
+    {
+        auto const policy = static_cast<Policy>(round % 4);
+        auto const role = static_cast<Role>((round / 4) % 3);
+        SchedulerConfig c = config(6 + static_cast<SizeType32>(rng() % 40), 1 + static_cast<SizeType32>(rng() % 8),
+            1 + static_cast<SizeType32>(rng() % 40), 1 + static_cast<SizeType32>(rng() % 6), 64, policy, role,
+            rng() % 2 == 0);
+        c.enableChunkedPrefill = rng() % 3 != 0;
+        Scheduler s(c);
+        if (rng() % 4 == 0)
+        {
+            s.setHashMaskForTesting(rng() % 2 == 0 ? 0 : 3);
+        }
+        ReqId nextId = 1;
+        for (int op = 0; op < 400; ++op)
+        {
+            int const kind = static_cast<int>(rng() % 10);
+            ReqId const someId = 1 + static_cast<ReqId>(rng() % static_cast<std::uint32_t>(nextId));
+            try
+            {
+                if (kind < 3)
+                {
+                    std::vector<TokenId> prompt(rng() % 30);
+                    for (auto& t : prompt)
+                    {
+                        t = static_cast<TokenId>(rng() % 5);
+                    }
+                    RequestParams p = params(1 + static_cast<SizeType32>(rng() % 12),
+                        static_cast<std::int32_t>(rng() % 3), static_cast<double>(op),
+                        rng() % 4 == 0 ? someId : -1);
+                    p.eosTokenIds = {0};
+                    if (role == Role::kDECODE && rng() % 2 == 0)
+                    {
+                        s.addPrefilled(nextId, prompt, {static_cast<TokenId>(rng() % 5)}, p);
+                    }
+                    else
+                    {
+                        s.addRequest(nextId, prompt, p);
+                    }
+                    ++nextId;
+                }
+                else if (kind == 3)
+                {
+                    s.abort(someId);
+                }
+                else if (kind == 4)
+                {
+                    s.finish(someId, FinishReason::kSTOP_STRING);
+                }
+                else if (kind == 5)
+                {
+                    rng() % 2 == 0 ? s.kvReady(someId) : s.release(someId);
+                }
+                else
+                {
+                    auto out = s.schedule();
+                    std::int64_t total = 0;
+                    std::vector<ReqId> ids;
+                    for (size_t i = 0; i < out->reqIds.size(); ++i)
+                    {
+                        total += out->numScheduledTokens[i];
+                        if (out->sampleMask[i])
+                        {
+                            ids.push_back(out->reqIds[i]);
+                        }
+                    }
+                    ASSERT_LE(total, c.maxNumBatchedTokens);
+                    ASSERT_LE(static_cast<SizeType32>(out->reqIds.size()), c.maxNumSeqs);
+                    if (rng() % 8 == 0)
+                    {
+                        ids.clear(); // a failed step
+                    }
+                    std::vector<TokenId> tokens(ids.size());
+                    for (auto& t : tokens)
+                    {
+                        t = static_cast<TokenId>(rng() % 5);
+                    }
+                    s.update(ids.data(), tokens.data(), ids.size());
+                }
+            }
+            catch (SchedulerError const&)
+            {
+                // Rejections and contract errors are expected; anything else fails the test.
+            }
+            ASSERT_LE(s.numRunning(), c.maxNumSeqs);
+        }
+        for (ReqId id = 1; id < nextId; ++id)
+        {
+            s.abort(id);
+        }
+        ASSERT_FALSE(s.hasUnfinished());
+        ASSERT_EQ(s.stats().numFreeBlocks, c.numBlocks - 1) << "round " << round;
+    }
 }
