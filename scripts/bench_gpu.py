@@ -253,6 +253,17 @@ def set_scheduler(eng, **kw) -> None:
     eng.scheduler = Scheduler(SchedulerCoreConfig(**base))
 
 
+GC_PAUSE = [0.0, 0]
+
+
+def _gc_timer(phase, info, _t=[0.0]):
+    if phase == "start":
+        _t[0] = time.perf_counter()
+    else:
+        GC_PAUSE[0] += time.perf_counter() - _t[0]
+        GC_PAUSE[1] += 1
+
+
 def run(eng, ps, outs, *, arrivals=None, kv_sample_every=0):
     """Runs requests to completion. Returns (seconds, output tokens, token times per request, kv samples)."""
     from mindie_llm.sampling_params import SamplingParams
@@ -328,9 +339,10 @@ def profile(eng, ps, outs, path: str | None, label: str) -> None:
     with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run(eng, ps, outs)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
     if path:
         with open(path, "a") as f:
-            f.write(f"\n===== {label}\n{table}\n")
+            f.write(f"\n===== {label}\n{table}\n----- by host time\n{cpu_table}\n")
     print(f"# profile {label}\n{table[:4000]}")
 
 
@@ -359,12 +371,21 @@ def bench_8b(out_dir: str | None) -> None:
     run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)                         # warm-up (4 sequences)
     run(eng, prompts(1, 100, 100, V, seed=8), [4])                            # warm-up (one sequence)
     # batch-1 decode: 128-token prompt, 128 new (figure = new tokens / whole request time, as vLLM's)
+    import gc
+    gc.callbacks.append(_gc_timer)
     dt, n, times, _ = run(eng, prompts(1, 128, 128, V), [128])
+    gc.callbacks.remove(_gc_timer)
+    emit("8B batch-1: Python GC pauses during the run", round(GC_PAUSE[0] * 1e3, 1), "ms", note=f"{GC_PAUSE[1]} collections")
     floor = wb / CEIL["bw"]
     emit("8B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
          f"vLLM (issue) {ISSUE_VLLM['bs1']}; {n / dt / ISSUE_VLLM['bs1']:.2f}x vLLM; weights {wb / 1e9:.2f} GB")
     t = times["r0"]
     itl = np.diff(t[2:])
+    emit("8B batch-1: first token (prefill 128) / second token", round((t[1] - t[0]) * 1e3, 1), "ms",
+         note=f"second {(t[2] - t[1]) * 1e3:.1f} ms")
+    dt2, n2, t2, _ = run(eng, prompts(1, 128, 128, V, seed=31), [128])
+    emit("8B batch-1 decode 128+128, repeat (fresh prompt)", round(n2 / dt2, 1), "tok/s",
+         note=f"first token {(t2['r0'][1] - t2['r0'][0]) * 1e3:.1f} ms")
     emit("8B batch-1 decode step (median ITL)", round(float(np.median(itl)) * 1e3, 2), "ms", round(floor * 1e3, 2),
          f"{getattr(eng.runner, 'num_overlapped_steps', 0)} steps so far overlapped with the host")
     g = decode_gpu_time(eng, 1)
@@ -442,6 +463,12 @@ def bench_1b() -> None:
     floor = weight_bytes(eng) / CEIL["bw"]
     emit("1B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
          f"vLLM (issue) {ISSUE_VLLM['bs1_1b']}; {n / dt / ISSUE_VLLM['bs1_1b']:.2f}x vLLM")
+    t = times["r0"]
+    emit("1B batch-1: first token (prefill 128) / second token", round((t[1] - t[0]) * 1e3, 1), "ms",
+         note=f"second {(t[2] - t[1]) * 1e3:.1f} ms")
+    dt2, n2, t2, _ = run(eng, prompts(1, 128, 128, V, seed=31), [128])
+    emit("1B batch-1 decode 128+128, repeat (fresh prompt)", round(n2 / dt2, 1), "tok/s",
+         note=f"first token {(t2['r0'][1] - t2['r0'][0]) * 1e3:.1f} ms")
     g = decode_gpu_time(eng, 1)
     itl = float(np.median(np.diff(times["r0"][2:])))
     if g:
