@@ -138,3 +138,22 @@ def test_dispatch_routes_by_device_and_falls_back_to_reference():
         ops.unregister_backend("cpu")
         if saved is not None:
             ops.register_backend("cpu", saved)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_rotary_on_adjacent_views_of_one_qkv_output(is_neox):
+    # the model passes q and k as column ranges of the same qkv tensor; the CPU op rotates both
+    # in one pass when it sees that layout, and must not touch v
+    torch.manual_seed(3)
+    t, hq, hk, d = 5, 6, 2, 8
+    freqs = torch.outer(torch.arange(32).float(), 1.0 / (100 ** (torch.arange(0, d, 2).float() / d)))
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    qkv = torch.randn(t, (hq + 2 * hk) * d)
+    before = qkv.clone()
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    pos = torch.tensor([0, 1, 7, 30, 2])
+    gq, gk = cpu_ops.rotary_embedding(pos, q, k, d, cache, is_neox)
+    wq, wk = ref.rotary_embedding(pos, q.clone(), k.clone(), d, cache, is_neox)
+    torch.testing.assert_close(gq, wq, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gk, wk, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv, before)  # inputs are not modified

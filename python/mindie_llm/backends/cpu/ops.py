@@ -41,29 +41,45 @@ def _cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.
     return cos.unsqueeze(1), sin.unsqueeze(1)                                      # [T, 1, r/2]
 
 
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_neox: bool) -> torch.Tensor:
+    """x[T, H, D] -> rotated copy (first ``rot`` dims), 4 arithmetic kernels for neox."""
+    half = rot // 2
+    out = torch.empty_like(x)
+    if is_neox:
+        x1, x2 = x[..., :half], x[..., half:rot]
+        o1, o2 = out[..., :half], out[..., half:rot]
+    else:
+        x1, x2 = x[..., 0:rot:2], x[..., 1:rot:2]
+        o1, o2 = out[..., 0:rot:2], out[..., 1:rot:2]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)          # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)                      # x2 cos + x1 sin
+    if rot < x.shape[-1]:
+        out[..., rot:] = x[..., rot:]
+    return out
+
+
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, head_dim: int,
                      cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # query: [T, Hq*D], key: [T, Hk*D]; returns new tensors of the same shapes and dtypes
     rot = cos_sin_cache.shape[-1]
-    half = rot // 2
-    compute = torch.float32 if query.dtype != torch.float32 else query.dtype
-    cos, sin = _cos_sin(positions, cos_sin_cache, compute)
-    out = []
-    for x in (query, key):
-        t = x.shape[0]
-        xh = x.view(t, -1, head_dim)
-        xr = xh[..., :rot].to(compute)
-        if is_neox:
-            x1, x2 = xr[..., :half], xr[..., half:]
-        else:
-            x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
-        r = torch.cat((o1, o2), dim=-1) if is_neox else torch.stack((o1, o2), dim=-1).flatten(-2)
-        r = r.to(x.dtype)
-        if rot < head_dim:
-            r = torch.cat((r, xh[..., rot:]), dim=-1)
-        out.append(r.reshape(x.shape))
-    return out[0], out[1]
+    t = query.shape[0]
+    if query.dtype != torch.float32:  # low precision: rotate in fp32 like the reference
+        q, k = rotary_embedding(positions, query.float(), key.float(), head_dim, cos_sin_cache, is_neox)
+        return q.to(query.dtype), k.to(key.dtype)
+    cos, sin = _cos_sin(positions, cos_sin_cache, query.dtype)     # [T, 1, r/2]
+    hq = query.shape[1] // head_dim
+    es = query.element_size()
+    if (t > 0 and query.stride() == key.stride() and query.stride(1) == 1
+            and key.data_ptr() == query.data_ptr() + query.shape[1] * es):
+        # q and k are adjacent column ranges of one qkv output: rotate both in one pass
+        qk = query.as_strided((t, hq + key.shape[1] // head_dim, head_dim), (query.stride(0), head_dim, 1))
+        out = _rotate_(qk, cos, sin, rot, is_neox)                # [T, Hq + Hk, D]
+        return out[:, :hq].reshape(query.shape), out[:, hq:].reshape(key.shape)
+    q = _rotate_(query.reshape(t, -1, head_dim), cos, sin, rot, is_neox)
+    k = _rotate_(key.reshape(t, -1, head_dim), cos, sin, rot, is_neox)
+    return q.reshape(query.shape), k.reshape(key.shape)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -129,23 +145,34 @@ def _prefill_state(md: "AttentionMetadata", block_size: int, sliding_window: int
     return st
 
 
+def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, md: "AttentionMetadata", scale: float,
+                      sliding_window: int | None) -> torch.Tensor:
+    # query: [nd, Hq, D] (one token per request) -> [nd, Hq, D]
+    nd, hq, d = query.shape
+    _, n, bs, hk, _ = kv_cache.shape
+    blocks, nb, mask = _decode_state(md, bs, sliding_window)
+    k = kv_cache[0].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)  # [nd, Hk, S, D]
+    v = kv_cache[1].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)
+    q = query.unsqueeze(2)                                                             # [nd, Hq, 1, D]
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dtype == q.dtype else mask.to(q.dtype),
+                                       scale=scale, enable_gqa=hq != hk)             # [nd, Hq, 1, D]
+    return o.squeeze(2)
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: "AttentionMetadata",
                     scale: float, sliding_window: int | None = None) -> torch.Tensor:
     # query: [T, Hq, D]; kv_cache: [2, N, Bs, Hk, D] -> [T, Hq, D]
     md = attn_metadata
     t, hq, d = query.shape
     _, n, bs, hk, _ = kv_cache.shape
-    out = torch.empty_like(query)
     nd = md.num_decodes
+    if nd == t and nd:
+        return _decode_attention(query, kv_cache, md, scale, sliding_window)
+    out = torch.empty_like(query)
     if nd:
-        blocks, nb, mask = _decode_state(md, bs, sliding_window)
-        k = kv_cache[0].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)  # [nd, Hk, S, D]
-        v = kv_cache[1].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)
-        q = query[:nd].unsqueeze(2)                                                        # [nd, Hq, 1, D]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                           attn_mask=mask.to(q.dtype), scale=scale,
-                                           enable_gqa=hq != hk)                            # [nd, Hq, 1, D]
-        out[:nd] = o.squeeze(2)
+        out[:nd] = _decode_attention(query[:nd], kv_cache, md, scale, sliding_window)
     if t > nd:
         flat = kv_cache.view(2, n * bs, hk, d)
         for qs, qe, slots, mask in _prefill_state(md, bs, sliding_window):
