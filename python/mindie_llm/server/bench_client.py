@@ -142,6 +142,10 @@ class _HttpClient:
                     break
                 msg = json.loads(data)
                 now = time.perf_counter() - t0
+                if msg.get("error"):
+                    err = msg["error"]
+                    res.error = f"stream error: {str(err.get('message', err) if isinstance(err, dict) else err)[:200]}"
+                    return
                 if msg.get("usage"):
                     res.prompt_tokens = msg["usage"].get("prompt_tokens", 0)
                     res.output_tokens = msg["usage"].get("completion_tokens", 0)

@@ -77,6 +77,16 @@ def test_bench_serve_writes_csv_json_and_png(fake_ports, protocol, tmp_path, cap
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_bench_serve_with_a_jsonl_dataset(fake_grpc_port, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ("abc", "xyz")) + "\n")
+    args = _args("--protocol", "grpc", "--port", str(fake_grpc_port), "--dataset", str(data), "--num-requests", "5",
+                 "--output-len", "3")
+    results, _, _ = bench_client.run_benchmark(args)
+    # Prompts cycle through the file: the fake engine sees 3 prompt tokens each time.
+    assert [r.prompt_tokens for r in results] == [3] * 5 and all(r.output_tokens == 3 for r in results)
+
+
 def test_bench_serve_reports_failures_explicitly(tmp_path, capsys):
     # Nothing listens on this port: every request must come back as an explicit error.
     code = bench_client.main(_args("--protocol", "grpc", "--port", "1", "--model", "m", "--num-requests", "3",
