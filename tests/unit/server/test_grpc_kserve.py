@@ -146,6 +146,15 @@ def test_stream_infer_deltas_concatenate_to_the_unary_text(client):
     assert by_id["a"][-1].parameters["finish_reason"].string_param == "length"
 
 
+def test_stream_infer_with_an_empty_final_response(client):
+    by_id = _stream(client, [("e", {"prompt": "ab", "max_tokens": 4})], empty_final=True)
+    *data, final = by_id["e"]
+    assert not final.outputs and final.parameters["triton_final_response"].bool_param
+    assert final.parameters["completion_tokens"].int64_param == 4
+    assert not any(r.parameters["triton_final_response"].bool_param for r in data)
+    assert "".join(r.raw_output_contents[0][4:].decode() for r in data) == expected_text("ab", 4)
+
+
 def test_stream_error_of_one_request_keeps_the_stream(client):
     by_id = _stream(client, [("bad", {"prompt": "x", "max_tokens": 0}), ("good", {"prompt": "x", "max_tokens": 2})])
     assert any("max_tokens" in e for e in by_id["errors"])

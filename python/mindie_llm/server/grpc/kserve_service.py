@@ -106,6 +106,17 @@ class KServeServicer:
             resp.parameters["triton_final_response"].bool_param = final
         return resp
 
+    def _empty_final(self, request: Any, out: Any) -> Any:
+        """A response without outputs that only says "this request is complete" (plus usage and
+        timings), as Triton sends for ``triton_enable_empty_final_response``."""
+        resp = pb2.ModelInferResponse(model_name=self.llm.model_name, model_version=_VERSION, id=request.id)
+        resp.parameters["triton_final_response"].bool_param = True
+        resp.parameters["prompt_tokens"].int64_param = len(out.prompt_token_ids)
+        resp.parameters["completion_tokens"].int64_param = sum(len(o.token_ids) for o in out.outputs)
+        for k, v in timings_ns(out.metrics).items():
+            resp.parameters[k].int64_param = v
+        return resp
+
     async def _admit(self, request: Any, *, unary: bool = False) -> tuple[KServeRequest, AsyncIterator[Any], Any]:
         """Validates and admits; returns (decoded, generator, first output). Raises on error."""
         decoded, params = self._prepare(request)
@@ -152,13 +163,17 @@ class KServeServicer:
                     infer_response=self._response(request, s.text, out, final=True, finish_reason=s.finish_reason)))
                 return
             tracker = DeltaTracker()
+            sent_final = False
             while True:
                 for d in tracker.deltas(out.outputs):
-                    last = out.finished and d.finish_reason is not None
+                    last = out.finished and d.finish_reason is not None and not decoded.empty_final_response
                     resp = self._response(request, d.text, out if last else None, final=last,
                                           finish_reason=d.finish_reason)
                     await send.put(pb2.ModelStreamInferResponse(infer_response=resp))
+                    sent_final = sent_final or last
                 if out.finished:
+                    if not sent_final:   # Triton's empty final response (asked for, or nothing left)
+                        await send.put(pb2.ModelStreamInferResponse(infer_response=self._empty_final(request, out)))
                     return
                 try:
                     out = await gen.__anext__()
