@@ -153,3 +153,32 @@ def test_default_smollm2_logits_match_transformers(smollm2):
     got = _forward(lm, ids)
     torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_byte_flipped_gguf_headers_fail_cleanly(tiny, tmp_path):
+    """Fuzz: random corruptions of the metadata/tensor-info region either load or raise a
+    LoaderError (a ValueError naming the file); never another exception, never a hang."""
+    import random
+
+    path, _ = tiny
+    data = bytearray(open(path, "rb").read())
+    header_end = 40_000  # vocabulary and tensor infos live in the first ~40 kB of this file
+    rng = random.Random(0)
+    outcomes = set()
+    for i in range(25):
+        bad = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(4, min(header_end, len(bad)))
+            bad[pos] = rng.randrange(256)
+        f = tmp_path / f"fuzz{i}.gguf"
+        f.write_bytes(bytes(bad))
+        try:
+            load_model(ModelConfig(path=str(f)), "cpu", torch.float32, progress=False)
+            outcomes.add("loaded")
+        except LoaderError as e:
+            assert f.name in str(e)
+            outcomes.add("refused")
+        except ValueError as e:  # tokenizer/arch errors are ValueErrors too and must name something
+            assert str(e)
+            outcomes.add("value-error")
+    assert outcomes  # at least ran
