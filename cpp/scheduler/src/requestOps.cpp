@@ -59,6 +59,7 @@ Request& Scheduler::makeRequest(
     std::int32_t const prio = mConfig.policy == Policy::kPRIORITY ? req->params.priority : 0;
     req->key = SortKey{prio, req->params.arrivalTime, id};
     req->tokens = std::move(tokens);
+    req->lastToken = req->tokens.back();
     req->numPromptTokens = numPromptTokens;
     Request& ref = *req;
     mRequests.emplace(id, std::move(req));
@@ -160,6 +161,7 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
         TokenId const token = sampledTokenIds[mScratchMatch[k]];
         r.awaitingSample = false;
         r.tokens.push_back(token);
+        r.lastToken = token;
         FinishReason reason = checkStop(r, token);
         if (reason == FinishReason::kNONE && mConfig.role == Role::kPREFILL)
         {

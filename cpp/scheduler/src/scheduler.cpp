@@ -438,7 +438,9 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
         out.numComputedTokens.push_back(row.numComputedBefore);
         if (row.numNew == 1)
         {
-            out.inputTokenIds.push_back(r.tokens[row.numComputedBefore]); // decodes: no range-insert call
+            // Decodes: the token is lastToken (no range insert, no touch of the token array).
+            out.inputTokenIds.push_back(
+                row.numComputedBefore + 1 == r.numTokens() ? r.lastToken : r.tokens[row.numComputedBefore]);
         }
         else
         {

@@ -47,25 +47,31 @@ struct RequestParams
     ReqId parentId{-1}; ///< n > 1: id of sample 0 (-1: none)
 };
 
-struct Request
+/// NOTE: field order is hot-first: one pass over a running request reads its first cache line,
+/// the step bookkeeping sits in the second; tokens of a decode come from lastToken, so the token
+/// array itself is touched only for prefill chunks and appends.
+struct alignas(64) Request
 {
+    // Cache line 0: read by every pass over the running set.
     ReqId id{0};
-    RequestParams params;
-    SortKey key{};
-    std::vector<TokenId> tokens; ///< prompt followed by the sampled tokens
+    std::vector<TokenId> tokens;      ///< prompt followed by the sampled tokens
+    std::vector<BlockId> blocks;      ///< block table (append-only while running)
     SizeType32 numPromptTokens{0};
     SizeType32 numComputedTokens{0};
+    // Cache line 1: step bookkeeping.
     RequestState state{RequestState::kWAITING};
-    std::vector<BlockId> blocks;      ///< block table (append-only while running)
-    std::vector<BlockHash> hashes;    ///< chained hashes of full blocks (content-based, kept across preemption)
     SizeType32 numRegisteredBlocks{0}; ///< leading blocks already offered to the prefix cache
     SizeType32 numBlocksSent{0};       ///< blocks the runner already knows
+    SizeType32 computedBeforeStep{0};  ///< num_computed_tokens before this step's chunk
+    SizeType32 lastNumScheduled{0};    ///< tokens of the last schedule() (rolled back if never sampled)
+    TokenId lastToken{0};              ///< tokens.back()
     bool needsTableReset{true};        ///< next schedule sends the whole table with reset=true
     bool awaitingSample{false};        ///< scheduled with sample_mask=true, update() pending
     bool scheduledThisStep{false};
-    SizeType32 computedBeforeStep{0};  ///< num_computed_tokens before this step's chunk
-    SizeType32 lastNumScheduled{0};    ///< tokens of the last schedule() (rolled back if never sampled)
     std::int64_t preemptedAtStep{-1};  ///< not re-admitted in the step that preempted it
+    RequestParams params;
+    SortKey key{};
+    std::vector<BlockHash> hashes;     ///< chained hashes of full blocks (content-based, kept across preemption)
 
     [[nodiscard]] SizeType32 numTokens() const noexcept { return static_cast<SizeType32>(tokens.size()); }
     [[nodiscard]] SizeType32 numOutputTokens() const noexcept { return numTokens() - numPromptTokens; }
