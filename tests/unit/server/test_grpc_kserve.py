@@ -94,6 +94,7 @@ def test_health_and_metadata(client):
     assert meta.name == "mindie-llm"
     mm = client.get_model_metadata(MODEL)
     assert mm.name == MODEL and [i.name for i in mm.inputs][0] == "text_input"
+    assert {"stream", "sampling_parameters", "max_tokens", "temperature"} <= {i.name for i in mm.inputs}
     assert [o.name for o in mm.outputs] == ["text_output"]
 
 
@@ -284,6 +285,10 @@ MALFORMED = [
                                                       _bytes1(b'{"best_of": 3}'))]), _I, "best_of"),
     ("stream-tensor-wrong-type", _req(extra_inputs=[(_tensor("stream", "INT32"), b"\x01\x00\x00\x00")]), _I,
      "stream"),
+    ("option-tensor-two-elements", _req(extra_inputs=[(_tensor("max_tokens", "INT32", shape=(2,)), b"\x01" * 8)]),
+     _I, "max_tokens"),
+    ("option-tensor-nan", _req(extra_inputs=[(_tensor("temperature", "FP32"), b"\x00\x00\xc0\x7f")]), _I,
+     "temperature"),
     ("raw-count-mismatch", service_pb2.ModelInferRequest(model_name=MODEL, inputs=[_tensor("text_input", "BYTES")],
                                                          raw_input_contents=[b"", b""]), _I, "raw_input_contents"),
     ("oversized", _req(b"z" * (1 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
@@ -364,6 +369,29 @@ def test_decode_request_parameters_and_defaults():
 def test_stop_string_that_looks_like_json_is_literal():
     assert decode_request(_req(b"hi", params={"stop": "[END]"})).sampling["stop"] == ["[END]"]
     assert decode_request(_req(b"hi", params={"stop": '["x", "y"]'})).sampling["stop"] == ["x", "y"]
+
+
+def test_sampling_options_as_one_element_tensors():
+    import struct
+
+    r = _req(b"hi", params={"max_tokens": 7}, extra_inputs=[
+        (_tensor("max_tokens", "INT32"), struct.pack("<i", 3)),
+        (_tensor("temperature", "FP32"), struct.pack("<f", 0.5)),
+        (_tensor("top_k", "INT64", shape=(1, 1)), struct.pack("<q", 5)),
+        (_tensor("ignore_eos", "BOOL"), b"\x01")])
+    d = decode_request(r)
+    assert d.sampling == {"max_tokens": 7, "temperature": 0.5, "top_k": 5, "ignore_eos": True}  # parameter wins
+    bad = _req(b"hi", extra_inputs=[(_tensor("max_tokens", "FP16"), b"\x00\x00")])
+    with pytest.raises(ValueError, match="max_tokens: datatype"):
+        decode_request(bad)
+    with pytest.raises(ValueError, match="max_tokens"):
+        decode_request(_req(b"hi", extra_inputs=[(_tensor("max_tokens", "INT32"), b"\x01\x00")]))
+
+
+def test_infer_with_option_tensors(client):
+    mt = grpcclient.InferInput("max_tokens", [1], "INT32")
+    mt.set_data_from_numpy(np.array([4], dtype=np.int32))
+    assert out_text(client.infer(MODEL, [text_input("hey"), mt])) == expected_text("hey", 4)
 
 
 def test_decode_request_contents_form():

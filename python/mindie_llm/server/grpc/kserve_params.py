@@ -3,9 +3,10 @@
 
 Owns the wire conventions of Triton's LLM backends: the prompt is a one-element BYTES tensor
 ``text_input``; an optional BOOL tensor ``stream``; an optional BYTES tensor
-``sampling_parameters`` holding a JSON object (vLLM backend style); sampling options may also be
-request parameters (``parameters`` map; tritonclient sends str, bool and int values, so floats may
-be given as strings). Every error is a ValueError naming the tensor or the parameter.
+``sampling_parameters`` holding a JSON object (vLLM backend style); one-element tensors named after
+a sampling option (``max_tokens`` INT32, ``temperature`` FP32, ...: TensorRT-LLM backend style);
+and request parameters (``parameters`` map; tritonclient sends str, bool and int values, so floats
+may be given as strings). Every error is a ValueError naming the tensor or the parameter.
 
 Must not import grpc, torch or the engine: plain messages in, plain values out.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["KServeRequest", "decode_request", "serialize_bytes_tensor", "deserialize_bytes_tensor",
-           "INPUT_TEXT", "INPUT_STREAM", "INPUT_SAMPLING", "OUTPUT_TEXT"]
+           "option_tensor_types", "INPUT_TEXT", "INPUT_STREAM", "INPUT_SAMPLING", "OUTPUT_TEXT"]
 
 INPUT_TEXT = "text_input"
 INPUT_STREAM = "stream"
@@ -44,6 +45,13 @@ _UNSUPPORTED = {
     "sequence_end": "sequence batching is not supported",
     "timeout": "per-request timeouts are not supported; use the gRPC deadline (client_timeout)",
 }
+
+
+def option_tensor_types() -> dict[str, str]:
+    """The optional one-element sampling tensors and the datatype ModelMetadata advertises for each
+    (any numeric datatype is accepted)."""
+    kinds = {"int": "INT64", "float": "FP32", "bool": "BOOL", "str_list": "BYTES", "int_list": "BYTES"}
+    return {name: kinds[kind] for name, kind in _SAMPLING_KINDS.items()}
 
 
 @dataclass
@@ -195,6 +203,35 @@ def _one_element(inp: Any, raw: bytes | None, kind: str) -> Any:
     raise AssertionError(kind)
 
 
+# Numeric datatypes of one-element option tensors: struct format, InferTensorContents field.
+_SCALAR_TYPES = {"INT32": ("<i", "int_contents"), "INT64": ("<q", "int64_contents"),
+                 "UINT32": ("<I", "uint_contents"), "UINT64": ("<Q", "uint64_contents"),
+                 "FP32": ("<f", "fp32_contents"), "FP64": ("<d", "fp64_contents")}
+
+
+def _scalar_tensor(inp: Any, raw: bytes | None) -> Any:
+    """The value of a one-element option tensor (TensorRT-LLM style, e.g. ``max_tokens`` INT32)."""
+    if inp.datatype == "BOOL":
+        return _one_element(inp, raw, "BOOL")
+    if inp.datatype == "BYTES":
+        return _utf8(_one_element(inp, raw, "BYTES"), inp.name)
+    if inp.datatype not in _SCALAR_TYPES:
+        raise ValueError(f"{inp.name}: datatype must be one of BOOL, BYTES, {', '.join(_SCALAR_TYPES)}; "
+                         f"got {inp.datatype[:16]!r}")
+    shape = list(inp.shape)
+    if any(d < 0 for d in shape) or math.prod(shape) != 1:
+        raise ValueError(f"{inp.name}: shape must hold exactly one element; got {shape}")
+    fmt, contents = _SCALAR_TYPES[inp.datatype]
+    if raw is not None:
+        if len(raw) != struct.calcsize(fmt):
+            raise ValueError(f"{inp.name}: expected 1 {inp.datatype} element in raw contents")
+        return struct.unpack(fmt, raw)[0]
+    values = list(getattr(inp.contents, contents))
+    if len(values) != 1:
+        raise ValueError(f"{inp.name}: expected 1 {inp.datatype} element")
+    return values[0]
+
+
 def _utf8(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
@@ -211,6 +248,7 @@ def decode_request(request: Any) -> KServeRequest:
     prompt: str | None = None
     out = KServeRequest(prompt="")
     json_sampling: dict[str, Any] = {}
+    tensor_sampling: dict[str, Any] = {}
     seen: set[str] = set()
     for i, inp in enumerate(request.inputs):
         raw = raws[i] if raws else None
@@ -229,9 +267,11 @@ def decode_request(request: Any) -> KServeRequest:
                 if k not in _SAMPLING_KINDS:
                     raise ValueError(f"{INPUT_SAMPLING}.{k[:64]}: unknown sampling parameter")
                 json_sampling[k] = _coerce(f"{INPUT_SAMPLING}.{k}", _SAMPLING_KINDS[k], v)
+        elif inp.name in _SAMPLING_KINDS:
+            tensor_sampling[inp.name] = _coerce(inp.name, _SAMPLING_KINDS[inp.name], _scalar_tensor(inp, raw))
         else:
-            raise ValueError(f"inputs: unknown input tensor {inp.name[:64]!r}; expected "
-                             f"{INPUT_TEXT}, {INPUT_STREAM} or {INPUT_SAMPLING}")
+            raise ValueError(f"inputs: unknown input tensor {inp.name[:64]!r}; expected {INPUT_TEXT}, "
+                             f"{INPUT_STREAM}, {INPUT_SAMPLING} or a sampling option ({', '.join(_SAMPLING_KINDS)})")
     if prompt is None:
         raise ValueError(f"{INPUT_TEXT}: missing; the prompt is a BYTES tensor named {INPUT_TEXT}")
     if not prompt:
@@ -257,7 +297,8 @@ def decode_request(request: Any) -> KServeRequest:
         else:
             raise ValueError(f"{key[:64]}: unknown parameter; known: "
                              f"{', '.join(sorted([*_SAMPLING_KINDS, *_CONTROL_KINDS]))}")
-    for k, v in json_sampling.items():
+    # Precedence: request parameters, then option tensors, then the sampling_parameters JSON.
+    for k, v in (*tensor_sampling.items(), *json_sampling.items()):
         out.sampling.setdefault(k, v)
     if out.sampling.get("n", 1) != 1:
         raise ValueError("n: the KServe protocol returns one text_output; n must be 1")

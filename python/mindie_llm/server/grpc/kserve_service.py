@@ -20,9 +20,10 @@ import grpc
 from mindie_llm.sampling_params import SamplingParams
 from mindie_llm.server.grpc.common import DeltaTracker, new_request_id, timings_ns
 from mindie_llm.server.grpc.errors import RpcError, abort_with, status_for
-from mindie_llm.server.grpc.kserve_stubs import load_kserve_messages
 from mindie_llm.server.grpc.kserve_params import (INPUT_SAMPLING, INPUT_STREAM, INPUT_TEXT, OUTPUT_TEXT,
-                                                  KServeRequest, decode_request, serialize_bytes_tensor)
+                                                  KServeRequest, decode_request, option_tensor_types,
+                                                  serialize_bytes_tensor)
+from mindie_llm.server.grpc.kserve_stubs import load_kserve_messages
 from mindie_llm.server.protocol_limits import RequestLimits
 
 __all__ = ["KServeServicer", "SERVICE_NAME"]
@@ -71,7 +72,8 @@ class KServeServicer:
         return pb2.ModelMetadataResponse(
             name=self.llm.model_name, versions=[_VERSION], platform="mindie-llm",
             inputs=[T(name=INPUT_TEXT, datatype="BYTES", shape=[1]), T(name=INPUT_STREAM, datatype="BOOL", shape=[1]),
-                    T(name=INPUT_SAMPLING, datatype="BYTES", shape=[1])],
+                    T(name=INPUT_SAMPLING, datatype="BYTES", shape=[1]),
+                    *(T(name=n, datatype=dt, shape=[1]) for n, dt in option_tensor_types().items())],
             outputs=[T(name=OUTPUT_TEXT, datatype="BYTES", shape=[-1])])
 
     # ------------------------------------------------------------------ inference
