@@ -2,9 +2,12 @@
 """Weight-only int8 quantization (per output channel, symmetric) as a module transform: it swaps
 the ``linear_method`` of every linear layer and of the LM head; model code has no branch for it.
 
-On the CPU the matmul is ``torch._weight_int8pack_mm`` with bfloat16 activations (measured fastest
-for SmolLM2 shapes on a 2-core AVX512-VNNI machine at batch 1 and 16; fp32 activations through the
-same kernel were ~10x slower). Elsewhere the weight is dequantized per call (correct, not fast).
+On the CPU the matmul is ``torch._weight_int8pack_mm`` with bfloat16 activations: for a few rows
+(decode) it reads a quarter of the fp32 bytes and was 2-3x faster than fp32 for SmolLM2 shapes on a
+2-core AVX512-VNNI machine (fp32 activations through the same kernel were ~10x slower). Its cost
+grows linearly with the rows, so past ``INT8_MAX_ROWS`` rows (prefill, large batches) the layer
+uses the dense weight it keeps (``keep_dense=True``, the default). Without a dense copy, or off the
+CPU, the int8 weight is dequantized per call (correct, not fast).
 Must not import models, the engine or a backend.
 """
 from __future__ import annotations
@@ -16,9 +19,10 @@ from torch import nn
 from mindie_llm.layers.embedding import LMHead
 from mindie_llm.layers.linear import LinearBase
 
-__all__ = ["quantize_weight_int8", "int8_linear", "quantize_int8"]
+__all__ = ["quantize_weight_int8", "int8_linear", "quantize_int8", "INT8_MAX_ROWS"]
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
+INT8_MAX_ROWS = 4  # above this many rows the dense weight (if kept) is faster on the CPU
 
 
 def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +37,10 @@ def int8_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y[T, N] = x[T, K] @ (qweight * scales)^T (+ bias), in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.device.type == "cpu" and _HAS_INT8PACK:
+    dense = layer.weight
+    if dense is not None and (x2.shape[0] > INT8_MAX_ROWS or x2.device.type != "cpu"):
+        y = F.linear(x2, dense)
+    elif x2.device.type == "cpu" and _HAS_INT8PACK:
         y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), layer.qweight,
                                       layer.scales_bf16).to(x.dtype)
     else:
@@ -57,12 +64,13 @@ def _quantize_layer(layer: nn.Module, drop_weight: bool) -> None:
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantizes every LinearBase and the LM head of ``model`` in place; returns it. A tied head
-    keeps the (shared) embedding weight for lookups and gets its own int8 copy for the matmul."""
+def quantize_int8(model: nn.Module, keep_dense: bool = True) -> nn.Module:
+    """Quantizes every LinearBase and the LM head of ``model`` in place; returns it. With
+    ``keep_dense`` the original weights stay for many-row matmuls; a tied head always keeps the
+    (shared) embedding weight for lookups and gets its own int8 copy for the matmul."""
     for module in list(model.modules()):
         if isinstance(module, LinearBase):
-            _quantize_layer(module, drop_weight=True)
+            _quantize_layer(module, drop_weight=not keep_dense)
         elif isinstance(module, LMHead):
-            _quantize_layer(module, drop_weight=not module.tied)
+            _quantize_layer(module, drop_weight=not (keep_dense or module.tied))
     return model
