@@ -46,6 +46,13 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(out))
 
 
+def eager_token_buckets(max_tokens: int) -> list[int]:
+    """Token counts eager steps are padded to (16, 32, 64, every 64 to 1024, every 256 beyond): a
+    few GEMM shapes, each warmed at start-up, instead of one new shape per step."""
+    sizes = [16, 32] + list(range(64, 1025, 64)) + list(range(1280, max_tokens + 256, 256))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
+
+
 class CudaGraphDecodeModel(nn.Module):
     """Wraps the model: ``forward`` replays a captured graph for decode-only batches, else runs the
     model eagerly. A graph holds the forward, the logits of every row and their argmax (greedy
@@ -199,6 +206,7 @@ class CudaModelRunner(ModelRunner):
         self._tok_slot = 0
         self.graph_model: CudaGraphDecodeModel | None = None
         self.graph_capture_s = 0.0
+        self.eager_buckets: list[int] = eager_token_buckets(max_num_batched_tokens) if enable_cuda_graph else []
         if enable_cuda_graph:
             max_bs = min(cuda_graph_max_batch_size, max_num_seqs, max_num_batched_tokens)
             num_kv_heads = kv_caches[0].shape[3] if kv_caches else 1
@@ -208,6 +216,9 @@ class CudaModelRunner(ModelRunner):
             self.model = self.graph_model
             logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_model.graphs),
                         self.graph_capture_s)
+            t0 = time.perf_counter()
+            self._warm_eager_shapes(kv_caches)
+            self.graph_capture_s += time.perf_counter() - t0
 
     def _graph_step_kind(self, out: Any) -> str | None:
         """"greedy" (one replay, argmax in the graph), "sample" (replay, then the Sampler on the
@@ -312,21 +323,56 @@ class CudaModelRunner(ModelRunner):
                 and np.array_equal(np.asarray(out.input_token_ids, np.int64), self._last_sampled.astype(np.int64))
                 and all(int(r) in self.batch.requests for r in spec.req_ids))
 
+    def _eager_bucket(self, T: int) -> int:
+        for size in self.eager_buckets:
+            if size >= T:
+                return size
+        return T
+
+    @torch.inference_mode()
+    def _warm_eager_shapes(self, kv_caches: list[torch.Tensor]) -> None:
+        """One eager forward per token bucket (no KV writes: every slot is -1), so that cuBLAS's
+        first call for each GEMM shape is paid here and not in a request's first token."""
+        inner = self.graph_model.inner if self.graph_model is not None else self.model
+        self.block_tables_buf.zero_()
+        max_len = max(self.block_size, min(2048, self.block_tables_buf.shape[1] * self.block_size))
+        for T in self.eager_buckets:
+            lens = [max_len] * (T // max_len) + ([T % max_len] if T % max_len else [])
+            B = len(lens)
+            if B > self.seq_lens_buf.shape[0]:
+                continue                                # no step of this size can be scheduled
+            self.input_ids_buf[:T].zero_()
+            self.positions_buf[:T].zero_()
+            self.slot_mapping_buf[:T].fill_(-1)
+            self.query_start_loc_buf[:B + 1].copy_(torch.tensor(np.cumsum([0] + lens), dtype=torch.int32))
+            self.seq_lens_buf[:B].copy_(torch.tensor(lens, dtype=torch.int32))
+            width = -(-max(lens) // self.block_size)
+            md = AttentionMetadata(slot_mapping=self.slot_mapping_buf[:T],
+                                   query_start_loc=self.query_start_loc_buf[:B + 1], seq_lens=self.seq_lens_buf[:B],
+                                   block_tables=self.block_tables_buf[:B, :width], num_decodes=0,
+                                   max_query_len=max(lens), max_seq_len=max(lens))
+            inner(self.input_ids_buf[:T], self.positions_buf[:T], kv_caches, md)
+        torch.cuda.synchronize(self.device)
+
     def _prepare(self, fb: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         T, B = fb.input_ids.shape[0], fb.seq_lens.shape[0]
         width = max(-(-fb.max_seq_len // self.block_size), 1)
-        # A decode batch that a graph will replay is padded here, in the same copies.
-        bs = T
-        if self.graph_model is not None and fb.num_decodes == B == T and T > 0:
-            bs = self.graph_model._bucket(T) or T
+        # A decode batch that a graph will replay is padded here, in the same copies, with padding
+        # requests; any other step is padded with padding tokens (slot -1) to its token bucket.
+        bs, pad_reqs = T, False
+        if self.graph_model is not None and fb.num_decodes == B == T and T > 0 and self.graph_model._bucket(T):
+            bs = self.graph_model._bucket(T)
+            pad_reqs = bs > T
+        elif self.eager_buckets and T > 0:
+            bs = self._eager_bucket(T)
         if self._staged is not None:
             self._staged.synchronize()          # the previous step's copies have left the pinned buffers
         n64, n32 = self._np64, self._np32
         n64[:T], n64[bs:bs + T], n64[2 * bs:2 * bs + T] = fb.input_ids, fb.positions, fb.slot_mapping
         n64[T:bs], n64[bs + T:2 * bs], n64[2 * bs + T:3 * bs] = 0, 0, -1    # padding: no KV write
-        Bp = max(B, bs) if bs > T else B
+        Bp = bs if pad_reqs else B
         n32[:B + 1] = fb.query_start_loc
-        n32[B + 1:Bp + 1] = np.arange(B + 1, Bp + 1, dtype=np.int32)        # one token per padding row
+        n32[B + 1:Bp + 1] = np.arange(B + 1, Bp + 1, dtype=np.int32)        # one token per padding request
         n32[Bp + 1:Bp + 1 + B] = fb.seq_lens
         n32[Bp + 1 + B:2 * Bp + 1] = 1
         off = 2 * Bp + 1
@@ -342,9 +388,10 @@ class CudaModelRunner(ModelRunner):
         self.block_tables_buf[:B, :width].copy_(p32[off:off + B * width].view(B, width), **nb)
         self._staged = torch.cuda.Event()
         self._staged.record()
-        self.padded_batch_size = bs
+        self.padded_batch_size = bs if pad_reqs or bs == T else 0
+        Tm = T if pad_reqs else bs                      # tokens the model sees
         md = AttentionMetadata(
-            slot_mapping=self.slot_mapping_buf[:T], query_start_loc=self.query_start_loc_buf[:B + 1],
+            slot_mapping=self.slot_mapping_buf[:Tm], query_start_loc=self.query_start_loc_buf[:B + 1],
             seq_lens=self.seq_lens_buf[:B], block_tables=self.block_tables_buf[:B, :width],
             num_decodes=fb.num_decodes, max_query_len=fb.max_query_len, max_seq_len=fb.max_seq_len)
-        return self.input_ids_buf[:T], self.positions_buf[:T], md
+        return self.input_ids_buf[:Tm], self.positions_buf[:Tm], md
