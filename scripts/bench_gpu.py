@@ -375,7 +375,8 @@ def bench_8b(out_dir: str | None) -> None:
     gc.callbacks.append(_gc_timer)
     dt, n, times, _ = run(eng, prompts(1, 128, 128, V), [128])
     gc.callbacks.remove(_gc_timer)
-    emit("8B batch-1: Python GC pauses during the run", round(GC_PAUSE[0] * 1e3, 1), "ms", note=f"{GC_PAUSE[1]} collections")
+    emit("8B batch-1: Python GC pauses during the run", round(GC_PAUSE[0] * 1e3, 1), "ms",
+         note=f"{GC_PAUSE[1]} collections")
     floor = wb / CEIL["bw"]
     emit("8B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
          f"vLLM (issue) {ISSUE_VLLM['bs1']}; {n / dt / ISSUE_VLLM['bs1']:.2f}x vLLM; weights {wb / 1e9:.2f} GB")
