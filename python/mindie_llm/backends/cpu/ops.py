@@ -145,19 +145,42 @@ def _prefill_state(md: "AttentionMetadata", block_size: int, sliding_window: int
     return st
 
 
+def _buffer(md: "AttentionMetadata", name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A scratch tensor shared by all layers of one step (large fresh allocations page-fault)."""
+    key = ("cpu_buf", name, shape, dtype)
+    buf = md.backend_state.get(key)
+    if buf is None:
+        buf = md.backend_state[key] = torch.empty(shape, dtype=dtype)
+    return buf
+
+
+DECODE_IMPL = "sdpa"
+
+
 def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, md: "AttentionMetadata", scale: float,
                       sliding_window: int | None) -> torch.Tensor:
     # query: [nd, Hq, D] (one token per request) -> [nd, Hq, D]
     nd, hq, d = query.shape
     _, n, bs, hk, _ = kv_cache.shape
     blocks, nb, mask = _decode_state(md, bs, sliding_window)
-    k = kv_cache[0].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)  # [nd, Hk, S, D]
-    v = kv_cache[1].index_select(0, blocks).view(nd, nb * bs, hk, d).transpose(1, 2)
-    q = query.unsqueeze(2)                                                             # [nd, Hq, 1, D]
-    if k.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dtype == q.dtype else mask.to(q.dtype),
-                                       scale=scale, enable_gqa=hq != hk)             # [nd, Hq, 1, D]
+    flat = kv_cache.view(2, n, bs * hk * d)
+    kbuf = _buffer(md, "k", (nd * nb, bs * hk * d), kv_cache.dtype)
+    vbuf = _buffer(md, "v", (nd * nb, bs * hk * d), kv_cache.dtype)
+    torch.index_select(flat[0], 0, blocks, out=kbuf)
+    torch.index_select(flat[1], 0, blocks, out=vbuf)
+    k = kbuf.view(nd, nb * bs, hk, d)                                                  # [nd, S, Hk, D]
+    v = vbuf.view(nd, nb * bs, hk, d)
+    if k.dtype != query.dtype:
+        k, v = k.to(query.dtype), v.to(query.dtype)
+    if mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    if DECODE_IMPL == "bmm":
+        q = query.view(nd, hk, hq // hk, d)                                            # [nd, Hk, G, D]
+        s = torch.matmul(q, k.permute(0, 2, 3, 1)).mul_(scale).add_(mask)              # [nd, Hk, G, S]
+        o = torch.matmul(torch.softmax(s, dim=-1), v.transpose(1, 2))                 # [nd, Hk, G, D]
+        return o.view(nd, hq, d)
+    o = F.scaled_dot_product_attention(query.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, scale=scale, enable_gqa=hq != hk)  # [nd, Hq, 1, D]
     return o.squeeze(2)
 
 
