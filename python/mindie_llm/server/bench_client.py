@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import ssl
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -114,8 +115,9 @@ class _HttpClient:
 
         scheme = "https" if args.tls_ca else "http"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        verify: Any = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else True
         self.client = httpx.AsyncClient(base_url=f"{scheme}://{args.host}:{args.port}", headers=headers,
-                                        verify=args.tls_ca or True, timeout=args.timeout,
+                                        verify=verify, timeout=args.timeout,
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
         self.args = args
 
