@@ -145,6 +145,8 @@ class OpenAIServing:
             watch.cancel()
             if not task.done():
                 task.cancel()
+            # The generator must not be running in ``task`` when it is closed here.
+            await asyncio.gather(task, watch, return_exceptions=True)
             await gen.aclose()
 
     @staticmethod
