@@ -113,7 +113,7 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
     size_t j = 0;
     for (size_t k = 0; k < numExpected && j < n; ++k)
     {
-        if (reqIds[j] == mLastSampleReqs[k]->id)
+        if (reqIds[j] == mLastSampleIds[k])
         {
             MINDIE_CHECK(sampledTokenIds[j] >= 0, ContractError,
                 "sampled_token_ids[" << j << "] = " << sampledTokenIds[j] << " is negative");
@@ -139,15 +139,20 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
                                                                 "report a step that did not run");
         }
     }
-    if (stepFailed)
+    for (Request* r : mLastRows)
     {
-        for (Request* r : mLastRows)
+        if (r->state != RequestState::kRUNNING)
         {
-            if (r->state == RequestState::kRUNNING)
-            {
-                r->numComputedTokens -= r->lastNumScheduled;
-                r->awaitingSample = false;
-            }
+            continue; // finished or aborted since schedule()
+        }
+        if (stepFailed)
+        {
+            r->numComputedTokens -= r->lastNumScheduled;
+            r->awaitingSample = false;
+        }
+        else
+        {
+            registerFullBlocks(*r); // the step ran: its full blocks join the prefix cache
         }
     }
     UpdateResult result;
@@ -171,7 +176,6 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
         {
             result.finishedIds.push_back(r.id);
             result.finishReasons.push_back(static_cast<std::int32_t>(reason));
-            registerFullBlocks(r); // its KV is complete: keep its full blocks in the cache
             finishRequest(r, reason, false);
         }
     }
@@ -191,6 +195,9 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
         }
     }
     mLastSampleReqs.clear();
+    mLastSampleIds.clear();
+    mLastRows.clear();
+    mGraveyard.clear();
     return result;
 }
 
@@ -199,7 +206,7 @@ void Scheduler::dropRequest(ReqId id)
     auto it = mRequests.find(id);
     assert(it != mRequests.end());
     it->second->state = RequestState::kFINISHED;
-    if (mAwaitingUpdate || !mLastRows.empty())
+    if (mAwaitingUpdate)
     {
         mGraveyard.push_back(std::move(it->second)); // the last step's rows may still point at it
     }

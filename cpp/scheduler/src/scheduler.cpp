@@ -26,17 +26,6 @@ std::shared_ptr<SchedulerOutput> Scheduler::schedule()
     std::lock_guard<std::mutex> lock(mMutex);
     MINDIE_CHECK(!mAwaitingUpdate, ContractError, "schedule() called again before update() of the previous step");
     ++mStep;
-    // Blocks filled by earlier steps enter the prefix cache now, once update() confirmed that their
-    // step ran (a failed step was rolled back) and the request was not aborted since.
-    bool const caching = mBlocks.prefixCachingEnabled();
-    for (Request* r : mRunning)
-    {
-        if (caching)
-        {
-            registerFullBlocks(*r);
-        }
-        r->scheduledThisStep = false;
-    }
     mLastRows.clear();
     mGraveyard.clear();
     mPreemptedThisStep.clear();
@@ -112,7 +101,7 @@ bool Scheduler::scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& ro
         return false; // preempted itself: nothing after it is worth more
     }
     r.numComputedTokens += numNew;
-    r.scheduledThisStep = true;
+    r.scheduledAtStep = mStep;
     r.computedBeforeStep = before;
     budget -= numNew;
     rows.push_back(Row{&r, numNew, before});
@@ -134,7 +123,7 @@ void Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Ro
             {
                 mPrefillCandidates.push_back(r);
             }
-            else if (!stopped && budget > 0 && !r->scheduledThisStep && !scheduleOne(*r, budget, rows))
+            else if (!stopped && budget > 0 && r->scheduledAtStep != mStep && !scheduleOne(*r, budget, rows))
             {
                 stopped = true;
                 --i; // r left the running set
@@ -152,7 +141,7 @@ void Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Ro
         {
             break;
         }
-        if (r->state != RequestState::kRUNNING || r->scheduledThisStep)
+        if (r->state != RequestState::kRUNNING || r->scheduledAtStep == mStep)
         {
             continue; // preempted as a victim, or already scheduled
         }
@@ -165,7 +154,12 @@ void Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Ro
 
 bool Scheduler::allocateOrPreempt(Request& r, SizeType32 numTokens)
 {
-    SizeType32 const need = mBlocks.blocksFor(numTokens) - static_cast<SizeType32>(r.blocks.size());
+    auto const held = static_cast<SizeType32>(r.blocks.size());
+    if (numTokens <= held * mBlocks.blockSize())
+    {
+        return true; // fits the blocks it holds (most decodes)
+    }
+    SizeType32 const need = mBlocks.blocksFor(numTokens) - held;
     while (need > 0 && !mBlocks.canAllocate(need))
     {
         // Victim: the least valuable running request (largest key, after r) not yet scheduled.
@@ -174,7 +168,7 @@ bool Scheduler::allocateOrPreempt(Request& r, SizeType32 numTokens)
         for (auto it = mRunning.end(); it != self + 1;)
         {
             --it;
-            if (!(*it)->scheduledThisStep)
+            if ((*it)->scheduledAtStep != mStep)
             {
                 victim = *it;
                 break;
@@ -222,7 +216,7 @@ bool Scheduler::isDeferredChild(Request const& r) const
     // NOTE: the parent's prompt KV must come from an earlier step, not be written in this one.
     Request const& parent = *it->second;
     bool const promptPending = parent.numComputedTokens < parent.numPromptTokens
-        || (parent.scheduledThisStep && parent.computedBeforeStep < parent.numPromptTokens);
+        || (parent.scheduledAtStep == mStep && parent.computedBeforeStep < parent.numPromptTokens);
     return parent.state == RequestState::kWAITING || (parent.state == RequestState::kRUNNING && promptPending);
 }
 
@@ -314,7 +308,7 @@ Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector
     {
         bool const decode = r.isDecode();
         r.numComputedTokens += numNew;
-        r.scheduledThisStep = true;
+        r.scheduledAtStep = mStep;
         r.computedBeforeStep = start;
         budget -= numNew;
         (decode ? decodes : prefills).push_back(Row{&r, numNew, start});
@@ -362,7 +356,7 @@ void Scheduler::preempt(Request& r)
     r.numBlocksSent = 0;
     r.needsTableReset = true;
     r.awaitingSample = false;
-    r.scheduledThisStep = false;
+    r.scheduledAtStep = -1;
     r.preemptedAtStep = mStep;
     r.state = RequestState::kWAITING;
     mWaiting.insert(&r);
@@ -377,8 +371,9 @@ void Scheduler::registerFullBlocks(Request& r)
         return;
     }
     SizeType32 const bs = mBlocks.blockSize();
-    SizeType32 const full = std::min(r.numComputedTokens / bs, static_cast<SizeType32>(r.blocks.size()));
-    for (SizeType32 i = r.numRegisteredBlocks; i < full; ++i)
+    auto const numBlocks = static_cast<SizeType32>(r.blocks.size());
+    // No division on this per-row path: most steps complete no block.
+    for (SizeType32 i = r.numRegisteredBlocks; i < numBlocks && (i + 1) * bs <= r.numComputedTokens; ++i)
     {
         while (static_cast<SizeType32>(r.hashes.size()) <= i)
         {
@@ -388,8 +383,8 @@ void Scheduler::registerFullBlocks(Request& r)
         }
         BlockHash const parent = i == 0 ? 0 : r.hashes[i - 1];
         mBlocks.cacheBlock(r.blocks[i], r.hashes[i], parent, r.tokens.data() + static_cast<size_t>(i) * bs);
+        r.numRegisteredBlocks = i + 1;
     }
-    r.numRegisteredBlocks = std::max(r.numRegisteredBlocks, full);
 }
 
 void Scheduler::insertRunning(Request* r)
@@ -430,6 +425,7 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     out.inputTokenIds.reserve(numTokens);
     out.newBlockIds.reserve(numNewBlocks);
     mLastSampleReqs.clear();
+    mLastSampleIds.clear();
     auto emit = [&](Row const& row)
     {
         Request& r = *row.req;
@@ -454,6 +450,7 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
         if (sample)
         {
             mLastSampleReqs.push_back(&r);
+            mLastSampleIds.push_back(r.id);
         }
         out.sampleMask.push_back(sample ? 1 : 0);
         out.blockTableReset.push_back(r.needsTableReset ? 1 : 0);

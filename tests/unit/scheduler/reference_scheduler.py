@@ -236,9 +236,6 @@ class RefScheduler:
 
     def schedule(self):
         assert not self.last_sample, "update() pending"
-        for r in self.running:
-            if self.caching:
-                self._register(r)
         self.last_rows = []
         self.step += 1
         self.preempted, self.pre_blocks, self.budget = [], False, self.budget_max
@@ -303,6 +300,10 @@ class RefScheduler:
                 if r.state == "running":
                     r.computed -= r.last_new
                     r.awaiting = False
+        elif self.caching:
+            for r in self.last_rows:  # the step ran: its full blocks join the prefix cache
+                if r.state == "running":
+                    self._register(r)
         done = []
         for r in self.last_sample:
             if r.id not in given or r.state != "running" or not r.awaiting:
@@ -312,8 +313,6 @@ class RefScheduler:
             reason = self._stop(r, given[r.id]) or (7 if self.role == "prefill" else 0)
             if reason:
                 done.append((r.id, reason))
-                if self.caching:
-                    self._register(r)
                 self._drop(r, reason)
         self.last_sample = []
         return done

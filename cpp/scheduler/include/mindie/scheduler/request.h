@@ -67,7 +67,7 @@ struct alignas(64) Request
     TokenId lastToken{0};              ///< tokens.back()
     bool needsTableReset{true};        ///< next schedule sends the whole table with reset=true
     bool awaitingSample{false};        ///< scheduled with sample_mask=true, update() pending
-    bool scheduledThisStep{false};
+    std::int64_t scheduledAtStep{-1};  ///< the step that last scheduled it (no per-step reset pass)
     std::int64_t preemptedAtStep{-1};  ///< not re-admitted in the step that preempted it
     RequestParams params;
     SortKey key{};

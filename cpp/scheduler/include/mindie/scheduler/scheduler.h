@@ -142,6 +142,7 @@ private:
     std::vector<ReqId> mPreemptedThisStep;
     std::vector<Request*> mLastRows;        ///< rows of the last schedule(), batch order
     std::vector<Request*> mLastSampleReqs;  ///< of which those that sample
+    std::vector<ReqId> mLastSampleIds;      ///< their ids (validation touches no request)
     std::vector<std::unique_ptr<Request>> mGraveyard; ///< dropped while an update() is pending
     std::vector<std::int64_t> mScratchMatch;
     bool mAwaitingUpdate{false};
