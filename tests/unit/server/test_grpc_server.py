@@ -558,18 +558,33 @@ def test_cancelled_streams_free_their_kv_blocks():
 def test_port_in_use_and_unreadable_tls_files_fail_clearly(tmp_path):
     import socket
 
-    engine = FakeEngine()
+    async def build(config: EngineConfig) -> None:   # grpc.aio servers are built on the event loop
+        build_grpc_server(AsyncLLM(FakeEngine(), config, start=False), config, enable_kserve=False)
+
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = busy.getsockname()[1]
-        config = EngineConfig.from_dict({"server": {"grpc_port": port}})
+        config = EngineConfig.from_dict({"server": {"grpc_port": busy.getsockname()[1]}})
         with pytest.raises(OSError, match="server.grpc_port"):
-            build_grpc_server(AsyncLLM(engine, config, start=False), config, enable_kserve=False)
+            asyncio.run(build(config))
     config = EngineConfig.from_dict({"server": {"grpc_port": 0, "tls_cert_file": str(tmp_path / "missing.pem"),
                                                 "tls_key_file": str(tmp_path / "missing.key")}})
     with pytest.raises(ValueError, match="server.tls_key_file"):
-        build_grpc_server(AsyncLLM(engine, config, start=False), config, enable_kserve=False)
+        asyncio.run(build(config))
+
+
+def test_bench_client_over_tls_with_a_key(tmp_path):
+    import argparse
+
+    from mindie_llm.server import bench_client
+
+    cert, key, _ = _self_signed(tmp_path)
+    with serve(tls_cert_file=cert, tls_key_file=key, api_key="k") as r:
+        args = bench_client.add_arguments(argparse.ArgumentParser()).parse_args(
+            ["--protocol", "grpc", "--host", "localhost", "--port", str(r.port), "--tls-ca", cert, "--api-key", "k",
+             "--num-requests", "3", "--input-len", "2", "--output-len", "2"])
+        results, _, model = bench_client.run_benchmark(args)
+    assert model == "fake-model" and all(x.success and x.output_tokens == 2 for x in results)
 
 
 # ---------------------------------------------------------------------- a fake-engine server process
