@@ -228,8 +228,9 @@ def build_grpc_server(async_llm: Any, config: Any, *, enable_kserve: bool = True
     """A grpc.aio server bound to ``server.host:server.grpc_port`` (TLS when configured), not yet
     started. The bound port (useful with grpc_port=0) is ``server.bound_port``.
 
+    Call it on the event loop that will run the server (grpc.aio binds the server to it).
     ``enable_kserve=False`` leaves out the KServe service.
-    Raises ValueError for unreadable TLS files and OSError when the port cannot be bound.
+    Raises ValueError for unreadable TLS files and OSError(EADDRINUSE) when the port cannot be bound.
     """
     from grpc_reflection.v1alpha import reflection, reflection_pb2
 
