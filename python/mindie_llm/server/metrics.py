@@ -54,8 +54,9 @@ class _EngineCollector(Collector):
         yield gauge("mindie_kv_blocks_free", "KV cache blocks free to allocate.", free)
         yield gauge("mindie_kv_blocks_cached", "Free KV blocks still holding a cached prefix.",
                     s.num_cached_kv_blocks)
-        yield gauge("mindie_kv_cache_usage_ratio", "Fraction of KV blocks in use (0..1).",
-                    (total - free) / total if total else 0.0)
+        usable = max(total - 1, 0)  # block 0 is the null block, never allocated
+        yield gauge("mindie_kv_cache_usage_ratio", "Fraction of allocatable KV blocks in use (0..1).",
+                    max(usable - free, 0) / usable if usable else 0.0)
         yield gauge("mindie_prefix_cache_hit_rate", "Prefix-cache hits / queries since start (0..1).",
                     int(s.prefix_cache_hits) / queries if queries else 0.0)
         yield counter("mindie_prefix_cache_queries", "Prefix-cache lookups.", queries)
@@ -85,6 +86,10 @@ class ServerMetrics:
                              ["model_name"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(async_llm, model))
         async_llm.add_listener(self.observe)
+
+    def count_outcome(self, outcome: str) -> None:
+        """Counts a request that ended before reaching the engine (e.g. refused by validation)."""
+        self.requests.labels(self._model, outcome).inc()
 
     def observe(self, record: RequestRecord) -> None:
         self.requests.labels(self._model, record.outcome).inc()

@@ -122,3 +122,30 @@ def test_queue_full_and_bad_request_map_to_openai_errors(client, srv):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=srv.model, prompt="x", max_tokens=srv.max_model_len)
     assert "max_tokens" in e.value.message
+
+
+def test_metrics_report_requests_latencies_and_engine_state(client, srv):
+    from conftest import BASE_CONFIG, metric_value
+
+    before = srv.metrics_text()
+    done_before = metric_value(before, "mindie_requests_total", outcome="length") if \
+        'outcome="length"' in before else 0.0
+    gen_before = metric_value(before, "mindie_generation_tokens_total")
+    client.completions.create(model=srv.model, prompt=PROMPT, max_tokens=3, temperature=0, extra_body={
+        "ignore_eos": True})
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=srv.model, prompt="", max_tokens=3)
+    text = srv.metrics_text()
+    assert metric_value(text, "mindie_requests_total", outcome="length") == done_before + 1
+    assert metric_value(text, "mindie_requests_total", outcome="rejected_invalid") >= 1
+    assert metric_value(text, "mindie_generation_tokens_total") >= gen_before + 3
+    assert metric_value(text, "mindie_prompt_tokens_total") > 0
+    for hist in ("mindie_time_to_first_token_seconds", "mindie_time_per_output_token_seconds",
+                 "mindie_e2e_request_latency_seconds"):
+        assert metric_value(text, f"{hist}_count") >= 1
+    assert metric_value(text, "mindie_kv_blocks_total") == BASE_CONFIG["cache"]["num_blocks"]
+    assert metric_value(text, "mindie_num_requests_running") == 0
+    assert metric_value(text, "mindie_kv_cache_usage_ratio") == 0.0
+    assert 0.0 <= metric_value(text, "mindie_prefix_cache_hit_rate") <= 1.0
+    assert metric_value(text, "mindie_num_preemptions_total") >= 0
+    assert metric_value(text, "mindie_engine_live") == 1.0

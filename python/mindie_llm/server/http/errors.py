@@ -74,9 +74,17 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def _count_rejected(request: Request) -> None:
+    """Requests refused by the HTTP layer never reach AsyncLLM: count them here."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None and request.url.path.startswith("/v1/"):
+        metrics.count_outcome("rejected_invalid")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _count_rejected(request)
         errors = exc.errors()
         if not errors:
             return error_response(400, "invalid request body", "body", "invalid_value")
@@ -96,15 +104,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, msg[:512], param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         if status == 400:
+            _count_rejected(request)
             return error_response(400, "body: not a valid JSON document", "body", "invalid_json")
         msg = {404: "no such route", 405: "method not allowed"}.get(status, "request failed")
         return error_response(status, msg, None, None, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ValueError)
-    async def _value(_: Request, exc: ValueError) -> JSONResponse:
+    async def _value(request: Request, exc: ValueError) -> JSONResponse:
+        _count_rejected(request)
         status, msg, param, code = error_for_exception(exc)
         return error_response(status, msg, param, code)
 
