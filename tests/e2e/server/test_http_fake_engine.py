@@ -426,3 +426,33 @@ def test_http_body_limit_auth_and_metrics():
         assert "mindie_time_to_first_token_seconds_count" in m and "mindie_kv_blocks_free" in m
 
     run_http(fn, api_key="k", max_request_body_bytes=4096)
+
+
+def test_http_engine_death_is_a_generic_500_and_health_fails():
+    async def fn(client, eng, llm):
+        eng.fail_next_step = True
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 3})
+        assert r.status_code == 500
+        assert r.json()["error"]["code"] == "engine_dead" and "injected" not in r.text
+        assert (await client.get("/health")).status_code == 503
+        assert (await client.get("/ready")).status_code == 503
+        r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "ab", "max_tokens": 3,
+                                                       "stream": True})
+        assert r.status_code == 500
+
+    run_http(fn)
+
+
+def test_http_queue_full_is_429_before_the_stream_starts():
+    async def fn(client, eng, llm):
+        eng.paused = True
+        body = {"model": MODEL, "prompt": "ab", "max_tokens": 2}
+        first = asyncio.ensure_future(client.post("/v1/completions", json=body | {"n": 2}))
+        await wait_for(lambda: eng.stats.num_waiting == 2)
+        r = await client.post("/v1/completions", json=body | {"stream": True})
+        assert r.status_code == 429 and r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == "queue_full"
+        eng.paused = False
+        assert (await first).status_code == 200
+
+    run_http(fn, max_queued_requests=2)
