@@ -53,7 +53,7 @@ void Scheduler::validateNew(ReqId id, std::vector<TokenId> const& prompt, Reques
 Request& Scheduler::makeRequest(
     ReqId id, std::vector<TokenId>&& tokens, SizeType32 numPromptTokens, RequestParams&& params)
 {
-    auto req = std::make_unique<Request>();
+    RequestPool::Ptr req = mPool.acquire();
     req->id = id;
     req->params = std::move(params);
     std::int32_t const prio = mConfig.policy == Policy::kPRIORITY ? req->params.priority : 0;

@@ -6,6 +6,7 @@
 
 #include "mindie/scheduler/common.h"
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -80,6 +81,54 @@ struct alignas(64) Request
     {
         return numComputedTokens >= numPromptTokens && numTokens() - numComputedTokens == 1;
     }
+};
+
+/// @brief Slab allocator of Requests: live requests sit side by side in memory, so a pass over
+/// the running set walks a few pages instead of one heap page per request.
+class RequestPool
+{
+public:
+    struct Deleter
+    {
+        RequestPool* pool;
+        void operator()(Request* r) const noexcept { pool->release(r); }
+    };
+    using Ptr = std::unique_ptr<Request, Deleter>;
+
+    /// @brief A default-constructed Request from the pool.
+    Ptr acquire()
+    {
+        if (mFree.empty())
+        {
+            grow();
+        }
+        Request* r = mFree.back();
+        mFree.pop_back();
+        return Ptr(r, Deleter{this});
+    }
+
+private:
+    static constexpr size_t kSlabSize = 256;
+
+    void release(Request* r) noexcept
+    {
+        *r = Request{};
+        mFree.push_back(r); // capacity reserved by grow(): never reallocates here
+    }
+
+    void grow()
+    {
+        auto slab = std::make_unique<Request[]>(kSlabSize);
+        mFree.reserve((mSlabs.size() + 1) * kSlabSize);
+        for (size_t i = kSlabSize; i-- > 0;)
+        {
+            mFree.push_back(&slab[i]);
+        }
+        mSlabs.push_back(std::move(slab));
+    }
+
+    std::vector<std::unique_ptr<Request[]>> mSlabs;
+    std::vector<Request*> mFree;
 };
 
 } // namespace mindie::scheduler

@@ -133,7 +133,8 @@ private:
     SchedulerConfig mConfig;
     BlockManager mBlocks;
     mutable std::mutex mMutex;
-    std::unordered_map<ReqId, std::unique_ptr<Request>> mRequests;
+    RequestPool mPool; ///< declared before every holder of its objects, so destroyed after them
+    std::unordered_map<ReqId, RequestPool::Ptr> mRequests;
     std::set<Request*, KeyLess> mWaiting;
     std::vector<Request*> mRunning; ///< sorted by key
     SizeType32 mNumAwaitingKv{0};
@@ -143,7 +144,7 @@ private:
     std::vector<Request*> mLastRows;        ///< rows of the last schedule(), batch order
     std::vector<Request*> mLastSampleReqs;  ///< of which those that sample
     std::vector<ReqId> mLastSampleIds;      ///< their ids (validation touches no request)
-    std::vector<std::unique_ptr<Request>> mGraveyard; ///< dropped while an update() is pending
+    std::vector<RequestPool::Ptr> mGraveyard; ///< dropped while an update() is pending
     std::vector<std::int64_t> mScratchMatch;
     bool mAwaitingUpdate{false};
     bool mPreemptedForBlocks{false};
