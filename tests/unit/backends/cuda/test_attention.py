@@ -90,8 +90,8 @@ def test_gqa_groups_and_head_dims(device, qpkv, d):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_kv_decode(device, dtype):
     # long and short contexts, some shorter than the number of segments (empty segments)
-    check(device, [1] * 5, [300, 0, 7, 129, 64], dtype=dtype, split_kv=True)
-    check(device, [1] * 5, [300, 0, 7, 129, 64], dtype=dtype, split_kv=False)
+    check(device, [1] * 5, [300, 0, 7, 129, 64], dtype=dtype, hq=4, hk=1, split_kv=True)
+    check(device, [1] * 5, [300, 0, 7, 129, 64], dtype=dtype, hq=4, hk=1, split_kv=False)
 
 
 def test_sliding_window(device):
