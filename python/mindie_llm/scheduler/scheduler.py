@@ -26,6 +26,7 @@ SchedulerConfigError = _scheduler.SchedulerConfigError        # ValueError: bad 
 POLICIES = ("fcfs", "priority", "static", "prefill_first")
 ROLES = ("colocated", "prefill", "decode")
 _INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,12 @@ class SchedulerCoreConfig:
             raise SchedulerConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.role not in ROLES:
             raise SchedulerConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+
+def _checked_int(name: str, value: int, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise RequestRejectedError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    return int(value)
 
 
 def _token_array(name: str, values: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -90,10 +97,21 @@ class Scheduler:
                     ignore_eos: bool = False, parent_id: int = -1) -> None:
         """Queues a request. ``parent_id`` (n > 1) names sample 0 of the same prompt, whose full
         prompt blocks the request shares. Raises RequestRejectedError if it can never run."""
-        self._core.add_request(
-            int(req_id), _token_array("prompt_token_ids", prompt_token_ids), int(max_tokens), int(min_tokens),
-            int(priority), float(arrival_time), _token_array("eos_token_ids", eos_token_ids),
-            _token_array("stop_token_ids", stop_token_ids), bool(ignore_eos), int(parent_id))
+        self._core.add_request(*self._request_args(
+            req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
+            stop_token_ids, ignore_eos, parent_id))
+
+    @staticmethod
+    def _request_args(req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
+                      stop_token_ids, ignore_eos, parent_id) -> tuple:
+        """Validates the fields of a request at the API edge (RequestRejectedError names the field)."""
+        return (_checked_int("req_id", req_id, -_INT64_MAX - 1, _INT64_MAX),
+                _token_array("prompt_token_ids", prompt_token_ids),
+                _checked_int("max_tokens", max_tokens, -_INT32_MAX - 1, _INT32_MAX),
+                _checked_int("min_tokens", min_tokens, -_INT32_MAX - 1, _INT32_MAX),
+                _checked_int("priority", priority, -_INT32_MAX - 1, _INT32_MAX), float(arrival_time),
+                _token_array("eos_token_ids", eos_token_ids), _token_array("stop_token_ids", stop_token_ids),
+                bool(ignore_eos), _checked_int("parent_id", parent_id, -_INT64_MAX - 1, _INT64_MAX))
 
     def abort(self, req_id: int) -> bool:
         """Aborts a request in any state (its id comes back in finished_ids); False if not live."""
@@ -128,11 +146,9 @@ class Scheduler:
         """Decode role: admits a request prefilled elsewhere (``output_token_ids`` holds at least the
         first sampled token) and returns the int32 block ids its KV must be written to. Raises
         NoFreeBlocksError (a RequestRejectedError) when the blocks are not free now."""
-        return self._core.add_prefilled(
-            int(req_id), _token_array("prompt_token_ids", prompt_token_ids),
-            _token_array("output_token_ids", output_token_ids), int(max_tokens), int(min_tokens), int(priority),
-            float(arrival_time), _token_array("eos_token_ids", eos_token_ids),
-            _token_array("stop_token_ids", stop_token_ids), bool(ignore_eos), int(parent_id))
+        args = self._request_args(req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time,
+                                  eos_token_ids, stop_token_ids, ignore_eos, parent_id)
+        return self._core.add_prefilled(*args[:2], _token_array("output_token_ids", output_token_ids), *args[2:])
 
     def kv_ready(self, req_id: int) -> None:
         """Decode role: the KV of an add_prefilled request has arrived; it joins at decode."""

@@ -87,6 +87,11 @@ def test_config_errors_name_the_field(field, value):
     ([1, -2], 2, {}, "prompt_token_ids"),
     ([1, 2], 2, {"arrival_time": float("nan")}, "arrival_time"),
     (np.array([1.5, 2.0]), 2, {}, "prompt_token_ids"),
+    ([1, 2], 2**40, {}, "max_tokens"),
+    ([1, 2], 2, {"priority": 2**40}, "priority"),
+    ([1, 2], 2, {"parent_id": 2**70}, "parent_id"),
+    ([1, 2], 2.5, {}, "max_tokens"),
+    ([1, 2**40], 2, {}, "prompt_token_ids"),
 ])
 def test_add_request_rejections(prompt, max_tokens, kw, match):
     s = make()
