@@ -173,3 +173,16 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def default_server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
     """One server with ``BASE_CONFIG`` shared by the tests of a module."""
     return server_factory()
+
+
+SHARED_OVERRIDES: dict[str, Any] = {"server": {"grpc_port": -1}, "scheduler": {"max_queued_requests": 1024}}
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One HTTP-only server (``BASE_CONFIG`` + ``SHARED_OVERRIDES``) for the whole session: modules
+    that only read from it, or that check deltas of /metrics, share it to save start-ups."""
+    srv = start_server(tmp_path_factory.mktemp("shared-server"), SHARED_OVERRIDES)
+    yield srv
+    if srv.proc.poll() is None:
+        srv.stop()

@@ -16,8 +16,8 @@ PROMPT = "The three primary colors are"
 
 
 @pytest.fixture(scope="module")
-def srv(default_server):
-    return default_server
+def srv(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_models_health_ready(srv, client):
 
 
 def test_greedy_completion_matches_the_offline_engine(srv, client):
-    from conftest import BASE_CONFIG
+    from conftest import BASE_CONFIG, SHARED_OVERRIDES, merge
 
     from mindie_llm import LLM, SamplingParams
     from mindie_llm.config import EngineConfig
@@ -41,7 +41,7 @@ def test_greedy_completion_matches_the_offline_engine(srv, client):
     prompts = [PROMPT, "def fibonacci(n):"]
     served = [client.completions.create(model=srv.model, prompt=p, max_tokens=12, temperature=0).choices[0].text
               for p in prompts]
-    llm = LLM(config=EngineConfig.from_dict(BASE_CONFIG))
+    llm = LLM(config=EngineConfig.from_dict(merge(BASE_CONFIG, SHARED_OVERRIDES)))
     offline = [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
     assert served == offline
 

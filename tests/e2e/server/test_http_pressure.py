@@ -31,8 +31,8 @@ async def _wait_metric(srv, name: str, target: float, timeout: float = 60.0) -> 
 
 
 @pytest.fixture(scope="module")
-def roomy(server_factory):
-    return server_factory({"server": {"grpc_port": -1}})
+def roomy(shared_server):
+    return shared_server
 
 
 def test_64_cancelled_streams_return_their_kv_blocks(roomy):
