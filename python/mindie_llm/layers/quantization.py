@@ -22,7 +22,7 @@ from mindie_llm.layers.linear import LinearBase
 __all__ = ["quantize_weight_int8", "int8_linear", "quantize_int8", "INT8_MAX_ROWS"]
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
-INT8_MAX_ROWS = 8  # above this many rows the dense weight (if kept) is faster on the CPU
+INT8_MAX_ROWS = 16  # above this many rows the dense weight (if kept) is faster on the CPU
 
 
 def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
