@@ -168,10 +168,16 @@ async def _serve(cfg: Any) -> int:
             scheme = "https" if scfg.tls_cert_file else "http"
             http_addr = f"{scheme}://{scfg.host}:{http_sock.getsockname()[1]}"
 
-        stop = asyncio.Event()
+        stop, force = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:  # the first signal drains; a second one stops waiting for the drain
+            if stop.is_set():
+                force.set()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         print(f"mindie-llm ready: http={http_addr} grpc={grpc_addr} model={llm.model_name} "
               f"max_model_len={llm.max_model_len}", flush=True)
         waiter = asyncio.ensure_future(stop.wait())
@@ -184,9 +190,14 @@ async def _serve(cfg: Any) -> int:
         # Drain: /ready -> 503 and new requests refused, in-flight ones finish.
         llm.begin_drain()
         print("mindie-llm draining: refusing new requests", flush=True)
-        drained = await llm.wait_drained(scfg.drain_timeout_s)
+        drain = asyncio.ensure_future(llm.wait_drained(scfg.drain_timeout_s))
+        forced = asyncio.ensure_future(force.wait())
+        await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        drained = drain.done() and drain.result()
+        drain.cancel()
         if not drained:
-            print(f"mindie-llm: drain timeout ({scfg.drain_timeout_s}s) reached; aborting the rest", flush=True)
+            print("mindie-llm: drain ended (timeout or second signal); aborting the rest", flush=True)
         if http_server is not None:
             http_server.should_exit = True
             await http_task
