@@ -90,6 +90,8 @@ class FakeEngine:
         self.gate.set()
         self.fail_next_step = False
         self.paused = False
+        self.num_steps = 0
+        self.abort_steps: dict[str, int] = {}  # request id -> num_steps when its abort arrived
         self.reqs: dict[str, _Req] = {}
         self.aborted: list[str] = []
         self.thread_ids: set[int] = set()
@@ -131,6 +133,7 @@ class FakeEngine:
         r = self.reqs.pop(request_id, None)
         if r is not None:
             self.aborted.append(request_id)
+            self.abort_steps[request_id] = self.num_steps
             self._release(r)
 
     def has_unfinished_requests(self) -> bool:
@@ -145,6 +148,7 @@ class FakeEngine:
             time.sleep(self.step_delay_s or 0.002)
         if self.paused:
             return []
+        self.num_steps += 1
         outs = []
         for r in list(self.reqs.values()):
             if not r.running:
@@ -259,9 +263,13 @@ def test_leaving_a_stream_aborts_it_and_frees_its_blocks():
             await g.__anext__()
             await g.__anext__()
         assert eng.get_stats().num_free_kv_blocks < baseline
-        for g in gens:
+        closed_at = {}
+        for i, g in enumerate(gens):
+            closed_at[f"s{i}"] = eng.num_steps
             await g.aclose()
         await wait_for(lambda: len(eng.aborted) == 16 and not eng.reqs)
+        # Each abort reached the engine before the step after the one running when it was closed.
+        assert all(eng.abort_steps[rid] <= n + 1 for rid, n in closed_at.items()), (eng.abort_steps, closed_at)
         await wait_for(lambda: llm.get_stats().num_free_kv_blocks == baseline)
         await llm.shutdown()
 
