@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The attention metadata of one step (the flat mixed batch of docs/architecture.md) and the
-Attention layer: write the new tokens' K/V into the paged cache, then paged attention.
+Attention layer: (rotary +) write the new tokens' K/V into the paged cache, then paged attention.
 
 Must not import the engine, executor, loader or a backend; device work goes through mindie_llm.ops.
 """
@@ -88,12 +88,17 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        # q: [T, Hq*D]; k, v: [T, Hk*D] -> [T, Hq*D]
+                attn_metadata: AttentionMetadata, positions: torch.Tensor | None = None,
+                rotary_emb: Any = None) -> torch.Tensor:
+        # q: [T, Hq*D]; k, v: [T, Hk*D] -> [T, Hq*D]. With ``rotary_emb`` (a RotaryEmbedding) and
+        # ``positions[T]``, q and k are rotated here, fused with the KV write (one op).
         t = q.shape[0]
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        ops.write_kv_cache(k, v, kv_cache, attn_metadata.slot_mapping)
+        if rotary_emb is not None:
+            q, k = ops.rotary_embedding_write_kv(positions, q, k, v, kv_cache, attn_metadata.slot_mapping,
+                                                 self.head_dim, rotary_emb.cos_sin_cache, rotary_emb.is_neox)
+        else:
+            ops.write_kv_cache(k.view(t, self.num_kv_heads, self.head_dim),
+                               v.view(t, self.num_kv_heads, self.head_dim), kv_cache, attn_metadata.slot_mapping)
         out = ops.paged_attention(q.view(t, self.num_heads, self.head_dim), kv_cache, attn_metadata,
                                   self.scale, self.sliding_window)  # [T, Hq, D]
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -62,8 +62,8 @@ class LlamaAttention(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)                                         # [T, (Hq + 2Hk) * D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)                             # [T, Hq*D], [T, Hk*D]
-        out = self.attn(q, k, v, kv_cache, attn_metadata)                   # [T, Hq*D]
+        # rotary + KV write fused in one op (q, k may be rotated in place)
+        out = self.attn(q, k, v, kv_cache, attn_metadata, positions, self.rotary_emb)  # [T, Hq*D]
         return self.o_proj(out)                                             # [T, H]
 
 

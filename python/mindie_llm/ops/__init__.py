@@ -17,10 +17,11 @@ import torch
 from mindie_llm.ops import reference
 
 __all__ = ["register_backend", "registered_backends", "rms_norm", "fused_add_rms_norm",
-           "rotary_embedding", "write_kv_cache", "paged_attention", "silu_and_mul", "OP_NAMES"]
+           "rotary_embedding", "write_kv_cache", "rotary_embedding_write_kv", "paged_attention",
+           "silu_and_mul", "OP_NAMES"]
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
-            "paged_attention", "silu_and_mul")
+            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul")
 
 # op name -> {device type -> implementation}
 _TABLES: dict[str, dict[str, Callable[..., Any]]] = {name: {} for name in OP_NAMES}
@@ -69,5 +70,6 @@ rms_norm = _make("rms_norm")
 fused_add_rms_norm = _make("fused_add_rms_norm")
 rotary_embedding = _make("rotary_embedding")
 write_kv_cache = _make("write_kv_cache")
+rotary_embedding_write_kv = _make("rotary_embedding_write_kv")
 paged_attention = _make("paged_attention")
 silu_and_mul = _make("silu_and_mul")

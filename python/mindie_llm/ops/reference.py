@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from mindie_llm.layers.attention import AttentionMetadata
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
-           "paged_attention", "silu_and_mul"]
+           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,6 +75,19 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         b, o = divmod(slot, block_size)
         kv_cache[0, b, o] = key[i].to(kv_cache.dtype)
         kv_cache[1, b, o] = value[i].to(kv_cache.dtype)
+
+
+def rotary_embedding_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              head_dim: int, cos_sin_cache: torch.Tensor,
+                              is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary_embedding`` then ``write_kv_cache(rotated key, value)``: query[T, Hq*D],
+    key[T, Hk*D], value[T, Hk*D]; returns the rotated (query, key). A backend may rotate query and
+    key in place; callers use the returned tensors and must not rely on the inputs afterwards."""
+    q, k = rotary_embedding(positions, query, key, head_dim, cos_sin_cache, is_neox)
+    t = k.shape[0]
+    write_kv_cache(k.view(t, -1, head_dim), value.reshape(t, -1, head_dim), kv_cache, slot_mapping)
+    return q, k
 
 
 def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor,

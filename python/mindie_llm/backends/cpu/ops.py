@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from mindie_llm.layers.attention import AttentionMetadata
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
-           "paged_attention", "silu_and_mul"]
+           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,6 +93,52 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         slots, key, value = slots[keep], key[keep], value[keep]
     flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
     flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
+
+
+def _rotate_inplace_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_neox: bool) -> None:
+    """Rotates the first ``rot`` dims of x[T, H, D] in place (5 arithmetic kernels, one temporary)."""
+    half = rot // 2
+    if is_neox:
+        x1, x2 = x[..., :half], x[..., half:rot]
+    else:
+        x1, x2 = x[..., 0:rot:2], x[..., 1:rot:2]
+    t1 = x1 * sin                             # x1 sin
+    x1.mul_(cos).addcmul_(x2, sin, value=-1.0)  # x1 cos - x2 sin
+    x2.mul_(cos).add_(t1)                     # x2 cos + x1 sin
+
+
+def rotary_embedding_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              head_dim: int, cos_sin_cache: torch.Tensor,
+                              is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary + KV write. When q, k, v are adjacent column ranges of one qkv output (the model's
+    case) q and k are rotated in place in one pass and K and V land in the cache with one
+    ``index_put_``; otherwise (or in low precision) the two CPU ops run in sequence."""
+    t = query.shape[0]
+    hq, hk = query.shape[1] // head_dim, key.shape[1] // head_dim
+    es = query.element_size()
+    fused = (t > 0 and query.dtype == torch.float32 and key.dtype == value.dtype == kv_cache.dtype
+             == torch.float32 and query.stride() == key.stride() == value.stride() and query.stride(1) == 1
+             and key.data_ptr() == query.data_ptr() + query.shape[1] * es
+             and value.data_ptr() == key.data_ptr() + key.shape[1] * es and value.shape[1] == key.shape[1])
+    if not fused:
+        q, k = rotary_embedding(positions, query, key, head_dim, cos_sin_cache, is_neox)
+        write_kv_cache(k.view(t, hk, head_dim), value.reshape(t, hk, head_dim), kv_cache, slot_mapping)
+        return q, k
+    qkv = query.as_strided((t, hq + 2 * hk, head_dim), (query.stride(0), head_dim, 1))  # [T, Hq+2Hk, D]
+    cos, sin = _cos_sin(positions, cos_sin_cache, query.dtype)                          # [T, 1, r/2]
+    _rotate_inplace_(qkv[:, :hq + hk], cos, sin, cos_sin_cache.shape[-1], is_neox)
+    n, bs = kv_cache.shape[1:3]
+    kv = qkv[:, hq:].unflatten(1, (2, hk)).transpose(0, 1)                              # [2, T, Hk, D]
+    slots = slot_mapping
+    if int(slots.min()) < 0:
+        keep = slots >= 0
+        slots, kv = slots[keep], kv[:, keep]
+    kv_cache.view(2, n * bs, hk, head_dim).index_put_((_PLANES, slots[None, :]), kv)
+    return query, key
+
+
+_PLANES = torch.arange(2).view(2, 1)  # [2, 1]: the K and V planes of a layer's cache
 
 
 def _decode_state(md: "AttentionMetadata", block_size: int, sliding_window: int | None):
