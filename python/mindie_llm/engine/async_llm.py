@@ -17,8 +17,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mindie_llm.config import EngineConfig
@@ -26,7 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from mindie_llm.sampling_params import SamplingParams
 
 __all__ = [
-    "AsyncLLM", "QueueFullError", "EngineDrainingError", "EngineDeadError", "RequestRecord",
+    "AsyncLLM",
+    "EngineDeadError",
+    "EngineDrainingError",
+    "QueueFullError",
+    "RequestRecord",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +117,7 @@ class AsyncLLM:
     methods (tests use a small fake). Call :meth:`shutdown` to stop the thread.
     """
 
-    def __init__(self, engine: Any, config: "EngineConfig", *, start: bool = True) -> None:
+    def __init__(self, engine: Any, config: EngineConfig, *, start: bool = True) -> None:
         self.engine = engine
         self.config = config
         self.tokenizer = engine.tokenizer
@@ -133,7 +138,7 @@ class AsyncLLM:
             self.start()
 
     @classmethod
-    def from_config(cls, config: "EngineConfig") -> "AsyncLLM":
+    def from_config(cls, config: EngineConfig) -> AsyncLLM:
         """Builds the ``LLMEngine`` (loads the model) and starts the engine-loop thread."""
         from mindie_llm.engine.llm_engine import LLMEngine
 
@@ -150,7 +155,7 @@ class AsyncLLM:
         """``fn(record)`` is called on the event loop when a request ends (metrics use this)."""
         self._listeners.append(fn)
 
-    def validate(self, prompt: "str | list[int]", params: "SamplingParams") -> list[int]:
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenizes and checks a request without admitting it; ValueError names the field.
 
         ``LLMEngine.validate_request`` has no side effects and reads only the tokenizer and the
@@ -158,8 +163,8 @@ class AsyncLLM:
         """
         return self.engine.validate_request(prompt, params)
 
-    async def generate(self, prompt: "str | list[int]", params: "SamplingParams", request_id: str, *,
-                       priority: int = 0) -> AsyncIterator["RequestOutput"]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str, *,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields cumulative ``RequestOutput`` objects; the last one has ``finished=True``.
 
         Admission happens on the first ``__anext__``, before anything is yielded: ValueError,

@@ -17,9 +17,10 @@ import logging
 import signal
 import socket
 import sys
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-__all__ = ["build_arg_parser", "main", "load_config"]
+__all__ = ["build_arg_parser", "load_config", "main"]
 
 logger = logging.getLogger("mindie_llm.server")
 
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0
-    except Exception as e:  # one line, no traceback: start-up failures must read clearly
+    except Exception as e:  # noqa: BLE001 - one line, no traceback: start-up failures must read clearly
         first = str(e).splitlines()[0] if str(e) else ""
         print(f"mindie-llm: error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
         return EXIT_OTHER

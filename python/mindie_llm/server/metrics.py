@@ -7,7 +7,8 @@ Owns the metric names and how they are fed: request-level histograms and counter
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from mindie_llm.engine.async_llm import RequestRecord
 
-__all__ = ["ServerMetrics", "CONTENT_TYPE"]
+__all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -7,8 +7,9 @@ web framework.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from mindie_llm.config import EngineConfig
@@ -36,7 +37,7 @@ class RequestLimits:
     max_request_body_bytes: int = 1 << 20
 
     @classmethod
-    def from_config(cls, config: "EngineConfig") -> "RequestLimits":
+    def from_config(cls, config: EngineConfig) -> RequestLimits:
         s = config.server
         return cls(max_n=config.scheduler.max_n, max_tokens_limit=s.max_tokens_limit,
                    max_logprobs=s.max_logprobs, max_stop_strings=s.max_stop_strings,

@@ -184,16 +184,19 @@ class FakeEngine:
 
 
 # ---------------------------------------------------------------------------------------------
-import asyncio  # noqa: E402
-import json  # noqa: E402
+import asyncio
+import json
 
-import httpx  # noqa: E402
-import pytest  # noqa: E402
-
-from mindie_llm.config import EngineConfig  # noqa: E402
-from mindie_llm.engine.async_llm import (AsyncLLM, EngineDeadError, EngineDrainingError,  # noqa: E402
-                                         QueueFullError)
-from mindie_llm.server.http.app import build_app  # noqa: E402
+import httpx
+import pytest
+from mindie_llm.config import EngineConfig
+from mindie_llm.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineDrainingError,
+    QueueFullError,
+)
+from mindie_llm.server.http.app import build_app
 
 MODEL = "fake-model"
 pytestmark = pytest.mark.timeout(60)
@@ -278,7 +281,7 @@ def test_leaving_a_stream_aborts_it_and_frees_its_blocks():
 
 def test_drain_refuses_new_requests_and_waits_for_in_flight():
     async def main():
-        llm, eng = make_llm(engine=FakeEngine(step_delay_s=0.002))
+        llm, _ = make_llm(engine=FakeEngine(step_delay_s=0.002))
         task = asyncio.ensure_future(collect(llm, "a", SamplingParams(max_tokens=30), "inflight"))
         await wait_for(lambda: llm.num_active_requests == 1)
         llm.begin_drain()

@@ -129,10 +129,23 @@ def test_wrong_method_and_route(srv):
     _canary(srv)
 
 
+def _fuzz(srv, label: str, strategy, failures: list) -> None:
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    @settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def run(case):
+        resp = case.call(base_url=srv.http_url, timeout=60)
+        if resp.status_code >= 500:
+            failures.append((label, resp.status_code, resp.text[:300]))
+
+    run()
+
+
 def test_schemathesis_finds_no_server_error(srv):
     """Fuzzes every operation of /openapi.json (bounded examples); any 5xx fails."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
 
     schema = schemathesis.openapi.from_url(f"{srv.http_url}/openapi.json")
     failures = []
@@ -140,14 +153,6 @@ def test_schemathesis_finds_no_server_error(srv):
         op = result.ok()
         strategy = op.as_strategy()
 
-        @settings(max_examples=25, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(case=strategy)
-        def run(case):
-            resp = case.call(base_url=srv.http_url, timeout=60)
-            if resp.status_code >= 500:
-                failures.append((op.label, resp.status_code, resp.text[:300]))
-
-        run()
+        _fuzz(srv, op.label, strategy, failures)
     assert not failures, failures[:5]
     _canary(srv)

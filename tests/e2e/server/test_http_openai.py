@@ -34,7 +34,6 @@ def test_models_health_ready(srv, client):
 
 def test_greedy_completion_matches_the_offline_engine(srv, client):
     from conftest import BASE_CONFIG, SHARED_OVERRIDES, merge
-
     from mindie_llm import LLM, SamplingParams
     from mindie_llm.config import EngineConfig
 
@@ -47,7 +46,7 @@ def test_greedy_completion_matches_the_offline_engine(srv, client):
 
 
 def test_completion_stream_equals_non_stream_for_the_same_seed(client, srv):
-    kw = dict(model=srv.model, prompt=PROMPT, max_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
+    kw = {"model": srv.model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
     full = client.completions.create(**kw)
     text = full.choices[0].text
     assert full.usage.completion_tokens == 12 or full.choices[0].finish_reason == "stop"
@@ -60,7 +59,7 @@ def test_completion_stream_equals_non_stream_for_the_same_seed(client, srv):
 
 def test_chat_stream_equals_non_stream_and_reports_usage(client, srv):
     msgs = [{"role": "user", "content": "Name one fruit."}]
-    kw = dict(model=srv.model, messages=msgs, max_completion_tokens=10, temperature=0.7, seed=7)
+    kw = {"model": srv.model, "messages": msgs, "max_completion_tokens": 10, "temperature": 0.7, "seed": 7}
     full = client.chat.completions.create(**kw)
     text = full.choices[0].message.content
     assert full.choices[0].message.role == "assistant" and text
@@ -71,7 +70,7 @@ def test_chat_stream_equals_non_stream_and_reports_usage(client, srv):
 
 
 def test_n_samples_with_seed_are_reproducible(client, srv):
-    kw = dict(model=srv.model, prompt=PROMPT, max_tokens=8, n=3, temperature=1.0, seed=99)
+    kw = {"model": srv.model, "prompt": PROMPT, "max_tokens": 8, "n": 3, "temperature": 1.0, "seed": 99}
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert sorted(c.index for c in a.choices) == [0, 1, 2]

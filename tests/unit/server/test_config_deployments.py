@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from mindie_llm.config import _SECTIONS, ConfigError, EngineConfig
 from mindie_llm.server.launcher import build_arg_parser, load_config
 

@@ -14,9 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mindie_llm.engine.async_llm import EngineDeadError, EngineDrainingError, QueueFullError
+from mindie_llm.engine.async_llm import (
+    EngineDeadError,
+    EngineDrainingError,
+    QueueFullError,
+)
 
-__all__ = ["error_body", "error_response", "error_for_exception", "install_error_handlers", "param_of"]
+__all__ = ["error_body", "error_for_exception", "error_response", "install_error_handlers", "param_of"]
 
 logger = logging.getLogger(__name__)
 

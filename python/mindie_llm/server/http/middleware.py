@@ -8,7 +8,8 @@ engine or torch.
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from mindie_llm.server.auth import api_key_matches, extract_api_key
 from mindie_llm.server.http.errors import error_body

@@ -12,14 +12,19 @@ import json
 import math
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mindie_llm.sampling_params import SamplingParams
 from mindie_llm.server.http.errors import error_for_exception, error_response
-from mindie_llm.server.http.protocol import ChatCompletionRequest, CompletionRequest, to_sampling_kwargs
+from mindie_llm.server.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    to_sampling_kwargs,
+)
 from mindie_llm.server.protocol_limits import RequestLimitError, RequestLimits
 
 __all__ = ["OpenAIServing"]
@@ -36,7 +41,7 @@ def _lp(x: float | None) -> float | None:
 class _Choice:
     """Streaming state of one sample: what has been sent so far."""
 
-    __slots__ = ("text_len", "num_logprobs", "started", "finished")
+    __slots__ = ("finished", "num_logprobs", "started", "text_len")
 
     def __init__(self) -> None:
         self.text_len = 0
@@ -252,7 +257,7 @@ class OpenAIServing:
                                  "choices": [], "usage": self._usage(last)})
             yield "data: [DONE]\n\n"
         except (ValueError, RuntimeError) as e:
-            status, msg, param, code = error_for_exception(e)
+            _, msg, param, code = error_for_exception(e)
             yield self._sse({"error": {"message": msg, "type": "server_error", "param": param, "code": code}})
             yield "data: [DONE]\n\n"
         finally:
@@ -275,7 +280,7 @@ class OpenAIServing:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             prompt = self.llm.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a template error must read as a 400, not a 500
             raise RequestLimitError("messages", "the model's chat template rejected this conversation") from None
         if not prompt:
             raise RequestLimitError("messages", "the conversation renders to an empty prompt")
