@@ -360,6 +360,11 @@ class EngineConfig:
         return cls.from_dict(data, source=path)
 
     @classmethod
+    def from_overrides(cls, overrides: list[str] | tuple[str, ...] = ()) -> "EngineConfig":
+        """The defaults with ``a.b=c`` overrides applied (``mindie-llm serve --set`` without a file)."""
+        return cls.from_dict(_apply_overrides({}, overrides, None))
+
+    @classmethod
     def from_kwargs(cls, base: "EngineConfig | None" = None, **kwargs: Any) -> "EngineConfig":
         """vLLM-style keyword arguments (see ``KWARG_ALIASES``) or dotted keys given with ``__``
         for ``.`` (``scheduler__policy="priority"``), applied over ``base``."""

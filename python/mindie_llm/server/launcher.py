@@ -59,9 +59,7 @@ def load_config(args: argparse.Namespace) -> Any:
             overrides.append(f"{key}={v}")
     if args.config:
         return EngineConfig.from_yaml(args.config, overrides)
-    from mindie_llm.config import _apply_overrides
-
-    return EngineConfig.from_dict(_apply_overrides({}, overrides, None))
+    return EngineConfig.from_overrides(overrides)
 
 
 def _bind(host: str, port: int, what: str) -> socket.socket:
