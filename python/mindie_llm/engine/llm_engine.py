@@ -112,8 +112,6 @@ class LLMEngine:
             max_num_batched_tokens=sc.max_prefill_tokens, max_num_seqs=sc.max_batch_size,
             max_model_len=max_len, enable_prefix_caching=config.cache.enable_prefix_caching,
             enable_chunked_prefill=sc.enable_chunked_prefill, policy=sc.policy, role=sc.role))
-        self.vocab_size = min(self.arch.vocab_size, self.tokenizer.vocab_size) if hasattr(
-            self.tokenizer, "vocab_size") else self.arch.vocab_size
         eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()) + tuple(self.arch.eos_token_ids or ())
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
         runner_cls = platform.model_runner_cls()
@@ -131,6 +129,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------ requests
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("prompt", "the model has no tokenizer (dummy weights): pass token ids")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def validate_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
@@ -201,7 +201,7 @@ class LLMEngine:
                 seed = (base_seed + i * 0x9E3779B97F4A7C15) & _INT64_MASK if i else base_seed
                 self.runner.add_request(int_id, ids, params, seed,
                                         want_prompt_logprobs=(i == 0 and params.prompt_logprobs is not None))
-                detok = IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                detok = IncrementalDetokenizer(self.tokenizer or _NULL_DECODER, ids, skip_special_tokens=params.skip_special_tokens,
                                                stop=params.stop_strings, min_tokens=params.min_tokens,
                                                include_stop_str_in_output=params.include_stop_str_in_output)
                 sample = Sample(int_id=int_id, index=i, group=group, detok=detok,
@@ -337,8 +337,8 @@ class LLMEngine:
             d[lp.token_id] = Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))
         return d
 
-    def _decode_one(self, t: int) -> str:
-        return self.tokenizer.decode([t], skip_special_tokens=False)
+    def _decode_one(self, t: int) -> str | None:
+        return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------------------------------ misc
     def get_stats(self) -> EngineStats:
@@ -354,4 +354,16 @@ class LLMEngine:
             num_generation_tokens_total=self._generation_tokens_total, last_step_time=self._last_step_time)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None:
+            raise InvalidRequestError("messages", "the model has no tokenizer (dummy weights)")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+class _NullDecoder:
+    """Stands in for the tokenizer of dummy weights: token ids only, no text."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+_NULL_DECODER = _NullDecoder()
