@@ -40,8 +40,11 @@ class SamplingParams:
 
     ``temperature=0`` is greedy. ``top_k`` 0 or -1 is off. ``logprobs=N`` returns the top-N
     logprobs of the model's raw distribution (log_softmax of the logits, before temperature and
-    penalties, as vLLM does) plus the sampled token's. ``stop`` strings are excluded from the text
-    unless ``include_stop_str_in_output``.
+    penalties, as vLLM does) plus the sampled token's. ``prompt_logprobs=N`` scores every prompt
+    token from position 1 (position 0 is None); positions whose KV came from the prefix cache are
+    not recomputed and are None too. ``stop`` strings are excluded from the text unless
+    ``include_stop_str_in_output``. ``seed`` makes a request's draws depend only on (seed, output
+    position): the same output whatever else is batched with it, and after preemption.
     """
 
     n: int = 1
