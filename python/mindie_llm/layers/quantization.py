@@ -35,21 +35,19 @@ def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y[T, N] = x[T, K] @ (qweight * scales)^T (+ bias), in x's dtype."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    dense = layer.weight
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                # [T, K]
+    dense, bias = layer.weight, getattr(layer, "bias", None)
     if dense is not None and (x2.shape[0] > INT8_MAX_ROWS or x2.device.type != "cpu"):
-        y = F.linear(x2, dense)
-    elif x2.device.type == "cpu" and _HAS_INT8PACK:
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), layer.qweight,
-                                      layer.scales_bf16).to(x.dtype)
+        y = F.linear(x2, dense, bias)
     else:
-        w = layer.qweight.to(x.dtype) * layer.scales.to(x.dtype)[:, None]
-        y = F.linear(x2, w)
-    bias = getattr(layer, "bias", None)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*shape[:-1], y.shape[-1])
+        if x2.device.type == "cpu" and _HAS_INT8PACK:
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), layer.qweight,
+                                          layer.scales_bf16).to(x.dtype)
+        else:
+            y = F.linear(x2, layer.qweight.to(x.dtype) * layer.scales.to(x.dtype)[:, None])
+        if bias is not None:
+            y.add_(bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _quantize_layer(layer: nn.Module, drop_weight: bool) -> None:

@@ -206,13 +206,9 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, md: "Attentio
     nd, hq, d = query.shape
     _, n, bs, hk, _ = kv_cache.shape
     blocks, nb, mask = _decode_state(md, bs, sliding_window)
-    flat = kv_cache.view(2, n, bs * hk * d)
-    kbuf = _buffer(md, "k", (nd * nb, bs * hk * d), kv_cache.dtype)
-    vbuf = _buffer(md, "v", (nd * nb, bs * hk * d), kv_cache.dtype)
-    torch.index_select(flat[0], 0, blocks, out=kbuf)
-    torch.index_select(flat[1], 0, blocks, out=vbuf)
-    k = kbuf.view(nd, nb * bs, hk, d)                                                  # [nd, S, Hk, D]
-    v = vbuf.view(nd, nb * bs, hk, d)
+    kvbuf = _buffer(md, "kv", (2, nd * nb, bs * hk * d), kv_cache.dtype)
+    torch.index_select(kv_cache.view(2, n, bs * hk * d), 1, blocks, out=kvbuf)  # K and V in one gather
+    k, v = kvbuf.view(2, nd, nb * bs, hk, d).unbind(0)                                 # [nd, S, Hk, D]
     if k.dtype != query.dtype:
         k, v = k.to(query.dtype), v.to(query.dtype)
     if mask.dtype != query.dtype:
