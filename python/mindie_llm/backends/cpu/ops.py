@@ -37,8 +37,11 @@ def _cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.
              ) -> tuple[torch.Tensor, torch.Tensor]:
     # NOTE: recomputed per layer (3 small ops): a cross-layer cache cannot be keyed safely, since
     # inference-mode tensors carry no version counter.
-    cos, sin = cos_sin_cache.index_select(0, positions).to(dtype).chunk(2, dim=-1)  # [T, r/2]
-    return cos.unsqueeze(1), sin.unsqueeze(1)                                      # [T, 1, r/2]
+    cs = cos_sin_cache.index_select(0, positions)                                  # [T, r]
+    if cs.dtype != dtype:
+        cs = cs.to(dtype)
+    cs = cs.view(cs.shape[0], 1, 2, -1)                                            # [T, 1, 2, r/2]
+    return cs[:, :, 0], cs[:, :, 1]                                                # [T, 1, r/2] each
 
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_neox: bool) -> torch.Tensor:
