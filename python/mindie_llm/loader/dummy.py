@@ -37,16 +37,22 @@ def named_shape(name: str) -> dict[str, Any] | None:
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Fills every parameter with small random values (norm weights near 1) so that activations
-    stay finite through many layers. Generated in float32 on the CPU in chunks, then copied."""
-    gen = torch.Generator().manual_seed(seed)
+    stay finite through many layers. Generated in float32 on the parameter's device (one generator
+    per device, seeded with ``seed``) in chunks, then copied: the same seed gives the same weights
+    on the same device type, not across device types."""
+    gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
+        dev = p.device
+        gen = gens.get(dev)
+        if gen is None:
+            gen = gens[dev] = torch.Generator(device=dev).manual_seed(seed)
         if p.dim() == 1:
-            vals = 1.0 + 0.02 * torch.randn(p.shape, generator=gen) if "norm" in name else \
-                0.02 * torch.randn(p.shape, generator=gen)
+            vals = 1.0 + 0.02 * torch.randn(p.shape, generator=gen, device=dev) if "norm" in name else \
+                0.02 * torch.randn(p.shape, generator=gen, device=dev)
             p.data.copy_(vals.to(p.dtype))
             continue
         std = 1.0 / math.sqrt(p.shape[-1])
         rows = max(1, (1 << 24) // max(1, p.shape[-1]))
         for start in range(0, p.shape[0], rows):
             chunk = p.data[start:start + rows]
-            chunk.copy_((torch.randn(chunk.shape, generator=gen) * std).to(p.dtype))
+            chunk.copy_((torch.randn(chunk.shape, generator=gen, device=dev) * std).to(p.dtype))

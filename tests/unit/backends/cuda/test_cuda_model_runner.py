@@ -29,8 +29,10 @@ def _load(device: str, dtype: str, seed: int = 0):
     from mindie_llm.loader import load_model
 
     get_platform(device)                                        # registers the device's ops
-    return load_model(ModelConfig(load_format="dummy", dtype=dtype, seed=seed), device, dtype,
-                      hf_config=ARCH, progress=False).model
+    # Generated on the CPU and moved: dummy weights are seeded per device type, and the oracle
+    # (the CPU reference backend) must see the same weights.
+    return load_model(ModelConfig(load_format="dummy", dtype=dtype, seed=seed), "cpu", dtype,
+                      hf_config=ARCH, progress=False).model.to(device)
 
 
 def _prompts(seed: int = 0) -> list[list[int]]:
