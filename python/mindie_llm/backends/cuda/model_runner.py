@@ -179,13 +179,13 @@ class CudaModelRunner(ModelRunner):
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  eos_token_ids: Sequence[int], device: torch.device, enable_cuda_graph: bool | None = None,
                  cuda_graph_max_batch_size: int | None = None, **kwargs: Any) -> None:
-        from mindie_llm.backends.cuda.platform import CudaPlatform
-
-        opts = CudaPlatform.runner_options          # the deployment's backend section, when not passed
+        # The engine passes the deployment's backend section (CudaPlatform.runner_kwargs).
         if enable_cuda_graph is None:
-            enable_cuda_graph = opts["enable_cuda_graph"]
+            enable_cuda_graph = True
         if cuda_graph_max_batch_size is None:
-            cuda_graph_max_batch_size = opts["cuda_graph_max_batch_size"]
+            cuda_graph_max_batch_size = 256
+        if int(cuda_graph_max_batch_size) < 1:
+            raise ValueError(f"cuda_graph_max_batch_size: must be >= 1; got {cuda_graph_max_batch_size}")
         super().__init__(model, vocab_size, kv_caches, block_size=block_size, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                          eos_token_ids=eos_token_ids, device=device, **kwargs)

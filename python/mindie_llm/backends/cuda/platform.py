@@ -31,8 +31,6 @@ class CudaPlatform(Platform):
     ops_module = "mindie_llm.backends.cuda.ops"
     model_runner = "mindie_llm.backends.cuda.model_runner.CudaModelRunner"
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
-    # Set by check_and_update_config from the deployment's ``backend`` section; read by the runner.
-    runner_options: dict[str, Any] = {"enable_cuda_graph": True, "cuda_graph_max_batch_size": 256}
     activation_peak_bytes: int | None = None
 
     @classmethod
@@ -58,12 +56,14 @@ class CudaPlatform(Platform):
         return CudaGraphDecodeModel
 
     @classmethod
-    def check_and_update_config(cls, config: Any) -> Any:
+    def runner_kwargs(cls, config: Any) -> dict[str, Any]:
+        """The keyword arguments the engine passes to ``CudaModelRunner`` from the deployment's
+        ``backend`` section (CUDA graphs on/off and the largest graphed decode batch)."""
         backend = getattr(config, "backend", None)
-        if backend is not None:
-            cls.runner_options = {"enable_cuda_graph": bool(backend.enable_cuda_graph),
-                                  "cuda_graph_max_batch_size": int(backend.cuda_graph_max_batch_size)}
-        return config
+        if backend is None:
+            return {}
+        return {"enable_cuda_graph": bool(backend.enable_cuda_graph),
+                "cuda_graph_max_batch_size": int(backend.cuda_graph_max_batch_size)}
 
     # ------------------------------------------------------------------ KV-cache sizing
     @classmethod
