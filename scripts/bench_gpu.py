@@ -202,40 +202,15 @@ def prefill_sweep(bench) -> None:
 
 
 # ---------------------------------------------------------------------------------------- engine
-class NoDetokenizer:
-    """Token-id prompts and no text out (vLLM's skip_tokenizer_init / detokenize=False)."""
-
-    eos_token_ids = ()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return ""
-
-
-def _gpu_dummy_init(model, seed=0):
-    """Random weights generated on the GPU (the loader's CPU generator takes minutes for 8B)."""
-    import math
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_((1.0 + 0.02 * torch.randn(p.shape, generator=g, device=p.device)) if "norm" in name
-                        else 0.02 * torch.randn(p.shape, generator=g, device=p.device))
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
-
-
 def make_engine(shape: str, **over):
-    import mindie_llm.loader as loader
     from mindie_llm.config import EngineConfig
     from mindie_llm.engine.llm_engine import LLMEngine
 
-    loader.init_dummy_weights = _gpu_dummy_init
     kw = dict(model=shape, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
               max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9)
     kw.update(over)
     t0 = time.perf_counter()
-    eng = LLMEngine(EngineConfig.from_kwargs(**kw))
-    eng.tokenizer = NoDetokenizer()
+    eng = LLMEngine(EngineConfig.from_kwargs(**kw))     # dummy weights: no tokenizer, token ids in
     gm = getattr(eng.runner, "graph_model", None)
     emit(f"{shape} engine start-up", round(time.perf_counter() - t0, 1), "s",
          note=f"{eng.num_kv_blocks} KV blocks, {len(gm.graphs) if gm else 0} decode graphs "
