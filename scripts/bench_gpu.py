@@ -215,6 +215,11 @@ def make_engine(shape: str, **over):
     emit(f"{shape} engine start-up", round(time.perf_counter() - t0, 1), "s",
          note=f"{eng.num_kv_blocks} KV blocks, {len(gm.graphs) if gm else 0} decode graphs "
               f"({getattr(eng.runner, 'graph_capture_s', 0):.1f} s), runner {type(eng.runner).__name__}")
+    for (n, k, dt), (t_blas, t_gemv, tile) in getattr(eng.runner, "gemv_report", {}).items():
+        floor_us = n * k * 2 / CEIL["bw"] * 1e6                     # weight bytes at the copy rate
+        emit(f"{shape} M=1 linear N={n} K={k}", round(min(t_blas, t_gemv), 1), "us", round(floor_us, 1),
+             f"cuBLAS {t_blas:.1f} us, best Triton GEMV {t_gemv:.1f} us -> {'GEMV ' + str(tile) if tile else 'cuBLAS'}"
+             " (cold L2, median)")
     return eng
 
 

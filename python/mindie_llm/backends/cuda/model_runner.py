@@ -7,7 +7,8 @@ Decode-only steps (every request computes one token) of up to ``cuda_graph_max_b
 requests replay a graph captured at start-up for the smallest bucket that holds them; the rows past
 the real batch are padding (slot -1: no KV write; one-token context; outputs ignored). The graphs
 run on the runner's persistent device buffers, so a replay needs no copy beyond ``_prepare``'s.
-Prefill and mixed steps run eagerly through the same Triton kernels.
+Prefill and mixed steps run eagerly through the same Triton kernels. At start-up, one-row linears
+switch to the Triton GEMV (``gemv.py``) on the weight shapes where it beats cuBLAS on this card.
 
 Overlap: after queueing a greedy decode replay, the runner queues the *next* decode of the same
 batch with its inputs advanced on the GPU (``_speculate``), then waits only for the first. When
@@ -178,7 +179,7 @@ class CudaModelRunner(ModelRunner):
     def __init__(self, model: nn.Module, vocab_size: int, kv_caches: list[torch.Tensor], *, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  eos_token_ids: Sequence[int], device: torch.device, enable_cuda_graph: bool | None = None,
-                 cuda_graph_max_batch_size: int | None = None, **kwargs: Any) -> None:
+                 cuda_graph_max_batch_size: int | None = None, select_gemv: bool = True, **kwargs: Any) -> None:
         # The engine passes the deployment's backend section (CudaPlatform.runner_kwargs).
         if enable_cuda_graph is None:
             enable_cuda_graph = True
@@ -207,6 +208,12 @@ class CudaModelRunner(ModelRunner):
         self.graph_model: CudaGraphDecodeModel | None = None
         self.graph_capture_s = 0.0
         self.eager_buckets: list[int] = eager_token_buckets(max_num_batched_tokens) if enable_cuda_graph else []
+        # One-row linears: a Triton GEMV where it beats cuBLAS on this card (timed per shape).
+        self.gemv_report: dict = {}
+        if select_gemv:
+            from mindie_llm.backends.cuda.gemv import select_gemv_linears
+
+            self.gemv_report = select_gemv_linears(model)
         if enable_cuda_graph:
             max_bs = min(cuda_graph_max_batch_size, max_num_seqs, max_num_batched_tokens)
             num_kv_heads = kv_caches[0].shape[3] if kv_caches else 1
