@@ -28,7 +28,8 @@ __all__ = ["gemv", "gemv_linear", "select_gemv_linears", "GEMV_TILES"]
 logger = logging.getLogger(__name__)
 
 # (BLOCK_N, BLOCK_K, num_warps) candidates; the start-up timing picks one per shape.
-GEMV_TILES: tuple[tuple[int, int, int], ...] = ((8, 512, 4), (16, 256, 4), (4, 1024, 4))
+GEMV_TILES: tuple[tuple[int, int, int], ...] = ((8, 512, 4), (16, 256, 4), (4, 1024, 4), (8, 1024, 8),
+                                               (16, 512, 8))
 
 
 @triton.jit
