@@ -12,7 +12,7 @@ May import layers; must not import the engine, the scheduler or a backend.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-__all__ = ["gemv", "gemv_linear", "select_gemv_linears", "GEMV_TILES"]
+__all__ = ["GEMV_TILES", "gemv", "gemv_linear", "select_gemv_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def select_gemv_linears(model: nn.Module, min_gain: float = 0.05) -> dict[tuple[
         w, b = group[0].weight, group[0].bias
         x = torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device)      # [1, K]
         ref = F.linear(x, w, b)
-        t_blas = triton.testing.do_bench(lambda: F.linear(x, w, b), warmup=5, rep=20, return_mode="median")
+        t_blas = triton.testing.do_bench(lambda x=x, w=w, b=b: F.linear(x, w, b), warmup=5, rep=20,
+                                          return_mode="median")
         best = (t_blas, None)
         for tile in GEMV_TILES:
             out = gemv(x, w, b, tile)
@@ -110,7 +111,8 @@ def select_gemv_linears(model: nn.Module, min_gain: float = 0.05) -> dict[tuple[
             if not err < 1e-2:                   # never choose a tile that disagrees with cuBLAS
                 logger.warning("gemv tile %s on %s: relative error %.3g, skipped", tile, key, err)
                 continue
-            t = triton.testing.do_bench(lambda: gemv(x, w, b, tile), warmup=5, rep=20, return_mode="median")
+            t = triton.testing.do_bench(lambda x=x, w=w, b=b, tile=tile: gemv(x, w, b, tile), warmup=5, rep=20,
+                                        return_mode="median")
             if t < best[0]:
                 best = (t, tile)
         chosen = best[1] if best[1] is not None and best[0] < t_blas * (1 - min_gain) else None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cuda_checks import TOL, rel_err
 
 

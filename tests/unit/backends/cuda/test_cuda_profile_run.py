@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from mindie_llm.config import EngineConfig, ModelConfig
 
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
