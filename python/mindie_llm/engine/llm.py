@@ -31,12 +31,10 @@ def _is_token_list(x: Any) -> bool:
 def build_config(config_path: str | None = None, overrides: Sequence[str] = (), **kwargs: Any) -> EngineConfig:
     """A deployment from an optional YAML file, ``section.key=value`` overrides (``--set``) and
     then vLLM-style keyword arguments (None values are ignored)."""
-    from mindie_llm.config import _apply_overrides  # the --set parser of config.py
-
     if config_path:
         cfg = EngineConfig.from_yaml(config_path, list(overrides))
     else:
-        cfg = EngineConfig.from_dict(_apply_overrides({}, list(overrides), None))
+        cfg = EngineConfig.from_overrides(list(overrides))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return EngineConfig.from_kwargs(base=cfg, **kwargs) if kwargs else cfg
 
