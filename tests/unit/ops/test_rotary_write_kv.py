@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from mindie_llm import ops
 from mindie_llm.backends.cpu import ops as cpu_ops
 from mindie_llm.ops import reference as ref
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOL = {torch.float32: {"atol": 2e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 
 def _cache(rot_dim: int, max_pos: int = 97) -> torch.Tensor:
@@ -89,5 +88,6 @@ def test_reference_fused_op_is_its_two_parts_and_dispatch_reaches_cpu():
     kv3 = torch.zeros_like(kv1)
     dq, dk = ops.rotary_embedding_write_kv(pos, q.clone(), k.clone(), v, kv3, slots, d, cache, True)
     torch.testing.assert_close(dq, wq, **TOL[torch.float32])
+    torch.testing.assert_close(dk, wk, **TOL[torch.float32])
     torch.testing.assert_close(kv3, kv1, **TOL[torch.float32])
     assert "rotary_embedding_write_kv" in ops.OP_NAMES
