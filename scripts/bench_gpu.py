@@ -5,6 +5,7 @@
 One call on the GPU machine, from the repository root (the C++ scheduler extension built in place):
 
     PYTHONPATH=python python3 scripts/bench_gpu.py --out $OUT [--hf-peers path/to/hf_peers.py]
+        [--vllm-log vllm.log]     # vllm_peer.py's output on the same card (else the issue's figures)
 
 Sections (``--sections``, comma separated, all by default):
   ceilings   copy bandwidth and bf16 GEMM rate of this card (the floors below use these)
@@ -36,7 +37,32 @@ import torch
 
 ROWS: list[dict] = []
 LOG = None
+# vLLM 0.25 figures the comparisons use: the issue's, unless --vllm-log names vllm_peer.py output
 ISSUE_VLLM = {"bs1": 156.0, "ttft": 28.2, "offline": 9659.0, "varied": 9554.0, "bs1_1b": 613.0}
+VLLM_SRC = ["issue"]
+_PEER_KEYS = {("llama3-8b", "vllm_bs1_tok_s"): "bs1", ("llama3-8b", "vllm_ttft_1024_ms"): "ttft",
+              ("llama3-8b", "vllm_offline_out_tok_s"): "offline",
+              ("llama3-8b", "vllm_offline_varied_out_tok_s"): "varied", ("llama3.2-1b", "vllm_bs1_tok_s"): "bs1_1b"}
+
+
+def load_vllm_log(path: str) -> None:
+    """Reads vllm_peer.py's JSON lines (one figure a line; other lines ignored) into ISSUE_VLLM."""
+    found = 0
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("{"):
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            key = _PEER_KEYS.get((row.get("model"), row.get("figure")))
+            if key is not None:
+                ISSUE_VLLM[key] = float(row["value"])
+                found += 1
+    if not found:
+        raise ValueError(f"--vllm-log: no vllm_peer.py figures in {path}")
+    VLLM_SRC[0] = "same card"
 
 
 def emit(figure: str, value, unit: str = "", floor=None, note: str = "", **extra) -> None:
@@ -359,7 +385,7 @@ def bench_8b(out_dir: str | None) -> None:
          note=f"{GC_PAUSE[1]} collections")
     floor = wb / CEIL["bw"]
     emit("8B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
-         f"vLLM (issue) {ISSUE_VLLM['bs1']}; {n / dt / ISSUE_VLLM['bs1']:.2f}x vLLM; weights {wb / 1e9:.2f} GB")
+         f"vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['bs1']}; {n / dt / ISSUE_VLLM['bs1']:.2f}x vLLM; weights {wb / 1e9:.2f} GB")
     t = times["r0"]
     itl = np.diff(t[2:])
     emit("8B batch-1: first token (prefill 128) / second token", round((t[1] - t[0]) * 1e3, 1), "ms",
@@ -381,13 +407,13 @@ def bench_8b(out_dir: str | None) -> None:
         ttfts.append(dt)
     flops = 2 * (wb / 2) * 1024 + 4 * 1024 * 1024 / 2 * 4096 * 32
     emit("8B TTFT 1024-token prompt", round(min(ttfts) * 1e3, 1), "ms", round(flops / CEIL["flops"] * 1e3, 1),
-         f"median {np.median(ttfts) * 1e3:.1f} ms; vLLM (issue) {ISSUE_VLLM['ttft']} ms")
+         f"median {np.median(ttfts) * 1e3:.1f} ms; vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['ttft']} ms")
     profile(eng, prompts(1, 1024, 1024, V, seed=20), [1], prof_path, "8B prefill 1024 (fresh prompt)")
     # offline: 256 requests, prompts 64-512, 128 new
     ps = prompts(256, 64, 512, V)
     dt, n, _, waste = run(eng, ps, [128] * 256, kv_sample_every=8)
     emit("8B offline 256 x (64-512 -> 128)", round(n / dt, 1), "out tok/s", None,
-         f"{dt:.2f} s; vLLM (issue) {ISSUE_VLLM['offline']}; {n / dt / ISSUE_VLLM['offline']:.2f}x vLLM")
+         f"{dt:.2f} s; vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['offline']}; {n / dt / ISSUE_VLLM['offline']:.2f}x vLLM")
     if waste:
         emit("KV memory waste (blocks held vs tokens stored)", round(100 * float(np.mean(waste)), 2), "%",
              note=f"mean of {len(waste)} samples, max {100 * max(waste):.2f}%, block {eng.block_size}")
@@ -400,7 +426,7 @@ def bench_8b(out_dir: str | None) -> None:
     dt, n, _, _ = run(eng, ps, outs)
     cont = n / dt
     emit("8B offline 256 x (64-512 -> 16-512)", round(cont, 1), "out tok/s", None,
-         f"{dt:.2f} s; vLLM (issue) {ISSUE_VLLM['varied']}; {cont / ISSUE_VLLM['varied']:.2f}x vLLM")
+         f"{dt:.2f} s; vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['varied']}; {cont / ISSUE_VLLM['varied']:.2f}x vLLM")
     # continuous vs static policy, same engine, outputs uniform 16-512, batch cap 64
     res = {}
     for policy in ("fcfs", "static"):
@@ -443,7 +469,7 @@ def bench_1b() -> None:
     dt, n, times, _ = run(eng, prompts(1, 128, 128, V), [128])
     floor = weight_bytes(eng) / CEIL["bw"]
     emit("1B batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
-         f"vLLM (issue) {ISSUE_VLLM['bs1_1b']}; {n / dt / ISSUE_VLLM['bs1_1b']:.2f}x vLLM")
+         f"vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['bs1_1b']}; {n / dt / ISSUE_VLLM['bs1_1b']:.2f}x vLLM")
     t = times["r0"]
     emit("1B batch-1: first token (prefill 128) / second token", round((t[1] - t[0]) * 1e3, 1), "ms",
          note=f"second {(t[2] - t[1]) * 1e3:.1f} ms")
@@ -494,8 +520,11 @@ def main() -> None:
     ap.add_argument("--sections", default="ceilings,tests,kernels,8b,1b,peers")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--hf-peers", default=None, help="path of hf_peers.py (transformers on the same card)")
+    ap.add_argument("--vllm-log", default=None, help="output of vllm_peer.py on this card (else the issue's figures)")
     args = ap.parse_args()
     secs = set(args.sections.split(","))
+    if args.vllm_log:
+        load_vllm_log(args.vllm_log)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         LOG = open(os.path.join(args.out, "bench_gpu.jsonl"), "w")
