@@ -33,6 +33,7 @@ class Platform:
     dist_backend: str = "gloo"          # gloo | nccl | hccl
     ops_module: str | None = None       # qualname of the module registered with ops.register_backend
     model_runner: str | None = None     # qualname of a ModelRunner subclass, None = the default one
+    profiles_activation_peak: bool = False  # True: size the KV cache after a profiled max-size step
 
     @classmethod
     def is_available(cls) -> bool:
@@ -58,6 +59,17 @@ class Platform:
     @classmethod
     def model_runner_cls(cls) -> str | None:
         return cls.model_runner
+
+    @classmethod
+    def runner_kwargs(cls, config: Any) -> dict[str, Any]:
+        """Extra keyword arguments of this platform's model runner, from the deployment."""
+        return {}
+
+    @classmethod
+    def profile_activation_peak(cls, run_step: Any) -> int:
+        """Runs the largest step and records its activation peak (bytes) for KV sizing; only
+        platforms with ``profiles_activation_peak`` are asked to."""
+        return 0
 
     @classmethod
     def register_ops(cls) -> None:

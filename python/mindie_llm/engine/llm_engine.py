@@ -101,7 +101,7 @@ class LLMEngine:
                                  else config.model.dtype, device, self.arch)
         spec = KVCacheSpec(self.arch.num_hidden_layers, self.arch.num_key_value_heads, self.arch.head_dim,
                            self.block_size, kv_dtype)
-        if not config.cache.num_blocks and hasattr(platform, "profile_activation_peak"):
+        if not config.cache.num_blocks and platform.profiles_activation_peak:
             from mindie_llm.executor.profile_run import max_step   # KV sized from the profiled peak
             platform.profile_activation_peak(max_step(
                 self.model, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
@@ -126,7 +126,7 @@ class LLMEngine:
         self.runner = runner_cls(self.model, self.arch.vocab_size, self.kv_caches, block_size=self.block_size,
                                   max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
                                   max_model_len=max_len, eos_token_ids=self.eos_token_ids, device=device,
-                                  **(platform.runner_kwargs(config) if hasattr(platform, "runner_kwargs") else {}))
+                                  **platform.runner_kwargs(config))
         self._rng = np.random.default_rng(config.model.seed)
         self._groups: dict[str, RequestGroup] = {}
         self._samples: dict[int, Sample] = {}

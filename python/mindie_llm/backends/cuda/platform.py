@@ -30,6 +30,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     ops_module = "mindie_llm.backends.cuda.ops"
     model_runner = "mindie_llm.backends.cuda.model_runner.CudaModelRunner"
+    profiles_activation_peak = True
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     activation_peak_bytes: int | None = None
 
