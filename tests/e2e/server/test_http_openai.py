@@ -33,7 +33,7 @@ def test_models_health_ready(srv, client):
 
 
 def test_greedy_completion_matches_the_offline_engine(srv, client):
-    from conftest import BASE_CONFIG, SHARED_OVERRIDES, merge
+    from server_harness import BASE_CONFIG, SHARED_OVERRIDES, merge
     from mindie_llm import LLM, SamplingParams
     from mindie_llm.config import EngineConfig
 
@@ -124,7 +124,7 @@ def test_queue_full_and_bad_request_map_to_openai_errors(client, srv):
 
 
 def test_metrics_report_requests_latencies_and_engine_state(client, srv):
-    from conftest import BASE_CONFIG, metric_value
+    from server_harness import BASE_CONFIG, metric_value
 
     before = srv.metrics_text()
     done_before = metric_value(before, "mindie_requests_total", outcome="length") if \

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 import yaml
-from conftest import BASE_CONFIG, launch, merge
+from server_harness import BASE_CONFIG, launch, merge
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
