@@ -119,7 +119,7 @@ def _bench_hf(args: argparse.Namespace, gguf_path: str) -> list[Row]:
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).train(False)
     wbytes = _weight_bytes(model, 1)
     rows = []
 

@@ -98,7 +98,7 @@ def build_empty_model(arch: LlamaArchConfig, device: torch.device, dtype: torch.
             model = build_model(arch)
     finally:
         torch.set_default_dtype(old)
-    return model.eval()
+    return model.train(False)  # inference mode of the module (dropout off)
 
 
 def _load_weights(model: nn.Module, weights: Iterable[tuple[str, str, torch.Tensor]]) -> None:
