@@ -60,3 +60,20 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=0.0))
+
+
+@dataclass
+class EngineStats:
+    """Engine-wide counters after the last step (the metrics and health endpoints read these)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0
+    num_cached_kv_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0          # cumulative
+    num_prompt_tokens_total: int = 0  # cumulative
+    num_generation_tokens_total: int = 0  # cumulative
+    last_step_time: float = 0.0       # time.monotonic() of the last step

@@ -25,7 +25,7 @@ import numpy as np
 from mindie_llm.config import EngineConfig
 from mindie_llm.engine.detokenizer import IncrementalDetokenizer
 from mindie_llm.engine.request import FINISH_REASON_NAMES, RequestGroup, Sample
-from mindie_llm.outputs import Logprob, RequestMetrics, RequestOutput
+from mindie_llm.outputs import EngineStats, Logprob, RequestMetrics, RequestOutput
 from mindie_llm.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "EngineStats", "InvalidRequestError"]
@@ -42,21 +42,6 @@ class InvalidRequestError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
-
-
-@dataclass
-class EngineStats:
-    num_waiting: int
-    num_running: int
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    num_cached_kv_blocks: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_prompt_tokens_total: int
-    num_generation_tokens_total: int
-    last_step_time: float
 
 
 def _stat(stats: object, *names: str, default: int = 0) -> int:

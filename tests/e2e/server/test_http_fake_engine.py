@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mindie_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from mindie_llm.outputs import CompletionOutput, EngineStats, Logprob, RequestMetrics, RequestOutput
 from mindie_llm.sampling_params import SamplingParams
 
 
@@ -46,21 +46,6 @@ def expected_text(prompt: str, max_tokens: int) -> str:
         last = next_token(last)
         out.append(chr(last))
     return "".join(out)
-
-
-@dataclass
-class EngineStats:
-    num_waiting: int = 0
-    num_running: int = 0
-    num_kv_blocks: int = 0
-    num_free_kv_blocks: int = 0
-    num_cached_kv_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    num_prompt_tokens_total: int = 0
-    num_generation_tokens_total: int = 0
-    last_step_time: float = 0.0
 
 
 @dataclass

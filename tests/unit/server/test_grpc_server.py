@@ -24,7 +24,7 @@ import pytest
 
 from mindie_llm.config import EngineConfig
 from mindie_llm.engine.async_llm import AsyncLLM
-from mindie_llm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from mindie_llm.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from mindie_llm.sampling_params import SamplingParams
 from mindie_llm.server.grpc.server import build_grpc_server
 
@@ -64,21 +64,6 @@ def expected_text(prompt: str, max_tokens: int) -> str:
 
 
 @dataclass
-class Stats:
-    num_waiting: int = 0
-    num_running: int = 0
-    num_kv_blocks: int = 0
-    num_free_kv_blocks: int = 0
-    num_cached_kv_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    num_prompt_tokens_total: int = 0
-    num_generation_tokens_total: int = 0
-    last_step_time: float = 0.0
-
-
-@dataclass
 class _Req:
     prompt_ids: list[int]
     params: SamplingParams
@@ -101,7 +86,7 @@ class FakeEngine:
         self.step_delay_s = step_delay_s
         self.reqs: dict[str, _Req] = {}
         self.lock = threading.Lock()
-        self.stats = Stats(num_kv_blocks=num_kv_blocks, num_free_kv_blocks=num_kv_blocks - 1)
+        self.stats = EngineStats(num_kv_blocks=num_kv_blocks, num_free_kv_blocks=num_kv_blocks - 1)
 
     def _used(self) -> int:
         return sum(math.ceil((len(r.prompt_ids) + len(s)) / self.block_size)
@@ -160,8 +145,8 @@ class FakeEngine:
         self._refresh()
         return result
 
-    def get_stats(self) -> Stats:
-        return Stats(**vars(self.stats))
+    def get_stats(self) -> EngineStats:
+        return EngineStats(**vars(self.stats))
 
 
 # ---------------------------------------------------------------------- the server harness

@@ -9,6 +9,7 @@ logged, never sent). Must not import torch or the model code.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -66,3 +67,17 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, *, a
     """Ends the RPC with the status that ``exc`` maps to (raises, as ``context.abort`` does)."""
     code, message = status_for(exc, admitted=admitted)
     await context.abort(code, message)
+
+
+async def last_output(gen: Any, context: grpc.aio.ServicerContext, last: Any) -> Any:
+    """Consumes an admitted request's stream of cumulative outputs and returns the final one
+    (``last`` if it yields nothing more); an error becomes the RPC's status, and the generator is
+    closed either way (which aborts the request if it is still running)."""
+    try:
+        async for out in gen:
+            last = out
+    except Exception as e:  # noqa: BLE001 - mapped to a status code
+        await abort_with(context, e, admitted=True)
+    finally:
+        await gen.aclose()
+    return last

@@ -19,7 +19,7 @@ import grpc
 
 from mindie_llm.sampling_params import SamplingParams
 from mindie_llm.server.grpc.common import DeltaTracker, load_stubs, new_request_id, timings_ns
-from mindie_llm.server.grpc.errors import RpcError, abort_with
+from mindie_llm.server.grpc.errors import RpcError, abort_with, last_output
 from mindie_llm.server.protocol_limits import RequestLimits
 
 __all__ = ["GenerationServicer", "SERVICE_NAME"]
@@ -176,13 +176,7 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
     # ------------------------------------------------------------------ RPCs
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         gen, last = await self._start(request, context)
-        try:
-            async for out in gen:
-                last = out
-        except Exception as e:  # noqa: BLE001
-            await abort_with(context, e, admitted=True)
-        finally:
-            await gen.aclose()
+        last = await last_output(gen, context, last)
         completions = []
         for o in sorted(last.outputs, key=lambda o: o.index):
             c = pb2.Completion(index=o.index, text=o.text, token_ids=o.token_ids,

@@ -19,7 +19,7 @@ import grpc
 
 from mindie_llm.sampling_params import SamplingParams
 from mindie_llm.server.grpc.common import DeltaTracker, new_request_id, timings_ns
-from mindie_llm.server.grpc.errors import RpcError, abort_with, status_for
+from mindie_llm.server.grpc.errors import RpcError, abort_with, last_output, status_for
 from mindie_llm.server.grpc.kserve_params import (INPUT_SAMPLING, INPUT_STREAM, INPUT_TEXT, OUTPUT_TEXT,
                                                   KServeRequest, decode_request, option_tensor_types,
                                                   serialize_bytes_tensor)
@@ -137,13 +137,7 @@ class KServeServicer:
             _, gen, last = await self._admit(request, unary=True)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             await abort_with(context, e)
-        try:
-            async for out in gen:
-                last = out
-        except Exception as e:  # noqa: BLE001
-            await abort_with(context, e, admitted=True)
-        finally:
-            await gen.aclose()
+        last = await last_output(gen, context, last)
         sample = last.outputs[0]
         return self._response(request, sample.text, last, final=None, finish_reason=sample.finish_reason)
 
