@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Builds the C++ scheduler extension with CMake and generates the gRPC stubs.
+"""Builds the C++ extensions (scheduler, CPU kernels) with CMake and generates the gRPC stubs.
 
 ``pip install -e .`` (or a wheel build) runs CMake on the top-level CMakeLists.txt, which builds
-cpp/scheduler into ``mindie_llm/_scheduler*.so``, and grpcio-tools on server/proto/*.proto.
+cpp/scheduler into ``mindie_llm/_scheduler*.so`` and cpp/kernels into ``mindie_llm/_cpu_kernels*.so``
+(built by the same CMake run, hence one Extension entry), and grpcio-tools on server/proto/*.proto.
 """
 import glob
 import os
@@ -41,7 +42,8 @@ class CMakeBuild(build_ext):
             "-DMINDIE_BUILD_TESTS=OFF",
         ], cwd=build_dir)
         jobs = str(os.cpu_count() or 2)
-        subprocess.check_call(["cmake", "--build", ".", "--target", "_scheduler", "-j", jobs], cwd=build_dir)
+        subprocess.check_call(["cmake", "--build", ".", "--target", "_scheduler", "_cpu_kernels", "-j", jobs],
+                              cwd=build_dir)
 
 
 def generate_grpc_stubs() -> None:

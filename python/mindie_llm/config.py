@@ -57,7 +57,7 @@ class ModelConfig:
     served_model_name: str | None = None
     load_format: str = "auto"          # auto | safetensors | gguf | dummy
     dtype: str = "auto"                # auto | float32 | bfloat16 | float16
-    quantization: str = "none"         # none | int8 (weight-only, per output channel)
+    quantization: str = "auto"         # auto | none | int8 | gguf (auto: gguf for a GGUF file on the CPU)
     max_seq_len: int | None = None     # vLLM max_model_len; None = the model's own limit
     tokenizer: str | None = None       # a tokenizer.json / HF directory overriding the model's
     seed: int = 0                      # seed of dummy weights and of unseeded sampling
@@ -66,8 +66,8 @@ class ModelConfig:
         _check(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "model.load_format",
                f"must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}")
         _check(self.dtype in _DTYPES, "model.dtype", f"must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
-        _check(self.quantization in ("none", "int8"), "model.quantization",
-               f"must be none or int8; got {self.quantization!r}")
+        _check(self.quantization in ("auto", "none", "int8", "gguf"), "model.quantization",
+               f"must be auto, none, int8 or gguf; got {self.quantization!r}")
         _check(self.max_seq_len is None or self.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
 
 

@@ -1,5 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Weight-only int8 quantization (per output channel, symmetric) as a module transform: it swaps
+"""Quantization schemes: the interface (``QuantizationScheme``: prepare the layers' parameters and
+loaders, load the checkpoint's tensors, process them once after loading, compute through a backend
+op) and its schemes, selected by ``model.quantization`` (``get_scheme``). Model code has no branch
+for any of them: a scheme swaps the ``linear_method`` of linear layers and of the LM head (and, for
+a quantized embedding table, the lookup).
+
+- ``gguf``: a GGUF file's own blocks (Q4_0, Q4_1, Q8_0) computed on directly: each tensor's bytes
+  are repacked once at load time (``ops.gguf_repack``) and the matmul is ``ops.gguf_matmul``
+  (C++ kernels on the CPU); nothing is expanded to a full-precision copy. A layer whose tensors
+  are of another type (F16, K-quants, ...) or of mixed types is dequantized to the model dtype.
+- ``int8``: weight-only int8 per output channel (below).
+
+Weight-only int8 quantization (per output channel, symmetric) as a module transform: it swaps
 the ``linear_method`` of every linear layer and of the LM head; model code has no branch for it.
 
 On the CPU the matmul is ``torch._weight_int8pack_mm`` with bfloat16 activations: for a few rows
@@ -12,14 +24,21 @@ Must not import models, the engine or a backend.
 """
 from __future__ import annotations
 
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mindie_llm.layers.embedding import LMHead
+from mindie_llm import ops
+from mindie_llm.layers.embedding import LMHead, VocabEmbedding
 from mindie_llm.layers.linear import LinearBase
 
-__all__ = ["quantize_weight_int8", "int8_linear", "quantize_int8", "INT8_MAX_ROWS"]
+__all__ = ["quantize_weight_int8", "int8_linear", "quantize_int8", "INT8_MAX_ROWS", "QuantizedTensor",
+           "QuantizationScheme", "GGUFBlocksScheme", "Int8Scheme", "get_scheme", "SCHEMES",
+           "GGUF_PACKED_TYPES", "gguf_linear", "weight_bytes"]
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 INT8_MAX_ROWS = 16  # above this many rows the dense weight (if kept) is faster on the CPU
@@ -72,3 +91,193 @@ def quantize_int8(model: nn.Module, keep_dense: bool = True) -> nn.Module:
         elif isinstance(module, LMHead):
             _quantize_layer(module, drop_weight=not (keep_dense or module.tied))
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# The scheme interface
+# ----------------------------------------------------------------------------------------------
+GGUF_PACKED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}  # ggml type ids with a packed kernel
+_GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+
+
+@dataclass
+class QuantizedTensor:
+    """A checkpoint tensor still in its quantized form: GGUF blocks ``raw[rows, row_bytes]`` (uint8,
+    row-major, rows in PyTorch order) of ``ggml_type`` for a logical float tensor of ``shape``.
+    ``dequantize()`` gives the float32 tensor (for layers that cannot use the blocks)."""
+
+    name: str
+    raw: torch.Tensor                       # [rows, row_bytes] uint8
+    ggml_type: int
+    shape: tuple[int, ...]                  # [out, in]
+    dequantize: Callable[[], torch.Tensor]  # -> float32 [out, in]
+
+
+class QuantizationScheme:
+    """What a scheme does, in load order: ``prepare(model)`` before any weight is loaded (replace
+    parameters / weight loaders), the loader then feeds checkpoint tensors through the parameters'
+    ``weight_loader``; ``process_weights_after_loading(model)`` once at the end (pack, drop dense
+    copies, set ``linear_method``). The matmul goes through a backend op."""
+
+    name = "none"
+
+    def prepare(self, model: nn.Module) -> None:
+        pass
+
+    def process_weights_after_loading(self, model: nn.Module) -> None:
+        pass
+
+
+class Int8Scheme(QuantizationScheme):
+    name = "int8"
+
+    def process_weights_after_loading(self, model: nn.Module) -> None:
+        quantize_int8(model)
+
+
+def gguf_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """y[T, N] = x[T, K] @ W^T (+ bias), W the layer's packed GGUF blocks; float32 out, cast to x's
+    dtype."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                  # [T, K]
+    y = ops.gguf_matmul(x2, layer.gguf_packed, layer.gguf_type, layer.gguf_n, layer.gguf_k)
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        y.add_(bias)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _gguf_embedding_forward(self: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    # [T] -> [T, H]: only the looked-up rows are dequantized
+    out = ops.gguf_embedding(input_ids, self.gguf_packed, self.gguf_type, self.gguf_n, self.gguf_k)
+    return out.reshape(*input_ids.shape, out.shape[-1]).to(self.gguf_dtype)
+
+
+def _shard_order(layer: nn.Module) -> list[Any]:
+    sizes = getattr(layer, "output_sizes", None)
+    if sizes is not None:
+        return list(range(len(sizes)))
+    if hasattr(layer, "q_size") and hasattr(layer, "kv_size"):
+        return ["q", "k", "v"]
+    return [None]
+
+
+class GGUFBlocksScheme(QuantizationScheme):
+    """GGUF Q4_0 / Q4_1 / Q8_0 blocks, repacked at load and computed on directly (see module doc)."""
+
+    name = "gguf"
+
+    def prepare(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, (LinearBase, VocabEmbedding)) or (isinstance(module, LMHead) and not module.tied):
+                if getattr(module, "tp_size", 1) > 1:
+                    raise ValueError("model.quantization=gguf supports tensor_parallel_size 1 only "
+                                     "(use model.quantization=none to shard a GGUF model)")
+                self._wrap_loader(module)
+
+    @staticmethod
+    def _wrap_loader(module: nn.Module) -> None:
+        param = module.weight
+        dense_loader = param.weight_loader
+        module._gguf_shards = {}            # shard id -> QuantizedTensor, until processed
+        module._gguf_dense_shards = set()
+        module._gguf_dense_loader = dense_loader
+
+        def loader(p: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+            if isinstance(loaded, QuantizedTensor):
+                want = _shard_rows(module, shard_id)
+                if tuple(loaded.shape) != (want, p.shape[1]):
+                    raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not match the model's "
+                                     f"{(want, p.shape[1])} (is the config right for these weights?)")
+                if loaded.ggml_type in GGUF_PACKED_TYPES and loaded.shape[1] % 32 == 0:
+                    module._gguf_shards[shard_id] = loaded
+                    return
+                loaded = loaded.dequantize()
+            dense_loader(p, loaded, shard_id) if shard_id is not None else dense_loader(p, loaded)
+            module._gguf_dense_shards.add(shard_id)
+
+        param.weight_loader = loader
+
+    def process_weights_after_loading(self, model: nn.Module) -> None:
+        for module in list(model.modules()):
+            shards = getattr(module, "_gguf_shards", None)
+            if shards is None:
+                continue
+            dense, dense_loader = module._gguf_dense_shards, module._gguf_dense_loader
+            del module._gguf_shards, module._gguf_dense_shards, module._gguf_dense_loader
+            module.weight.weight_loader = dense_loader
+            if not shards:
+                continue
+            order = _shard_order(module)
+            types_ = {q.ggml_type for q in shards.values()}
+            if dense or len(types_) != 1 or set(shards) != set(order):
+                # mixed types in one fused layer: dequantize the blocks into the dense weight
+                for sid, q in shards.items():
+                    args = (module.weight, q.dequantize()) + ((sid,) if sid is not None else ())
+                    dense_loader(*args)
+                continue
+            (ggml_type,) = types_
+            raw = torch.cat([shards[sid].raw for sid in order]) if len(order) > 1 else shards[order[0]].raw
+            n, k = module.weight.shape
+            try:
+                packed = ops.gguf_repack(raw, ggml_type, n, k)
+            except ValueError as e:
+                names = ", ".join(shards[sid].name for sid in order)
+                raise ValueError(f"{names}: {e}") from None
+            _install_packed(model, module, packed, ggml_type, n, k)
+
+
+def _shard_rows(module: nn.Module, shard_id: Any) -> int:
+    if shard_id is None:
+        return module.weight.shape[0]
+    if shard_id in ("q", "k", "v"):
+        return module.q_size if shard_id == "q" else module.kv_size
+    return module.output_sizes[shard_id]
+
+
+def _install_packed(model: nn.Module, module: nn.Module, packed: torch.Tensor, ggml_type: int,
+                    n: int, k: int) -> None:
+    dtype = module.weight.dtype
+    module.register_buffer("gguf_packed", packed, persistent=False)
+    module.gguf_type, module.gguf_n, module.gguf_k, module.gguf_dtype = ggml_type, n, k, dtype
+    if isinstance(module, VocabEmbedding):
+        module.forward = types.MethodType(_gguf_embedding_forward, module)
+        for head in model.modules():  # a tied head computes on the same blocks
+            if isinstance(head, LMHead) and head.tied and head.weight is module.weight:
+                head.register_buffer("gguf_packed", packed, persistent=False)
+                head.gguf_type, head.gguf_n, head.gguf_k = ggml_type, n, k
+                head.register_parameter("weight", None)
+                head.linear_method = gguf_linear
+    else:
+        module.linear_method = gguf_linear
+    module.register_parameter("weight", None)
+
+
+SCHEMES: dict[str, type[QuantizationScheme]] = {"none": QuantizationScheme, "int8": Int8Scheme,
+                                                 "gguf": GGUFBlocksScheme}
+
+
+def get_scheme(name: str) -> QuantizationScheme:
+    if name not in SCHEMES:
+        raise ValueError(f"model.quantization: unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
+    return SCHEMES[name]()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of matmul weights one decode step reads (packed blocks, int8 or dense weights of the
+    linear layers and the LM head; embedding lookups excluded; shared tensors counted once)."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        if isinstance(mod, VocabEmbedding):
+            continue
+        for t in (getattr(mod, "gguf_packed", None), getattr(mod, "qweight", None)):
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        if getattr(mod, "qweight", None) is None and isinstance(mod, (LinearBase, LMHead)):
+            w = mod._parameters.get("weight")
+            if w is not None and w.data_ptr() not in seen:
+                seen.add(w.data_ptr())
+                total += w.numel() * w.element_size()
+    return total

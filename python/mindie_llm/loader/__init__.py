@@ -150,7 +150,7 @@ def _load_hf(path: str, device: torch.device, dtype: Any, progress: bool):
     return model, arch, tok
 
 
-def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool):
+def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool, scheme: Any = None):
     from mindie_llm.loader.gguf_loader import gguf_arch_dict, iter_gguf_tensors, open_gguf, read_gguf_metadata
 
     reader = open_gguf(path)
@@ -161,7 +161,20 @@ def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool):
         cfg["tie_word_embeddings"] = "output.weight" not in names
         arch = _arch_from(cfg, path)
         model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
-        _load_weights(model, ((path, n, t) for n, t in iter_gguf_tensors(reader, path, cfg, progress)))
+        blocks = scheme is not None and scheme.name == "gguf"
+        if blocks:
+            try:
+                scheme.prepare(model)
+            except ValueError as e:
+                raise WeightMismatchError(path, str(e)) from None
+        _load_weights(model, ((path, n, t) for n, t in iter_gguf_tensors(reader, path, cfg, progress and not blocks,
+                                                                         quantized=blocks)))
+        if blocks:
+            try:
+                scheme.process_weights_after_loading(model)
+            except ValueError as e:
+                name, _, msg = str(e).partition(": ")
+                raise CorruptCheckpointError(path, msg, tensor=name) from None
     finally:
         reader.close()
     try:
@@ -191,25 +204,40 @@ def _load_dummy(path: str | None, device: torch.device, dtype: Any, seed: int,
     return model, arch, tok
 
 
+def resolve_quantization(quantization: str, fmt: str, device: torch.device) -> str:
+    """"auto" -> "gguf" (compute on the file's own blocks) for a GGUF file on the CPU, else "none"."""
+    if quantization in (None, "auto"):
+        return "gguf" if fmt == "gguf" and torch.device(device).type == "cpu" else "none"
+    return quantization
+
+
 def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any = None, *,
                progress: bool = True, hf_config: Mapping[str, Any] | None = None) -> LoadedModel:
     """Loads ``model_config`` (a ``config.ModelConfig``) onto ``device``.
 
     ``dtype`` overrides ``model_config.dtype`` when given. ``hf_config`` (dummy format only) gives
-    the architecture as a config.json-shaped dict. ``model_config.quantization == "int8"`` applies
-    weight-only int8 to every linear layer after loading.
+    the architecture as a config.json-shaped dict. ``model_config.quantization``: "int8" applies
+    weight-only int8 to every linear layer after loading; "gguf" computes on a GGUF file's own
+    blocks (repacked at load, never expanded to float); "auto" is "gguf" for a GGUF file on the
+    CPU and "none" otherwise.
     """
     device = torch.device(device)
     dtype = dtype if dtype is not None else getattr(model_config, "dtype", "auto")
     path = getattr(model_config, "path", None)
     fmt, path = resolve_format(path, getattr(model_config, "load_format", "auto"))
-    if fmt == "dummy":
+    quant = resolve_quantization(getattr(model_config, "quantization", "none"), fmt, device)
+    if fmt == "gguf":
+        from mindie_llm.layers.quantization import get_scheme
+
+        model, arch, tok = _load_gguf(path, device, dtype, progress, get_scheme(quant))
+    elif quant == "gguf":
+        raise ModelNotFoundError(path or "<dummy>", "model.quantization=gguf computes on a GGUF file's "
+                                                    "blocks; this model is not a .gguf file")
+    elif fmt == "dummy":
         model, arch, tok = _load_dummy(path, device, dtype, getattr(model_config, "seed", 0), hf_config)
-    elif fmt == "gguf":
-        model, arch, tok = _load_gguf(path, device, dtype, progress)
     else:
         model, arch, tok = _load_hf(path, device, dtype, progress)
-    if getattr(model_config, "quantization", "none") == "int8":
+    if quant == "int8":
         from mindie_llm.layers.quantization import quantize_int8
 
         quantize_int8(model)

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """GGUF loader: metadata -> LlamaArchConfig, tensors dequantized to float (F32, F16, BF16, Q8_0,
-Q4_0, Q4_1 in torch; K-quants and the rest through ``gguf.quants.dequantize``),
+Q4_0, Q4_1 in torch; K-quants and the rest through ``gguf.quants.dequantize``) or, for a
+quantization scheme that computes on the blocks (``quantized=True``), handed over as
+``layers.quantization.QuantizedTensor`` (the raw blocks, rows un-permuted, plus a dequantizer),
 GGUF names -> Hugging Face names, and the rotary permutation of llama Q/K weights undone exactly as
 transformers' GGUF loader does, so logits match transformers on the same file.
 
-Must not import the engine or executor.
+Must not import the engine or executor (layers only for the QuantizedTensor type).
 """
 from __future__ import annotations
 
@@ -125,9 +127,36 @@ def dequantize_tensor(f: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
         raise CorruptCheckpointError(f.path, f"cannot dequantize: {e}", tensor=info.name) from None
 
 
-def iter_gguf_tensors(f: GGUFFile, path: str, cfg: dict[str, Any], progress: bool = False
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (HF name, float32 tensor) for every tensor, Q/K un-permuted for llama-style rotary."""
+_FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16: always dequantized (norm weights, float checkpoints)
+
+
+def _quantized(f: GGUFFile, info: GGUFTensorInfo, hf: str, n_perm: int | None) -> Any:
+    """The tensor's raw blocks [rows, row_bytes] (a copy: the file is closed after loading), rows
+    un-permuted like the float path, and a dequantizer of exactly those rows."""
+    import numpy as np
+
+    from mindie_llm.layers.quantization import QuantizedTensor
+
+    raw = f.raw(info)                                                     # [rows, row_bytes] view
+    raw = np.ascontiguousarray(_reverse_permute(raw, n_perm)) if n_perm else raw.copy()
+    shape = info.shape
+
+    def deq() -> torch.Tensor:
+        try:
+            return dequantize(raw, info.ggml_type, shape)
+        except NotImplementedError:
+            raise WeightMismatchError(f.path, f"ggml type {info.ggml_type} cannot be dequantized by the "
+                                              "gguf package", tensor=info.name) from None
+        except (ValueError, IndexError, RuntimeError) as e:
+            raise CorruptCheckpointError(f.path, f"cannot dequantize: {e}", tensor=info.name) from None
+
+    return QuantizedTensor(info.name, torch.from_numpy(raw), info.ggml_type, tuple(shape), deq)
+
+
+def iter_gguf_tensors(f: GGUFFile, path: str, cfg: dict[str, Any], progress: bool = False,
+                      quantized: bool = False) -> Iterator[tuple[str, Any]]:
+    """Yields (HF name, float32 tensor) for every tensor, Q/K un-permuted for llama-style rotary.
+    With ``quantized``, 2-D tensors of a block type are yielded as QuantizedTensor instead."""
     it: Any = f.tensors
     if progress:
         from tqdm import tqdm
@@ -138,6 +167,14 @@ def iter_gguf_tensors(f: GGUFFile, path: str, cfg: dict[str, Any], progress: boo
     for info in it:
         hf = _hf_name(info.name)
         if hf is None:
+            continue
+        if quantized and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
+            n_perm = None
+            if permuted and ".attn_q." in info.name:
+                n_perm = n_heads
+            elif permuted and ".attn_k." in info.name:
+                n_perm = n_kv
+            yield hf, _quantized(f, info, hf, n_perm)
             continue
         w = dequantize_tensor(f, info)                                   # [out, in] float32
         if permuted and ".attn_q." in info.name:

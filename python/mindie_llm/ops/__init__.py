@@ -18,10 +18,11 @@ from mindie_llm.ops import reference
 
 __all__ = ["register_backend", "registered_backends", "rms_norm", "fused_add_rms_norm",
            "rotary_embedding", "write_kv_cache", "rotary_embedding_write_kv", "paged_attention",
-           "silu_and_mul", "OP_NAMES"]
+           "silu_and_mul", "gguf_repack", "gguf_matmul", "gguf_embedding", "OP_NAMES"]
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
-            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul")
+            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul",
+            "gguf_repack", "gguf_matmul", "gguf_embedding")  # gguf_*: matmuls on repacked GGUF blocks
 
 # op name -> {device type -> implementation}
 _TABLES: dict[str, dict[str, Callable[..., Any]]] = {name: {} for name in OP_NAMES}
@@ -73,3 +74,6 @@ write_kv_cache = _make("write_kv_cache")
 rotary_embedding_write_kv = _make("rotary_embedding_write_kv")
 paged_attention = _make("paged_attention")
 silu_and_mul = _make("silu_and_mul")
+gguf_repack = _make("gguf_repack")
+gguf_matmul = _make("gguf_matmul")
+gguf_embedding = _make("gguf_embedding")

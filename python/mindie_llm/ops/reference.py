@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from mindie_llm.layers.attention import AttentionMetadata
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
-           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul"]
+           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "gguf_repack", "gguf_unpack",
+           "gguf_matmul", "gguf_embedding"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -139,3 +140,67 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x[T, 2I] = cat(gate, up) -> silu(gate) * up, [T, I]."""
     d = x.shape[-1] // 2
     return (torch.nn.functional.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
+
+
+# --- GGUF blocks, repacked ("tile-major": 16 output rows per tile, one 32-value block per step) ---
+# Q4_0 / Q4_1: codes[16 kk][16 rows] (GGUF's qs byte kk of each row: low nibble k = kk, high nibble
+# k = kk + 16), d[16] fp16, (Q4_1) m[16] fp16. Q8_0: codes[32 k][16 rows] int8, d[16] fp16.
+# Rows past N are zero. The CPU backend's C++ kernels read this layout; these are the oracles.
+_GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}   # ggml type id -> bytes per 32-value block
+_GGUF_QS_START = {2: 2, 3: 4, 8: 2}
+
+
+def gguf_repack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    """raw[n, k/32 * block_bytes] uint8 GGUF blocks (Q4_0, Q4_1, Q8_0) -> packed uint8 bytes.
+    A block whose scale (or Q4_1 minimum) is not finite raises ValueError naming row and block."""
+    if ggml_type not in _GGUF_BLOCK_BYTES or k % 32:
+        raise ValueError(f"gguf_repack: ggml type {ggml_type} with k={k} is not supported")
+    bb, nkb = _GGUF_BLOCK_BYTES[ggml_type], k // 32
+    if raw.dtype != torch.uint8 or tuple(raw.shape) != (n, nkb * bb):
+        raise ValueError(f"GGUF blocks: expected uint8 [{n}, {nkb * bb}], got {raw.dtype} {list(raw.shape)}")
+    blocks = raw.reshape(n, nkb, bb)
+    scales = blocks[:, :, :4 if ggml_type == 3 else 2].contiguous().view(torch.float16).float()
+    bad = (~torch.isfinite(scales)).any(dim=-1).reshape(-1).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"malformed block: row {i // nkb}, block {i % nkb} has a non-finite scale")
+    n_pad = (n + 15) // 16 * 16
+    if n_pad != n:
+        blocks = torch.cat((blocks, blocks.new_zeros(n_pad - n, nkb, bb)))
+    tiles = blocks.reshape(n_pad // 16, 16, nkb, bb).permute(0, 2, 1, 3)       # [tiles, nkb, 16, bb]
+    qs = tiles[..., _GGUF_QS_START[ggml_type]:].transpose(-1, -2)              # [tiles, nkb, 16|32, 16]
+    parts = [qs.reshape(*qs.shape[:2], -1), tiles[..., 0:2].reshape(*qs.shape[:2], -1)]
+    if ggml_type == 3:
+        parts.append(tiles[..., 2:4].reshape(*qs.shape[:2], -1))
+    return torch.cat(parts, dim=-1).reshape(-1).contiguous()
+
+
+def gguf_unpack(packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    """The packed weight dequantized: [n, k] float32, equal to dequantizing the GGUF blocks."""
+    nkb, n_pad = k // 32, (n + 15) // 16 * 16
+    code_bytes = 512 if ggml_type == 8 else 256
+    bt = code_bytes + (64 if ggml_type == 3 else 32)
+    t = packed.reshape(n_pad // 16, nkb, bt)
+    d = t[..., code_bytes:code_bytes + 32].contiguous().view(torch.float16).float()   # [tiles, nkb, 16]
+    if ggml_type == 8:
+        q = t[..., :512].contiguous().view(torch.int8).reshape(*t.shape[:2], 32, 16).float()
+        w = q * d[:, :, None, :]                                                    # [tiles, nkb, 32, 16]
+    else:
+        c = t[..., :256].reshape(*t.shape[:2], 16, 16)
+        q = torch.cat((c & 0x0F, c >> 4), dim=2)                                    # [tiles, nkb, 32, 16]
+        if ggml_type == 3:
+            m = t[..., 288:320].contiguous().view(torch.float16).float()
+            w = d[:, :, None, :] * q.float() + m[:, :, None, :]
+        else:
+            w = d[:, :, None, :] * (q.to(torch.int8) - 8).float()
+    return w.permute(0, 3, 1, 2).reshape(n_pad, k)[:n]                              # [n, k]
+
+
+def gguf_matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    """x[T, K] @ W^T -> [T, N] float32 with W the dequantized packed weight (dequantize, then matmul)."""
+    return x.float() @ gguf_unpack(packed, ggml_type, n, k).T
+
+
+def gguf_embedding(ids: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    """Rows ``ids[T]`` of the dequantized packed weight: [T, K] float32."""
+    return gguf_unpack(packed, ggml_type, n, k)[ids.reshape(-1).long()]

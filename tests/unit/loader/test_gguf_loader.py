@@ -40,7 +40,7 @@ def _forward(lm, ids: torch.Tensor) -> torch.Tensor:
 
 def test_tiny_gguf_tensors_dequantize_like_gguf_package(tiny):
     path, types = tiny
-    lm = load_model(ModelConfig(path=path), "cpu", torch.float32, progress=False)
+    lm = load_model(ModelConfig(path=path, quantization="none"), "cpu", torch.float32, progress=False)
     reader = gguf.GGUFReader(path)
     params = dict(lm.model.named_parameters())
     q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
@@ -73,11 +73,14 @@ def test_tiny_gguf_tensors_dequantize_like_gguf_package(tiny):
     assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"} <= seen
 
 
-def test_tiny_gguf_logits_and_tokenizer_match_transformers(tiny):
+@pytest.mark.parametrize("quantization", ["none", "gguf"])
+def test_tiny_gguf_logits_and_tokenizer_match_transformers(tiny, quantization):
+    # gguf: the Q4_0/Q4_1/Q8_0 layers compute on the repacked blocks (same tolerance: the kernels
+    # compute in float32 on exactly the dequantized values; only the summation order differs)
     transformers = pytest.importorskip("transformers")
     path, _ = tiny
     d, name = os.path.split(path)
-    lm = load_model(ModelConfig(path=path), "cpu", torch.float32, progress=False)
+    lm = load_model(ModelConfig(path=path, quantization=quantization), "cpu", torch.float32, progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     ids = torch.tensor([5, 260, 100, 33, 7, 258, 261, 90, 1, 2, 3])
     with torch.no_grad():

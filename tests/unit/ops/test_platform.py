@@ -8,7 +8,7 @@ import torch
 
 from mindie_llm import ops
 from mindie_llm.backends import get_platform, kv_cache_bytes_per_block
-from mindie_llm.backends.cpu import ops as cpu_ops
+from mindie_llm.backends.cpu import fast_ops, ops as cpu_ops  # noqa: F401
 from mindie_llm.config import CacheConfig
 
 
@@ -18,7 +18,7 @@ def test_cpu_platform_registers_its_ops():
         ops.unregister_backend("cpu")
         p = get_platform("cpu")
         assert p.device_type == "cpu" and p.dist_backend == "gloo"
-        assert ops.registered_backends()["cpu"] is cpu_ops
+        assert ops.registered_backends()["cpu"] is fast_ops
         assert p.device() == torch.device("cpu") and p.default_dtype() == torch.float32
         assert p.graph_wrapper_cls() is None
     finally:

@@ -15,7 +15,7 @@ __all__ = ["CpuPlatform"]
 class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
-    ops_module = "mindie_llm.backends.cpu.ops"
+    ops_module = "mindie_llm.backends.cpu.fast_ops"  # torch ops + C++ kernels where they apply
 
     @classmethod
     def default_dtype(cls) -> torch.dtype:

@@ -1,0 +1,33 @@
+// SPDX-License-Identifier: Apache-2.0
+// AVX2 + FMA kernels (8 lanes). Compiled with -mavx2 -mfma -mf16c -ffp-contract=off.
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace {
+using VF = __m256;
+using VI = __m256i;
+inline VF vzero() { return _mm256_setzero_ps(); }
+inline VF vset1(float x) { return _mm256_set1_ps(x); }
+inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, VF v) { _mm256_storeu_ps(p, v); }
+inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF vcvt(VI v) { return _mm256_cvtepi32_ps(v); }
+inline VI load_u8(const std::uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline VI load_i8(const std::int8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline VI vand15(VI v) { return _mm256_and_si256(v, _mm256_set1_epi32(15)); }
+inline VI vshr4(VI v) { return _mm256_srli_epi32(v, 4); }
+inline VF load_f16(const std::uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+}  // namespace
+
+#define MK_NS avx2
+#define MK_W 8
+#include "kernels_impl.h"

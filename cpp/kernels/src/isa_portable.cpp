@@ -1,0 +1,29 @@
+// SPDX-License-Identifier: Apache-2.0
+// Portable kernels (1 lane, std::fma): the reference instruction set, bit-identical to the SIMD
+// ones. Compiled with -ffp-contract=off.
+#include <cmath>
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace {
+using VF = float;
+using VI = std::int32_t;
+inline VF vzero() { return 0.0f; }
+inline VF vset1(float x) { return x; }
+inline VF vload(const float* p) { return *p; }
+inline void vstore(float* p, VF v) { *p = v; }
+inline VF vfma(VF a, VF b, VF c) { return std::fma(a, b, c); }
+inline VF vmul(VF a, VF b) { return a * b; }
+inline VF vadd(VF a, VF b) { return a + b; }
+inline VF vcvt(VI v) { return static_cast<float>(v); }
+inline VI load_u8(const std::uint8_t* p) { return *p; }
+inline VI load_i8(const std::int8_t* p) { return *p; }
+inline VI vand15(VI v) { return v & 15; }
+inline VI vshr4(VI v) { return v >> 4; }
+inline VF load_f16(const std::uint16_t* p) { return mindie_kernels::half_to_float(*p); }
+}  // namespace
+
+#define MK_NS portable
+#define MK_W 1
+#include "kernels_impl.h"

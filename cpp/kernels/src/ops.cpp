@@ -1,0 +1,306 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace mindie_kernels {
+
+float half_to_float(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  std::uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do { ++e; mant <<= 1; } while ((mant & 0x400u) == 0);
+      bits = sign | static_cast<std::uint32_t>(127 - 15 - e) << 23 | (mant & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | mant << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+namespace {
+
+using GemmFn = void (*)(const GemmArgs&, std::int64_t, std::int64_t, std::int64_t);
+using AttnFn = void (*)(const AttnArgs&, std::int64_t, std::int64_t, float*);
+
+struct Isa {
+  const char* name;
+  GemmFn gemm;
+  AttnFn attn;
+};
+
+Isa detect() {
+#if defined(MINDIE_KERNELS_X86)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return {"avx512", avx512::gemm_tile, avx512::attn_item};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {"avx2", avx2::gemm_tile, avx2::attn_item};
+#endif
+  return {"portable", portable::gemm_tile, portable::attn_item};
+}
+
+Isa& current_isa() {
+  static Isa isa = detect();
+  return isa;
+}
+
+struct PoolHolder {
+  std::mutex mu;
+  std::unique_ptr<ThreadPool> pool;
+  int threads = 1, spin_us = 100;
+};
+PoolHolder& holder() {
+  static PoolHolder h;
+  return h;
+}
+ThreadPool& pool() {
+  PoolHolder& h = holder();
+  std::lock_guard<std::mutex> lk(h.mu);
+  if (!h.pool) h.pool = std::make_unique<ThreadPool>(h.threads, h.spin_us);
+  return *h.pool;
+}
+
+constexpr std::int64_t kRowsPerItem = 64;  // activation rows per work item (prefill)
+
+struct GemmCtx {
+  GemmArgs a;
+  std::int64_t t, ntiles;
+  GemmFn fn;
+};
+void gemm_item(void* ctx, std::int64_t item, int) {
+  auto* c = static_cast<GemmCtx*>(ctx);
+  const std::int64_t tile = item % c->ntiles, chunk = item / c->ntiles;
+  const std::int64_t t0 = chunk * kRowsPerItem, t1 = std::min(c->t, t0 + kRowsPerItem);
+  c->fn(c->a, tile, t0, t1);
+}
+
+struct AttnCtx {
+  AttnArgs a;
+  AttnFn fn;
+  std::int64_t scratch;
+};
+void attn_work(void* ctx, std::int64_t item, int) {
+  auto* c = static_cast<AttnCtx*>(ctx);
+  thread_local std::vector<float> scratch;
+  if (static_cast<std::int64_t>(scratch.size()) < c->scratch) scratch.resize(c->scratch);
+  c->fn(c->a, item / c->a.hk, item % c->a.hk, scratch.data());  // (token, kv head)
+}
+
+inline std::uint16_t load_u16(const std::uint8_t* p) {
+  std::uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline bool finite_half(std::uint16_t h) { return ((h >> 10) & 0x1f) != 0x1f; }
+
+}  // namespace
+
+void set_threads(int n_threads, int spin_us) {
+  if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+  PoolHolder& h = holder();
+  std::lock_guard<std::mutex> lk(h.mu);
+  h.threads = n_threads;
+  h.spin_us = spin_us;
+  h.pool.reset();
+}
+
+int num_threads() { return holder().threads; }
+
+const char* isa() { return current_isa().name; }
+
+void set_isa(const std::string& name) {
+  Isa best = detect();
+  if (name == "portable") {
+    current_isa() = {"portable", portable::gemm_tile, portable::attn_item};
+#if defined(MINDIE_KERNELS_X86)
+  } else if (name == "avx2" && (std::string(best.name) == "avx2" || std::string(best.name) == "avx512")) {
+    current_isa() = {"avx2", avx2::gemm_tile, avx2::attn_item};
+#endif
+  } else if (name == "avx512" && std::string(best.name) == "avx512") {
+    current_isa() = best;
+  } else if (name == "auto") {
+    current_isa() = best;
+  } else {
+    throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU (best: " +
+                                best.name + ")");
+  }
+}
+
+std::int64_t packed_bytes(int qtype, std::int64_t n, std::int64_t k) {
+  const std::size_t bt = block_tile_bytes(qtype);
+  if (bt == 0) throw std::invalid_argument("unsupported ggml type " + std::to_string(qtype));
+  if (k % kBlock) throw std::invalid_argument("k must be a multiple of 32");
+  const std::int64_t ntiles = (n + kTileRows - 1) / kTileRows;
+  return ntiles * (k / kBlock) * static_cast<std::int64_t>(bt);
+}
+
+std::int64_t pack(const std::uint8_t* raw, int qtype, std::int64_t n, std::int64_t k, std::uint8_t* out) {
+  const std::int64_t nkb = k / kBlock, ntiles = (n + kTileRows - 1) / kTileRows;
+  const std::size_t bt = block_tile_bytes(qtype), gb = gguf_block_bytes(qtype);
+  std::memset(out, 0, static_cast<std::size_t>(packed_bytes(qtype, n, k)));
+  for (std::int64_t tile = 0; tile < ntiles; ++tile) {
+    for (std::int64_t kb = 0; kb < nkb; ++kb) {
+      std::uint8_t* dst = out + (tile * nkb + kb) * bt;
+      for (int r = 0; r < kTileRows; ++r) {
+        const std::int64_t row = tile * kTileRows + r;
+        if (row >= n) break;
+        const std::uint8_t* src = raw + (row * nkb + kb) * gb;
+        const std::uint16_t d = load_u16(src);
+        if (!finite_half(d)) return row * nkb + kb;
+        if (qtype == kQ8_0) {
+          for (int kk = 0; kk < 32; ++kk) dst[kk * 16 + r] = src[2 + kk];
+          std::memcpy(dst + 512 + 2 * r, src, 2);
+        } else {
+          const int qs = qtype == kQ4_1 ? 4 : 2;
+          for (int kk = 0; kk < 16; ++kk) dst[kk * 16 + r] = src[qs + kk];
+          std::memcpy(dst + 256 + 2 * r, src, 2);
+          if (qtype == kQ4_1) {
+            if (!finite_half(load_u16(src + 2))) return row * nkb + kb;
+            std::memcpy(dst + 288 + 2 * r, src + 2, 2);
+          }
+        }
+      }
+    }
+  }
+  return -1;
+}
+
+void gemm(const float* x, std::int64_t t, std::int64_t ldx, const std::uint8_t* w, int qtype,
+          std::int64_t n, std::int64_t k, float* y, std::int64_t ldy) {
+  const std::int64_t nkb = k / kBlock;
+  thread_local std::vector<float> xsum;
+  if (qtype != kQ8_0) {
+    xsum.resize(static_cast<std::size_t>(t * nkb));
+    for (std::int64_t i = 0; i < t; ++i)
+      for (std::int64_t kb = 0; kb < nkb; ++kb) {
+        const float* xb = x + i * ldx + kb * kBlock;
+        float s = 0.0f;
+        for (int j = 0; j < kBlock; ++j) s = s + xb[j];
+        xsum[i * nkb + kb] = s;
+      }
+  }
+  GemmCtx c{{x, ldx, w, y, ldy, xsum.data(), n, k, qtype}, t, (n + kTileRows - 1) / kTileRows,
+            current_isa().gemm};
+  const std::int64_t chunks = (t + kRowsPerItem - 1) / kRowsPerItem;
+  pool().run(c.ntiles * chunks, gemm_item, &c);
+}
+
+void dequant_rows(const std::uint8_t* w, int qtype, std::int64_t n, std::int64_t k,
+                  const std::int64_t* ids, std::int64_t n_ids, float* out) {
+  (void)n;
+  const std::int64_t nkb = k / kBlock;
+  const std::size_t bt = block_tile_bytes(qtype);
+  for (std::int64_t i = 0; i < n_ids; ++i) {
+    const std::int64_t row = ids[i], tile = row / kTileRows, r = row % kTileRows;
+    float* o = out + i * k;
+    for (std::int64_t kb = 0; kb < nkb; ++kb) {
+      const std::uint8_t* blk = w + (tile * nkb + kb) * bt;
+      float* ob = o + kb * kBlock;
+      if (qtype == kQ8_0) {
+        const float d = half_to_float(load_u16(blk + 512 + 2 * r));
+        for (int kk = 0; kk < 32; ++kk) ob[kk] = static_cast<float>(static_cast<std::int8_t>(blk[kk * 16 + r])) * d;
+      } else {
+        const float d = half_to_float(load_u16(blk + 256 + 2 * r));
+        const bool q41 = qtype == kQ4_1;
+        const float m = q41 ? half_to_float(load_u16(blk + 288 + 2 * r)) : 0.0f;
+        for (int kk = 0; kk < 16; ++kk) {
+          const int lo = blk[kk * 16 + r] & 15, hi = blk[kk * 16 + r] >> 4;
+          if (q41) {
+            ob[kk] = d * static_cast<float>(lo) + m;
+            ob[kk + 16] = d * static_cast<float>(hi) + m;
+          } else {
+            ob[kk] = d * static_cast<float>(lo - 8);
+            ob[kk + 16] = d * static_cast<float>(hi - 8);
+          }
+        }
+      }
+    }
+  }
+}
+
+std::int64_t paged_attention(const float* q, const float* cache, const std::int32_t* block_tables,
+                             std::int64_t ldbt, std::int64_t n_reqs, const std::int32_t* token_req,
+                             const std::int32_t* token_len, float* out, std::int64_t t,
+                             std::int64_t nblocks, std::int64_t bs, std::int64_t hq, std::int64_t hk,
+                             std::int64_t d, float scale, std::int64_t window) {
+  std::int64_t max_len = 1;
+  for (std::int64_t i = 0; i < t; ++i) {
+    const std::int64_t r = token_req[i], len = token_len[i];
+    if (r < 0 || r >= n_reqs || len < 1 || len > ldbt * bs) return i;
+    const std::int32_t* table = block_tables + r * ldbt;
+    for (std::int64_t b = 0; b < (len + bs - 1) / bs; ++b)
+      if (table[b] < 0 || table[b] >= nblocks) return i;
+    max_len = std::max(max_len, len);
+  }
+  const std::int64_t g = hq / hk;
+  AttnCtx c{{q, cache, block_tables, ldbt, token_req, token_len, out, nblocks, bs, hq, hk, d, scale, window},
+            current_isa().attn, g * (max_len + d)};
+  pool().run(t * hk, attn_work, &c);
+  return -1;
+}
+
+std::int64_t rope_write_kv(float* qkv, std::int64_t t, std::int64_t ldqkv, const std::int64_t* positions,
+                           const float* cos_sin, std::int64_t rot, bool neox, std::int64_t hq, std::int64_t hk,
+                           std::int64_t d, float* cache, std::int64_t n_slots, const std::int64_t* slots,
+                           std::int64_t max_pos) {
+  for (std::int64_t i = 0; i < t; ++i)
+    if (slots[i] >= n_slots || positions[i] < 0 || positions[i] >= max_pos) return i;
+  const std::int64_t half = rot / 2;
+  for (std::int64_t i = 0; i < t; ++i) {
+    float* row = qkv + i * ldqkv;
+    const float* cs = cos_sin + positions[i] * rot;
+    for (std::int64_t h = 0; h < hq + hk; ++h) {
+      float* x = row + h * d;
+      for (std::int64_t j = 0; j < half; ++j) {
+        const std::int64_t a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
+        const float c = cs[j], s = cs[half + j], x1 = x[a], x2 = x[b];
+        x[a] = x1 * c - x2 * s;
+        x[b] = x2 * c + x1 * s;
+      }
+    }
+    const std::int64_t slot = slots[i];
+    if (slot < 0) continue;
+    const std::int64_t kv = hk * d;
+    std::memcpy(cache + slot * kv, row + hq * d, sizeof(float) * kv);                     // K plane
+    std::memcpy(cache + n_slots * kv + slot * kv, row + (hq + hk) * d, sizeof(float) * kv);  // V plane
+  }
+  return -1;
+}
+
+void add_rms_norm(const float* x, const float* res, const float* w, float eps, std::int64_t t,
+                  std::int64_t h, float* out, float* res_out) {
+  for (std::int64_t i = 0; i < t; ++i) {
+    const float* xr = x + i * h;
+    float* rr = res_out + i * h;
+    float part[16] = {0};
+    for (std::int64_t j = 0; j < h; ++j) {
+      const float v = res ? xr[j] + res[i * h + j] : xr[j];
+      rr[j] = v;
+      part[j & 15] = part[j & 15] + v * v;
+    }
+    for (int s = 8; s >= 1; s /= 2)
+      for (int j = 0; j < s; ++j) part[j] = part[j] + part[j + s];
+    const float inv = 1.0f / std::sqrt(part[0] / static_cast<float>(h) + eps);
+    float* o = out + i * h;
+    for (std::int64_t j = 0; j < h; ++j) o[j] = rr[j] * inv * w[j];
+  }
+}
+
+}  // namespace mindie_kernels
