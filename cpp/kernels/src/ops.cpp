@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include <unistd.h>
+
 #include "kernels.h"
 #include "thread_pool.h"
 
@@ -64,16 +66,21 @@ Isa& current_isa() {
 struct PoolHolder {
   std::mutex mu;
   std::unique_ptr<ThreadPool> pool;
+  pid_t owner = 0;  // a forked child has none of the parent's threads: it builds its own pool
   int threads = 1, spin_us = 100;
 };
 PoolHolder& holder() {
-  static PoolHolder h;
-  return h;
+  static PoolHolder* h = new PoolHolder;  // never destroyed: exit must not join worker threads
+  return *h;
 }
 ThreadPool& pool() {
   PoolHolder& h = holder();
   std::lock_guard<std::mutex> lk(h.mu);
-  if (!h.pool) h.pool = std::make_unique<ThreadPool>(h.threads, h.spin_us);
+  if (h.pool && h.owner != getpid()) (void)h.pool.release();  // the parent's threads: abandon
+  if (!h.pool) {
+    h.pool = std::make_unique<ThreadPool>(h.threads, h.spin_us);
+    h.owner = getpid();
+  }
   return *h.pool;
 }
 
@@ -118,6 +125,7 @@ void set_threads(int n_threads, int spin_us) {
   std::lock_guard<std::mutex> lk(h.mu);
   h.threads = n_threads;
   h.spin_us = spin_us;
+  if (h.pool && h.owner != getpid()) (void)h.pool.release();
   h.pool.reset();
 }
 

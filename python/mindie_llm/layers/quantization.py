@@ -168,13 +168,21 @@ class GGUFBlocksScheme(QuantizationScheme):
 
     name = "gguf"
 
+    def __init__(self, optional: bool = False):
+        self.optional = optional  # chosen by "auto": fall back to dense weights where unsupported
+        self.active = True
+
     def prepare(self, model: nn.Module) -> None:
-        for module in model.modules():
-            if isinstance(module, (LinearBase, VocabEmbedding)) or (isinstance(module, LMHead) and not module.tied):
-                if getattr(module, "tp_size", 1) > 1:
-                    raise ValueError("model.quantization=gguf supports tensor_parallel_size 1 only "
-                                     "(use model.quantization=none to shard a GGUF model)")
-                self._wrap_loader(module)
+        targets = [m for m in model.modules()
+                   if isinstance(m, (LinearBase, VocabEmbedding)) or (isinstance(m, LMHead) and not m.tied)]
+        if any(getattr(m, "tp_size", 1) > 1 for m in targets):
+            if self.optional:
+                self.active = False
+                return
+            raise ValueError("model.quantization=gguf supports tensor_parallel_size 1 only "
+                             "(use model.quantization=none to shard a GGUF model)")
+        for module in targets:
+            self._wrap_loader(module)
 
     @staticmethod
     def _wrap_loader(module: nn.Module) -> None:
@@ -258,10 +266,12 @@ SCHEMES: dict[str, type[QuantizationScheme]] = {"none": QuantizationScheme, "int
                                                  "gguf": GGUFBlocksScheme}
 
 
-def get_scheme(name: str) -> QuantizationScheme:
+def get_scheme(name: str, optional: bool = False) -> QuantizationScheme:
+    """The scheme called ``name``; ``optional`` (for "auto") lets a scheme fall back to dense
+    weights where it does not apply instead of refusing."""
     if name not in SCHEMES:
         raise ValueError(f"model.quantization: unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
-    return SCHEMES[name]()
+    return GGUFBlocksScheme(optional) if name == "gguf" else SCHEMES[name]()
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -167,6 +167,7 @@ def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool, sche
                 scheme.prepare(model)
             except ValueError as e:
                 raise WeightMismatchError(path, str(e)) from None
+            blocks = scheme.active
         _load_weights(model, ((path, n, t) for n, t in iter_gguf_tensors(reader, path, cfg, progress and not blocks,
                                                                          quantized=blocks)))
         if blocks:
@@ -219,17 +220,19 @@ def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any
     the architecture as a config.json-shaped dict. ``model_config.quantization``: "int8" applies
     weight-only int8 to every linear layer after loading; "gguf" computes on a GGUF file's own
     blocks (repacked at load, never expanded to float); "auto" is "gguf" for a GGUF file on the
-    CPU and "none" otherwise.
+    CPU at tensor-parallel size 1 and "none" otherwise.
     """
     device = torch.device(device)
     dtype = dtype if dtype is not None else getattr(model_config, "dtype", "auto")
     path = getattr(model_config, "path", None)
     fmt, path = resolve_format(path, getattr(model_config, "load_format", "auto"))
-    quant = resolve_quantization(getattr(model_config, "quantization", "none"), fmt, device)
+    asked = getattr(model_config, "quantization", "none")
+    quant = resolve_quantization(asked, fmt, device)
     if fmt == "gguf":
         from mindie_llm.layers.quantization import get_scheme
 
-        model, arch, tok = _load_gguf(path, device, dtype, progress, get_scheme(quant))
+        scheme = get_scheme(quant, optional=asked in (None, "auto"))
+        model, arch, tok = _load_gguf(path, device, dtype, progress, scheme)
     elif quant == "gguf":
         raise ModelNotFoundError(path or "<dummy>", "model.quantization=gguf computes on a GGUF file's "
                                                     "blocks; this model is not a .gguf file")

@@ -9,7 +9,7 @@ non-adjacent q/k/v, a prefill chunk in the batch for attention). Indices the ker
 checked once per step against the cache and cached in ``attn_metadata.backend_state``.
 ``ops/reference.py`` stays the oracle; tests compare every function here against it.
 
-Must not import models, layers (except for typing), the engine or another backend.
+Must not import models, layers, the engine or another backend.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from mindie_llm.backends.cpu.ops import silu_and_mul, write_kv_cache, rotary_emb
 from mindie_llm.ops import reference as _ref
 
 if TYPE_CHECKING:
-    from mindie_llm.layers.attention import AttentionMetadata
+    from mindie_llm.ops.attention_metadata import AttentionMetadata
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "gguf_repack", "gguf_matmul",

@@ -29,6 +29,7 @@ __all__ = ["available", "isa", "set_isa", "ensure_threads", "PACKED_TYPES", "pac
 
 PACKED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}  # ggml type id -> name
 BLOCK_BYTES = {2: 18, 3: 20, 8: 34}               # bytes of one 32-value GGUF block
+_TILE_BYTES = {2: 288, 3: 320, 8: 544}            # one 16-row x 32-value tile of the packed layout
 # Idle spin before sleeping: covers the gap between two kernels of a decode step (tens of us)
 # but not the gap between steps of an idle server. Measured in docs/performance.md.
 SPIN_US = int(os.environ.get("MINDIE_CPU_SPIN_US", "200"))
@@ -64,7 +65,7 @@ def _check_type(ggml_type: int, k: int) -> None:
 
 def packed_bytes(ggml_type: int, n: int, k: int) -> int:
     _check_type(ggml_type, k)
-    return (n + 15) // 16 * (k // 32) * {2: 288, 3: 320, 8: 544}[ggml_type]
+    return (n + 15) // 16 * (k // 32) * _TILE_BYTES[ggml_type]
 
 
 def repack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
@@ -85,6 +86,10 @@ def repack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
 
 
 def _check_packed(packed: torch.Tensor, ggml_type: int, n: int, k: int) -> None:
+    bt = _TILE_BYTES.get(ggml_type)
+    if (bt is not None and k % 32 == 0 and packed.dtype == torch.uint8 and packed.is_contiguous()
+            and packed.numel() == (n + 15) // 16 * (k // 32) * bt):
+        return
     if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() != packed_bytes(ggml_type, n, k):
         raise ValueError(f"packed weight: expected {packed_bytes(ggml_type, n, k)} contiguous uint8 bytes for "
                          f"{PACKED_TYPES.get(ggml_type, ggml_type)} [{n}, {k}], got {packed.dtype} "
