@@ -166,7 +166,7 @@ def gemv_section(wide: bool) -> None:
     """M=1 linears at the 8B shapes, each variant replayed from one CUDA graph over several weights."""
     import torch.nn.functional as F
 
-    from mindie_llm.backends.cuda import gemv as g
+    from mindie_llm.backends.cuda import gemv as g, pdl
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     bw = CEIL["bw"]
     total_floor = total_best = total_blas = 0.0
@@ -197,6 +197,12 @@ def gemv_section(wide: bool) -> None:
         cand = sorted(set(g.GEMV_TILES) | (set(sweep_tiles()) if wide else set()))
         t_new, tile_new = best_of(cand)
         t_rep = g.time_in_graph([(lambda w=w: g.gemv(x, w, None, tile_new, out_dtype=odt)) for w in calls], reps=30, stream=stream)
+        t_pdl, pdl_note = float("inf"), "PDL not supported"
+        if pdl.supported():
+            t_pdl = g.time_in_graph([(lambda w=w: g.gemv(x, w, None, tile_new, out_dtype=odt, pdl=True)) for w in calls],
+                                    reps=30, stream=stream)
+            pdl_note = f"as programmatic dependents {t_pdl * 1e6:.2f} us ({floor / t_pdl * 100:.0f}%)"
+        t_new = min(t_new, t_pdl)
         xr = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)           # fresh input for the check
         out = torch.full((1, n), float("nan"), device="cuda")
         out.copy_(g.gemv(xr, ws[0], None, tile_new, out_dtype=odt).float())
@@ -209,7 +215,7 @@ def gemv_section(wide: bool) -> None:
         emit(f"M=1 linear {name} N={n} K={k}", round(t_new * 1e6, 2), "us", round(floor * 1e6, 2),
              f"{floor / t_new * 100:.0f}% of copy bw (repeat {t_rep * 1e6:.2f} us); tile {tile_new}; "
              f"previous tiles {t_old * 1e6:.2f} us {tile_old}; cuBLAS {t_blas * 1e6:.2f} us "
-             f"({floor / t_blas * 100:.0f}%); rel err vs float64 {err:.1e}; in graph, {copies} weights")
+             f"({floor / t_blas * 100:.0f}%); {pdl_note}; rel err vs float64 {err:.1e}; in graph, {copies} weights")
         del ws, calls
         torch.cuda.empty_cache()
     emit("8B decode linears, sum over the step (best of GEMV / cuBLAS)", round(total_best * 1e3, 3), "ms",
@@ -277,7 +283,7 @@ def kernels() -> None:
 
 def prefill_sweep(bench) -> None:
     """Tile choices of the prefill attention (causal, one sequence, 8B heads); the fastest for the
-    1024-token prompt becomes attention.PREFILL_TILE for the engine sections that follow."""
+    1024-token prompt is reported (the default attention.PREFILL_TILE was the best on the cards measured)."""
     from mindie_llm.backends.cuda import attention
     hq, hk, d, bs, dev = 32, 8, 128, 16, "cuda"
     best = {}
@@ -306,7 +312,7 @@ def prefill_sweep(bench) -> None:
         secs, cfg = best[L]
         emit(f"kernel paged_attention prefill L={L} (causal, best tile)", round(secs * 1e6, 1), "us",
              round(flops / CEIL["flops"] * 1e6, 1), f"{flops / secs / 1e12:.0f} TFLOP/s, {cfg}")
-    attention.PREFILL_TILE = best[1024][1]
+    attention.PREFILL_TILE = best[1024][1]     # the engines have run by now (kernels is the last section)
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -323,11 +329,13 @@ def make_engine(shape: str, **over):
     emit(f"{shape} engine start-up", round(time.perf_counter() - t0, 1), "s",
          note=f"{eng.num_kv_blocks} KV blocks, {len(gm.graphs) if gm else 0} decode graphs "
               f"({getattr(eng.runner, 'graph_capture_s', 0):.1f} s), runner {type(eng.runner).__name__}")
-    for (n, k, dt), (t_blas, t_gemv, tile) in getattr(eng.runner, "gemv_report", {}).items():
+    for (n, k, dt), rep in getattr(eng.runner, "gemv_report", {}).items():
+        t_blas, t_gemv, tile = rep[:3]
+        pdl = " PDL" if len(rep) > 3 and rep[3] else ""
         floor_us = n * k * 2 / CEIL["bw"] * 1e6                     # weight bytes at the copy rate
         emit(f"{shape} M=1 linear N={n} K={k}", round(min(t_blas, t_gemv), 1), "us", round(floor_us, 1),
-             f"cuBLAS {t_blas:.1f} us, best Triton GEMV {t_gemv:.1f} us -> {'GEMV ' + str(tile) if tile else 'cuBLAS'}"
-             " (cold L2, median)")
+             f"cuBLAS {t_blas:.1f} us, best Triton GEMV {t_gemv:.1f} us -> {'GEMV ' + str(tile) + pdl if tile else 'cuBLAS'}"
+             " (start-up timing)")
     return eng
 
 
@@ -516,6 +524,9 @@ def bench_bs1(out_dir: str | None) -> None:
     run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)
     run(eng, prompts(1, 100, 100, V, seed=8), [4])
     batch1(eng, os.path.join(out_dir, "profiles.txt") if out_dir else None)
+    ttfts = [run(eng, prompts(1, 1024, 1024, V, seed=3 + rep), [1])[0] for rep in range(3)]
+    emit("8B TTFT 1024-token prompt", round(min(ttfts) * 1e3, 1), "ms",
+         note=f"median {np.median(ttfts) * 1e3:.1f} ms; vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['ttft']} ms")
     del eng
     torch.cuda.empty_cache()
 
@@ -649,12 +660,19 @@ def main() -> None:
     ap.add_argument("--sections", default="ceilings,gemv,tests,kernels,8b,1b,peers")
     ap.add_argument("--label", default="", help="prefix of every figure (e.g. the tree measured)")
     ap.add_argument("--gemv-sweep", action="store_true", help="gemv section: time a wider tile grid too")
+    ap.add_argument("--no-pdl", action="store_true", help="launch no kernel as a programmatic dependent (A/B)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--hf-peers", default=None, help="path of hf_peers.py (transformers on the same card)")
     ap.add_argument("--vllm-log", default=None, help="output of vllm_peer.py on this card (else the issue's figures)")
     args = ap.parse_args()
     secs = set(args.sections.split(","))
     LABEL[0] = f"[{args.label}] " if args.label else ""
+    if args.no_pdl:
+        try:
+            from mindie_llm.backends.cuda import pdl
+            pdl.supported = lambda *a, **k: False
+        except ImportError:   # a tree without programmatic dependent launches
+            pass
     if args.vllm_log:
         load_vllm_log(args.vllm_log)
     if args.out:
@@ -668,14 +686,14 @@ def main() -> None:
         gemv_section(args.gemv_sweep)
     if "tests" in secs:
         run_tests(args.out)
-    if "kernels" in secs:
-        kernels()
     if "bs1" in secs:
         bench_bs1(args.out)
     if "8b" in secs:
         bench_8b(args.out)
     if "1b" in secs:
         bench_1b(args.out)
+    if "kernels" in secs:      # after the engines: nothing it leaves behind can touch their figures
+        kernels()
     if "peers" in secs and args.hf_peers:
         peers(args.hf_peers, args.out)
     table = print_table()

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mindie_llm.backends.cuda import pdl
+
 __all__ = ["paged_attention", "paged_attention_raw", "NUM_SEGMENTS"]
 
 NUM_SEGMENTS = 16          # split-KV segments of the decode-only variant
@@ -178,9 +180,14 @@ def _split_kv_decode_kernel(part_out_ptr, part_m_ptr, part_l_ptr, q_ptr, kv_ptr,
                             HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             TILE_N: tl.constexpr, NUM_SEG: tl.constexpr, USE_WINDOW: tl.constexpr,
                             IEEE: tl.constexpr, UPCAST: tl.constexpr, count_ptr, out_ptr, stride_ot, stride_oh,
-                            MERGE: tl.constexpr, QPKV_P: tl.constexpr):
+                            MERGE: tl.constexpr, QPKV_P: tl.constexpr, USE_PDL: tl.constexpr):
     """Decode-only batch (one query token per sequence): segment ``pid2`` of sequence ``pid0``.
-    MERGE: the last program of the (sequence, KV head) to arrive merges the segments into ``out``."""
+    MERGE: the last program of the (sequence, KV head) to arrive merges the segments into ``out``.
+    USE_PDL: a programmatic-dependent launch (the o_proj GEMV after it may start its weight loads;
+    this waits for the kernel before it first)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -320,7 +327,8 @@ def paged_attention_raw(query: torch.Tensor, kv_cache: torch.Tensor, query_start
             block_tables.stride(0), QPKV=qpkv, BLOCK_M=block_m, HEAD_DIM=d, HEAD_DIM_P=head_dim_p,
             BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SEG=NUM_SEGMENTS, USE_WINDOW=use_window, IEEE=ieee,
             UPCAST=upcast, count_ptr=counters if fused else part_m, out_ptr=out, stride_ot=out.stride(0),
-            stride_oh=out.stride(1), MERGE=fused, QPKV_P=triton.next_power_of_2(qpkv), num_warps=4)
+            stride_oh=out.stride(1), MERGE=fused, QPKV_P=triton.next_power_of_2(qpkv),
+            num_warps=4, **(pdl.launch_kwargs(query.device) if fused else {"USE_PDL": False}))
         if not fused:
             _split_kv_reduce_kernel[(T, hq)](out, part_out, part_m, part_l, out.stride(0), out.stride(1),
                                              HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEG=NUM_SEGMENTS, num_warps=4)

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from mindie_llm.backends.cuda import pdl
+
 __all__ = ["GEMV_TILES", "LEGACY_TILES", "gemv", "gemv_linear", "gemv_lm_head", "select_gemv_linears",
            "time_in_graph"]
 
@@ -39,13 +41,16 @@ logger = logging.getLogger(__name__)
 LEGACY_TILES: tuple[tuple[int, int, int], ...] = ((8, 512, 4), (16, 256, 4), (4, 1024, 4), (8, 1024, 8),
                                                  (16, 512, 8))
 GEMV_TILES: tuple[tuple[int, int, int], ...] = ((2, 2048, 4), (4, 2048, 8), (4, 1024, 4), (8, 1024, 8),
-                                               (2, 4096, 8), (8, 512, 4), (16, 512, 8), (1, 4096, 4))
+                                               (2, 4096, 8), (8, 512, 4), (16, 512, 8), (1, 4096, 4), (1, 2048, 4), (1, 1024, 4))
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """Program ``pid`` computes ``y[pid*BLOCK_N : (pid+1)*BLOCK_N]`` over the whole K range."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """Program ``pid`` computes ``y[pid*BLOCK_N : (pid+1)*BLOCK_N]`` over the whole K range.
+    USE_PDL: launched as a programmatic dependent; the first weight chunk (which no earlier kernel
+    writes) is loaded before waiting for the kernel before, x and y only after."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BLOCK_N]
     offs_k = tl.arange(0, BLOCK_K)                                          # [BLOCK_K]
@@ -54,12 +59,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.const
         rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn              # [BLOCK_N, 1]
     else:   # out-of-range rows read row N-1 (in bounds, never stored): the loads need no row mask
         rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    if EVEN_K:
+        w = tl.load(rows + offs_k[None, :], eviction_policy="evict_first")                    # [BLOCK_N, BLOCK_K]
+    else:
+        w = tl.load(rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if EVEN_K:
+        x = tl.load(x_ptr + offs_k).to(tl.float32)                                             # [BLOCK_K]
+    else:
+        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]                                                        # [BLOCK_N, BLOCK_K]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         if EVEN_K:
-            x = tl.load(x_ptr + kk).to(tl.float32)                                             # [BLOCK_K]
-            w = tl.load(rows + kk[None, :], eviction_policy="evict_first").to(tl.float32)      # [BLOCK_N, BLOCK_K]
+            x = tl.load(x_ptr + kk).to(tl.float32)
+            w = tl.load(rows + kk[None, :], eviction_policy="evict_first").to(tl.float32)
         else:
             kmask = kk < K
             x = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
@@ -73,9 +90,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.const
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         tile: tuple[int, int, int] = GEMV_TILES[0], out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         tile: tuple[int, int, int] = GEMV_TILES[0], out_dtype: torch.dtype | None = None,
+         pdl: bool = False) -> torch.Tensor:
     """``x[1, K] @ weight[N, K]^T (+ bias[N])`` -> [1, N] in ``out_dtype`` (default x's dtype),
-    accumulated in fp32."""
+    accumulated in fp32. ``pdl``: launch as a programmatic dependent (``pdl.supported()`` only)."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"x: expected one row [1, K]; got {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.stride(-1) != 1:
@@ -88,17 +106,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))             # tiny K: no wasted lanes
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)    # [1, N]
+    extra = {"launch_pdl": True} if pdl else {}
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, y, n, k,
                                              weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
                                              BLOCK_K=block_k, EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
-                                             num_warps=warps)
+                                             USE_PDL=pdl, num_warps=warps, **extra)
     return y
 
 
 def gemv_linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """A ``linear_method``: the GEMV (tile ``layer.gemv_tile``) for one row, cuBLAS otherwise."""
     if x.dim() == 2 and x.shape[0] == 1:
-        return gemv(x, layer.weight, layer.bias, layer.gemv_tile)
+        return gemv(x, layer.weight, layer.bias, layer.gemv_tile, pdl=getattr(layer, "gemv_pdl", False))
     return F.linear(x, layer.weight, layer.bias)
 
 
@@ -106,7 +125,8 @@ def gemv_lm_head(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """The LM head's ``linear_method``: fp32 logits straight from the GEMV for one row (the head's
     ``.float()`` is then a no-op), cuBLAS otherwise."""
     if x.dim() == 2 and x.shape[0] == 1:
-        return gemv(x, layer.weight, None, layer.gemv_tile, out_dtype=torch.float32)
+        return gemv(x, layer.weight, None, layer.gemv_tile, out_dtype=torch.float32,
+                    pdl=getattr(layer, "gemv_pdl", False))
     return F.linear(x, layer.weight)
 
 
@@ -167,12 +187,14 @@ def _graph_group(group: list[nn.Module], l2_bytes: int, min_calls: int = 8) -> l
 
 
 @torch.inference_mode()
-def select_gemv_linears(model: nn.Module, min_gain: float = 0.03,
+def select_gemv_linears(model: nn.Module, min_gain: float = 0.0,
                         tiles: tuple[tuple[int, int, int], ...] = GEMV_TILES) -> dict[tuple[int, int, str], Any]:
     """Times cuBLAS and every GEMV tile at M = 1 on each distinct weight shape of the model's dense
     bf16/fp16 linears and LM head (``time_in_graph`` over the layers of that shape); where the best
     tile is faster by more than ``min_gain``, sets those layers' ``linear_method``. Returns
-    {(N, K, dtype): (cuBLAS µs, best GEMV µs, tile or None)} for the log and the benchmark."""
+    {(N, K, dtype): (cuBLAS µs, best GEMV µs, tile or None, PDL launch)} for the log and the
+    benchmark. The chosen tile is then timed as a programmatic dependent launch (``pdl.py``) and
+    launched so where that is faster."""
     layers = _m1_linears(model)
     if not layers:
         return {}
@@ -205,13 +227,36 @@ def select_gemv_linears(model: nn.Module, min_gain: float = 0.03,
                                for m in timed], stream=stream)
             if t < best[0]:
                 best = (t, tile)
+        use_pdl = False
+        if best[1] is not None and pdl.supported(w0.device):
+            t_pdl = _time_pdl(x, timed, best[1], head, odt, ref, stream)
+            if t_pdl is not None and t_pdl < best[0]:
+                best, use_pdl = (t_pdl, best[1]), True
         chosen = best[1] if best[1] is not None and best[0] < t_blas * (1 - min_gain) else None
         key = (n, k, dt + (" lm_head" if head else ""))
-        report[key] = (t_blas * 1e6, best[0] * 1e6, chosen)
+        report[key] = (t_blas * 1e6, best[0] * 1e6, chosen, use_pdl and chosen is not None)
         if chosen is not None:
             for m in group:
                 m.gemv_tile = chosen
+                m.gemv_pdl = use_pdl
                 m.linear_method = gemv_lm_head if head else gemv_linear
         logger.info("M=1 linear %s: cuBLAS %.1f us, best GEMV %.1f us -> %s", key, t_blas * 1e6,
-                    best[0] * 1e6, f"GEMV {chosen}" if chosen else "cuBLAS")
+                    best[0] * 1e6, f"GEMV {chosen}{' PDL' if use_pdl else ''}" if chosen else "cuBLAS")
     return report
+
+
+def _time_pdl(x: torch.Tensor, timed: list[nn.Module], tile: tuple[int, int, int], head: bool,
+              odt: torch.dtype | None, ref: torch.Tensor, stream: torch.cuda.Stream) -> float | None:
+    """The tile launched as a programmatic dependent: seconds per call in a graph, or None when its
+    capture fails or its output disagrees with cuBLAS (then the plain launch stays)."""
+    try:
+        out = gemv(x, timed[0].weight, None if head else timed[0].bias, tile, out_dtype=odt, pdl=True)
+        err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        if not err < 1e-2:
+            logger.warning("gemv PDL launch on %s: relative error %.3g, not used", tuple(timed[0].weight.shape), err)
+            return None
+        return time_in_graph([(lambda m=m: gemv(x, m.weight, None if head else m.bias, tile, out_dtype=odt,
+                                                 pdl=True)) for m in timed], stream=stream)
+    except Exception as e:  # a driver or Triton that cannot capture the launch attribute
+        logger.warning("gemv PDL launch unavailable (%r); plain launches kept", e)
+        return None

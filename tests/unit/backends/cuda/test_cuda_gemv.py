@@ -91,7 +91,7 @@ def test_selection_keeps_the_model_output():
     pos = torch.tensor([0], device="cuda")
     dense = model.compute_logits(model(ids, pos, kv, md))                            # [1, vocab]
     report = g.select_gemv_linears(model)
-    assert len(report) == 5 and all(len(v) == 3 and v[0] > 0 and v[1] > 0 for v in report.values())
+    assert len(report) == 5 and all(len(v) == 4 and v[0] > 0 and v[1] > 0 for v in report.values())
     assert any("lm_head" in k[2] for k in report)                   # the head is timed too
     chosen = model.compute_logits(model(ids, pos, kv, md))
     assert chosen.dtype == torch.float32 and rel_err(chosen, dense) < TOL[torch.bfloat16]
@@ -103,3 +103,33 @@ def test_selection_keeps_the_model_output():
     model.lm_head.linear_method = g.gemv_lm_head
     out = model.compute_logits(model(ids, pos, kv, md))
     assert rel_err(out, dense) < TOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_pdl_gemv_waits_for_the_kernel_before_it():
+    """A programmatic-dependent GEMV after the norm that produces its input, replayed from a CUDA
+    graph with new inputs each time: it must read the norm's output of that replay (it prefetches
+    only weights before its wait). Oracle: float64 matmul of the reference norm."""
+    from mindie_llm.backends.cuda import gemv as g, norm, pdl
+    if not pdl.supported():
+        pytest.skip("programmatic dependent launch needs sm_90 and a Triton with gdc ops")
+    K, N = 4096, 6144
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    wn = torch.randn(K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    for tile in ((1, 2048, 4), (4, 1024, 4)):
+        norm.fused_add_rms_norm(x, r, wn, 1e-5)
+        g.gemv(x, w, None, tile, pdl=True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            h, _ = norm.fused_add_rms_norm(x, r, wn, 1e-5)
+            y = g.gemv(h, w, None, tile, pdl=True)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            s = (x.double() + r.double())
+            ref_h = (s / torch.sqrt((s * s).mean() + 1e-5) * wn.double()).to(torch.bfloat16)
+            assert rel_err(y, ref_h.double() @ w.double().T) < TOL[torch.bfloat16], tile
