@@ -254,14 +254,15 @@ UpdateResult Scheduler::update(UpdateInput const& in)
         if (r.lastNumSpec > 0)
         {
             // The KV holds the row's first token and each appended token that equals the proposal
-            // computed at its position; the last appended token is never computed yet.
+            // computed at its position; the last appended token is never computed yet. Blocks past
+            // the one the next token goes to held rejected lookahead only.
             SizeType32 valid = 0;
             while (valid < numAppended - 1 && valid < r.lastNumSpec && in.tokenIds[begin + valid] == r.drafts[valid])
             {
                 ++valid;
             }
             r.numComputedTokens = r.computedBeforeStep + r.lastNumScheduled - r.lastNumSpec + valid;
-            trimBlocks(r, std::max(mBlocks.blocksFor(r.numComputedTokens), r.blocksWithoutSpec));
+            trimBlocks(r, std::max(mBlocks.blocksFor(r.numComputedTokens + 1), r.blocksWithoutSpec));
         }
         if (reason == FinishReason::kNONE && in.draftOffsets != nullptr)
         {

@@ -127,6 +127,8 @@ TEST(SpeculativeTest, AcceptNoneSomeAllTable)
     std::vector<AcceptCase> const table{
         // 0 of 4 accepted: the KV holds position 6 only; block 3 held only rejected lookahead.
         {"accept 0", {20}, 7, {1, 2}, true, {1, 2}, 1},
+        // 1 accepted: positions 6, 7 hold; the next token (25) goes to position 8, in block 3: kept.
+        {"accept 1", {11, 25}, 8, {1, 2, 3}, false, {}, 1},
         // 2 of 4 accepted (11, 12) plus the correction 30: positions 6..8 hold; block 3 stays.
         {"accept 2", {11, 12, 30}, 9, {1, 2, 3}, false, {}, 1},
         // all 4 plus the bonus token: positions 6..10 hold.
@@ -245,9 +247,9 @@ TEST(SpeculativeTest, LookaheadNeverPreemptsAndTakesOnlyFreeBlocks)
     EXPECT_TRUE(out->preemptedIds.empty());
     EXPECT_EQ(out->reqIds.size(), 1u) << "request 2 finds no free block this step";
     EXPECT_EQ(s.stats().numFreeBlocks, 0);
-    updateCsr(s, {1}, {{30}}); // rejected: blocks 3, 4 were lookahead only
-    EXPECT_EQ(s.getBlockIds(1), (std::vector<BlockId>{1, 2}));
-    EXPECT_EQ(s.stats().numFreeBlocks, 2);
+    updateCsr(s, {1}, {{30}}); // rejected: 30 goes to position 4 (block 3); block 4 was lookahead only
+    EXPECT_EQ(s.getBlockIds(1), (std::vector<BlockId>{1, 2, 3}));
+    EXPECT_EQ(s.stats().numFreeBlocks, 1);
 }
 
 TEST(SpeculativeTest, RollbackFreesExactlyTheLookaheadBlocks)

@@ -348,7 +348,7 @@ class RefScheduler:
                 while valid < min(appended[j] - 1, r.last_spec) and rows[j][valid] == r.drafts[valid]:
                     valid += 1
                 r.computed = r.before + r.last_new - r.last_spec + valid
-                self._trim(r, max(self._blocks_for(r.computed), r.wo_spec))
+                self._trim(r, max(self._blocks_for(r.computed + 1), r.wo_spec))
             r.drafts = list(drafts[j]) if drafts is not None and not reason else []
             if reason:
                 done.append((r.id, reason))

@@ -15,7 +15,7 @@
 /// update() then takes 1 <= a <= k + 1 tokens for the row, appends them one at a time with the stop
 /// checks on each, and rolls num_computed_tokens back to the KV that holds: the row's first token
 /// plus the leading appended tokens equal to the proposals at their positions (at most a - 1). Blocks
-/// past that point that were allocated only for the lookahead are freed, and the row's next
+/// allocated only for the lookahead past the block of the next token's position are freed, and the row's next
 /// schedule() sends block_table_reset = true with its whole (shorter) table: a worker that keeps
 /// tables across steps must drop the old row when it sees the reset. Registration in the prefix cache
 /// happens after the rollback, so a rejected token never reaches the cache. A step reported failed
