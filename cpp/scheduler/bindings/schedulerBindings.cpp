@@ -117,7 +117,7 @@ py::tuple update(ms::Scheduler& self, Int64Array const& ids, py::object const& t
     ms::UpdateInput in;
     in.reqIds = ids.data();
     in.numRows = n;
-    if (offsets != nullptr)
+    if (offsets != nullptr && !(n == 0 && offsets->size() == 0)) // an empty step may send [] for [0]
     {
         if (static_cast<size_t>(offsets->size()) != n + 1)
         {
@@ -127,7 +127,7 @@ py::tuple update(ms::Scheduler& self, Int64Array const& ids, py::object const& t
     }
     in.tokenIds = tokens->data();
     in.numTokenIds = static_cast<size_t>(tokens->size());
-    if (dOffsets != nullptr)
+    if (dOffsets != nullptr && !(n == 0 && dOffsets->size() == 0))
     {
         if (static_cast<size_t>(dOffsets->size()) != n + 1)
         {

@@ -49,11 +49,13 @@ void Scheduler::validateNew(ReqId id, std::vector<TokenId> const& prompt, Reques
     MINDIE_CHECK(total <= mConfig.maxModelLen, RequestRejectedError,
         "len(prompt_token_ids) + max_tokens = " << total << " exceeds max_model_len = " << mConfig.maxModelLen);
     MINDIE_CHECK(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, RequestRejectedError,
-        "request " << id << " needs " << mBlocks.blocksFor(static_cast<SizeType32>(total)) << " blocks, the pool has "
-                   << mBlocks.numBlocks() - 1);
+        "len(prompt_token_ids) + max_tokens = " << total << " of request " << id << " needs "
+                                                << mBlocks.blocksFor(static_cast<SizeType32>(total))
+                                                << " blocks, the pool has " << mBlocks.numBlocks() - 1);
     MINDIE_CHECK(chunkingOn() || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
         RequestRejectedError,
-        "without chunked prefill a prompt of " << prompt.size() << " tokens exceeds max_num_batched_tokens = "
+        "prompt_token_ids: without chunked prefill a prompt of " << prompt.size()
+                                                                 << " tokens exceeds max_num_batched_tokens = "
                                                << mConfig.maxNumBatchedTokens);
 }
 

@@ -139,6 +139,14 @@ def test_stop_token_inside_the_accepted_run_finishes_there():
     assert s.stats()["num_free_blocks"] == 16
 
 
+def test_empty_step_in_csr_form():
+    s = make()
+    s.schedule()
+    assert s.update(i64(), i32(0), i32()).num_appended.tolist() == []
+    s.schedule()
+    assert s.update(i64(), i32(), i32(), i32(), i32()).num_appended.tolist() == []  # [] read as [0]
+
+
 def test_two_argument_update_still_means_one_token_each():
     s = make()
     s.add_request(1, [1, 2, 3], 2)
