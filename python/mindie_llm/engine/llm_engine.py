@@ -281,11 +281,11 @@ class LLMEngine:
         return self._emit(touched)
 
     def _update(self, res: ModelRunnerOutput) -> tuple[Any, np.ndarray]:
-        """Hands the runner's tokens to the scheduler; (UpdateResult, tokens taken per row)."""
-        counts = np.diff(res.token_offsets)
-        if (counts != 1).any():
-            raise RuntimeError("this scheduler core takes one token per request and step")
-        return self.scheduler.update(res.req_ids, res.token_ids), counts
+        """Hands the runner's tokens (CSR) and next-step proposals to the scheduler; returns the
+        UpdateResult and how many tokens of each row it took (fewer when one finished the request)."""
+        upd = self.scheduler.update(res.req_ids, res.token_offsets, res.token_ids, res.draft_offsets,
+                                    res.draft_token_ids)
+        return upd, upd.num_appended
 
     def _token_logprobs(self, res: ModelRunnerOutput, row: int, k: int, s: Sample):
         if res.token_logprobs is None or s.logprobs is None or not res.logprob_rows[row]:
