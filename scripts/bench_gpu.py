@@ -197,6 +197,7 @@ def gemv_section(wide: bool) -> None:
         cand = sorted(set(g.GEMV_TILES) | (set(sweep_tiles()) if wide else set()))
         t_new, tile_new = best_of(cand)
         t_rep = g.time_in_graph([(lambda w=w: g.gemv(x, w, None, tile_new, out_dtype=odt)) for w in calls], reps=30, stream=stream)
+        floor = per / bw
         t_pdl, pdl_note = float("inf"), "PDL not supported"
         if pdl.supported():
             t_pdl = g.time_in_graph([(lambda w=w: g.gemv(x, w, None, tile_new, out_dtype=odt, pdl=True)) for w in calls],
@@ -208,7 +209,6 @@ def gemv_section(wide: bool) -> None:
         out.copy_(g.gemv(xr, ws[0], None, tile_new, out_dtype=odt).float())
         ref = xr.double() @ ws[0].double().T
         err = float((out.double() - ref).norm() / ref.norm())
-        floor = per / bw
         total_floor += counts[name] * floor
         total_best += counts[name] * min(t_new, t_blas)
         total_blas += counts[name] * t_blas

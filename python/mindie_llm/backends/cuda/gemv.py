@@ -75,14 +75,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn, HAS_BIAS: tl.const
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + offs_k
         if EVEN_K:
-            x = tl.load(x_ptr + kk).to(tl.float32)
-            w = tl.load(rows + kk[None, :], eviction_policy="evict_first").to(tl.float32)
+            xk = tl.load(x_ptr + kk).to(tl.float32)
+            wk = tl.load(rows + kk[None, :], eviction_policy="evict_first").to(tl.float32)
         else:
             kmask = kk < K
-            x = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(rows + kk[None, :], mask=kmask[None, :], other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
-        acc += w * x[None, :]
+            xk = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            wk = tl.load(rows + kk[None, :], mask=kmask[None, :], other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
+        acc += wk * xk[None, :]
     y = tl.sum(acc, axis=1)                                                 # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
