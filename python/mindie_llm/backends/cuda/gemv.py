@@ -6,7 +6,9 @@ copy rate. ``gemv`` spreads the weight rows over ``N / BLOCK_N`` programs (1 to 
 Llama-3-8B shape then gives at least 256 programs, two per SM, so K needs no split), each streaming
 its rows in ``BLOCK_K`` chunks of 16-byte vector loads with an fp32 accumulator; ``EVEN_N`` / ``EVEN_K`` drop the masks
 where the shape allows, so the loads stay full-width. ``out_dtype=float32`` writes fp32 directly
-(the LM head's logits: no separate cast).
+(the LM head's logits: no separate cast). ``pdl=True`` launches it as a programmatic dependent
+(Hopper, ``pdl.py``): the first weight chunk, which no earlier kernel writes, is requested before
+the program waits for the kernel before it; x is read and y written only after the wait.
 
 ``select_gemv_linears(model)`` times cuBLAS and each candidate tile on every distinct (N, K, dtype)
 of the model's dense linears and its LM head, as the decode graph runs them: a CUDA graph of one

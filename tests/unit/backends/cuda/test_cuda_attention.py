@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The CUDA backend's paged attention (unified mixed-batch kernel and split-KV decode kernel)
-against ops/reference.py's paged_attention, the oracle: random caches with shuffled block tables,
-poisoned outputs, odd lengths, one-token prompts, an empty decode set, 1 and 300 sequences."""
+"""The CUDA backend's paged attention (unified mixed-batch kernel and split-KV decode kernel, its
+segments merged in the same launch or by a second kernel) against ops/reference.py's
+paged_attention, the oracle: random caches with shuffled block tables, poisoned outputs, odd
+lengths, one-token prompts, an empty decode set, 1 and 300 sequences, GQA groups of 1, 3 and 4."""
 from __future__ import annotations
 
 import pytest

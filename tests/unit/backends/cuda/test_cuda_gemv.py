@@ -43,6 +43,17 @@ def test_gemv_fp32_output_for_the_lm_head(device):
     assert rel_err(head(x), ref) < TOL[torch.bfloat16]
 
 
+def test_pdl_is_off_without_a_hopper_gpu(device):
+    """No programmatic dependent launch in the interpreter or on a CPU tensor: the kernels get
+    USE_PDL=False and no launch attribute (a GPU before sm_90 answers the same)."""
+    from mindie_llm.backends.cuda import pdl
+    assert pdl.supported("cpu") is False and pdl.launch_kwargs("cpu") == {"USE_PDL": False}
+    if device == "cpu":
+        assert pdl.supported() is False
+    elif torch.cuda.get_device_capability()[0] < 9:
+        assert pdl.supported("cuda") is False
+
+
 def test_gemv_rejects_bad_shapes(device):
     from mindie_llm.backends.cuda import gemv as g
 
