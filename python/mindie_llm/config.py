@@ -46,6 +46,8 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_KV_DTYPES = _DTYPES + ("int8", "fp8_e4m3", "fp8")  # int8 / fp8: quantized, a float32 scale per token and head
+_QUANTIZATIONS = ("auto", "none", "int8", "gguf", "w8a8", "w4a16", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class ModelConfig:
     served_model_name: str | None = None
     load_format: str = "auto"          # auto | safetensors | gguf | dummy
     dtype: str = "auto"                # auto | float32 | bfloat16 | float16
-    quantization: str = "auto"         # auto | none | int8 | gguf (auto: gguf for a GGUF file on the CPU)
+    quantization: str = "auto"         # auto | none | int8 | gguf | w8a8 | w4a16 | awq | gptq (auto: gguf for a
+                                       # GGUF file on the CPU, the checkpoint's quantization_config otherwise)
     max_seq_len: int | None = None     # vLLM max_model_len; None = the model's own limit
     tokenizer: str | None = None       # a tokenizer.json / HF directory overriding the model's
     seed: int = 0                      # seed of dummy weights and of unseeded sampling
@@ -66,8 +69,8 @@ class ModelConfig:
         _check(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "model.load_format",
                f"must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}")
         _check(self.dtype in _DTYPES, "model.dtype", f"must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
-        _check(self.quantization in ("auto", "none", "int8", "gguf"), "model.quantization",
-               f"must be auto, none, int8 or gguf; got {self.quantization!r}")
+        _check(self.quantization in _QUANTIZATIONS, "model.quantization",
+               f"must be one of {', '.join(_QUANTIZATIONS)}; got {self.quantization!r}")
         _check(self.max_seq_len is None or self.max_seq_len >= 1, "model.max_seq_len", "must be >= 1")
 
 
@@ -81,7 +84,7 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
-    cache_dtype: str = "auto"
+    cache_dtype: str = "auto"          # auto | float32 | bfloat16 | float16 | int8 | fp8_e4m3 (vLLM kv_cache_dtype)
 
     def __post_init__(self) -> None:
         b = self.cache_block_size
@@ -91,7 +94,7 @@ class CacheConfig:
                "must be >= 2 (block 0 is the null block)")
         _check(self.kv_cache_memory_gb > 0, "cache.kv_cache_memory_gb", "must be > 0")
         _check(0 < self.gpu_memory_utilization <= 1, "cache.gpu_memory_utilization", "must be in (0, 1]")
-        _check(self.cache_dtype in _DTYPES, "cache.cache_dtype", f"must be one of {', '.join(_DTYPES)}")
+        _check(self.cache_dtype in _KV_DTYPES, "cache.cache_dtype", f"must be one of {', '.join(_KV_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ KWARG_ALIASES: dict[str, str] = {
     "kv_cache_memory_gb": "cache.kv_cache_memory_gb",
     "gpu_memory_utilization": "cache.gpu_memory_utilization",
     "enable_prefix_caching": "cache.enable_prefix_caching",
+    "kv_cache_dtype": "cache.cache_dtype",
     "scheduling_policy": "scheduler.policy",
     "max_num_seqs": "scheduler.max_batch_size",
     "max_batch_size": "scheduler.max_batch_size",

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from mindie_llm.backends.platform import kv_cache_bytes_per_block
+from mindie_llm.ops.reference import KV_QUANT_DTYPES, KV_SCALE_BYTES
 
-__all__ = ["KVCacheSpec", "bytes_per_block", "allocate_kv_caches", "num_blocks_for_budget"]
+__all__ = ["KVCacheSpec", "resolve_kv_cache_dtype", "bytes_per_block", "allocate_kv_caches", "num_blocks_for_budget"]
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,30 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @property
+    def entry_width(self) -> int:
+        """Last dimension of the cache tensor: head_dim, plus the 4 bytes of each head's scale in a
+        quantized cache (int8 / fp8 e4m3, see ``ops/reference.py``)."""
+        return self.head_dim + (KV_SCALE_BYTES if self.dtype in KV_QUANT_DTYPES else 0)
+
+    @property
     def bytes_per_block(self) -> int:
         """Bytes of one block across all layers (K and V): the platforms' one formula."""
-        return kv_cache_bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
+        return kv_cache_bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.entry_width,
                                         self.dtype)
+
+
+_QUANT_KV = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn}
+
+
+def resolve_kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``cache.cache_dtype`` -> the cache tensor's dtype ("auto" = the model's). A quantized cache
+    (int8, fp8_e4m3) is read by the reference attention ops, so it is refused off the CPU."""
+    if cache_dtype not in _QUANT_KV:
+        return model_dtype
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"cache.cache_dtype={cache_dtype}: a quantized KV cache runs on the CPU backend only "
+                         f"so far (no {torch.device(device).type} attention kernel reads it yet)")
+    return _QUANT_KV[cache_dtype]
 
 
 def bytes_per_block(spec: KVCacheSpec) -> int:
@@ -43,5 +64,5 @@ def num_blocks_for_budget(spec: KVCacheSpec, budget_bytes: int) -> int:
 def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> list[torch.Tensor]:
     """Zeroed caches, one per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
     assert num_blocks >= 2, num_blocks
-    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.entry_width)
     return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

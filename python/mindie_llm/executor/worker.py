@@ -41,7 +41,7 @@ class Worker:
 
     def __init__(self, config: EngineConfig, *, rank: int = 0, loaded_model: Any = None) -> None:
         from mindie_llm.backends import get_platform, import_qualname
-        from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches
+        from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches, resolve_kv_cache_dtype
         from mindie_llm.executor.model_runner import ModelRunner
         from mindie_llm.loader import load_model, resolve_dtype
 
@@ -61,8 +61,10 @@ class Worker:
             max_len = min(max_len, config.scheduler.max_prefill_tokens)
         self.config = config.replace(model=dataclasses.replace(config.model, max_seq_len=max_len))
         block_size = config.cache.cache_block_size
-        kv_dtype = resolve_dtype(config.cache.cache_dtype if config.cache.cache_dtype != "auto"
-                                 else config.model.dtype, device, arch)
+        cache_dtype = config.cache.cache_dtype
+        kv_dtype = resolve_kv_cache_dtype(cache_dtype, resolve_dtype(
+            cache_dtype if cache_dtype in ("float32", "bfloat16", "float16") else config.model.dtype, device, arch),
+            device)
         spec = KVCacheSpec(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, block_size, kv_dtype)
         sc = config.scheduler
         if not config.cache.num_blocks and platform.profiles_activation_peak:

@@ -38,7 +38,7 @@ from mindie_llm.layers.linear import LinearBase
 
 __all__ = ["quantize_weight_int8", "int8_linear", "quantize_int8", "INT8_MAX_ROWS", "QuantizedTensor",
            "QuantizationScheme", "GGUFBlocksScheme", "Int8Scheme", "get_scheme", "SCHEMES",
-           "GGUF_PACKED_TYPES", "gguf_linear", "weight_bytes"]
+           "GGUF_PACKED_TYPES", "gguf_linear", "weight_bytes", "CHECKPOINT_SCHEMES"]
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 INT8_MAX_ROWS = 16  # above this many rows the dense weight (if kept) is faster on the CPU
@@ -266,11 +266,27 @@ SCHEMES: dict[str, type[QuantizationScheme]] = {"none": QuantizationScheme, "int
                                                  "gguf": GGUFBlocksScheme}
 
 
-def get_scheme(name: str, optional: bool = False) -> QuantizationScheme:
+# Checkpoint-quantized linear schemes, in their own modules (imported on first use):
+# name -> (module, class). Keyword arguments of get_scheme go to their constructors.
+CHECKPOINT_SCHEMES: dict[str, tuple[str, str]] = {
+    "w8a8": ("mindie_llm.layers.quant_w8a8", "W8A8Scheme"),
+    "w4a16": ("mindie_llm.layers.quant_w4a16", "W4A16Scheme"),
+    "awq": ("mindie_llm.layers.quant_w4a16", "AWQScheme"),
+    "gptq": ("mindie_llm.layers.quant_w4a16", "GPTQScheme"),
+}
+
+
+def get_scheme(name: str, optional: bool = False, **kwargs: Any) -> QuantizationScheme:
     """The scheme called ``name``; ``optional`` (for "auto") lets a scheme fall back to dense
     weights where it does not apply instead of refusing."""
+    if name in CHECKPOINT_SCHEMES:
+        import importlib
+
+        module, cls = CHECKPOINT_SCHEMES[name]
+        return getattr(importlib.import_module(module), cls)(**kwargs)
     if name not in SCHEMES:
-        raise ValueError(f"model.quantization: unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
+        raise ValueError(f"model.quantization: unknown scheme {name!r}; known: "
+                         f"{', '.join([*SCHEMES, *CHECKPOINT_SCHEMES])}")
     return GGUFBlocksScheme(optional) if name == "gguf" else SCHEMES[name]()
 
 
@@ -281,7 +297,8 @@ def weight_bytes(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, VocabEmbedding):
             continue
-        for t in (getattr(mod, "gguf_packed", None), getattr(mod, "qweight", None)):
+        for t in (getattr(mod, "gguf_packed", None), getattr(mod, "qweight", None),
+                  getattr(mod, "w4_qweight", None)):
             if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()

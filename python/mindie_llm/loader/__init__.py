@@ -133,17 +133,26 @@ def _arch_from(cfg: Mapping[str, Any], source: str) -> LlamaArchConfig:
         raise WeightMismatchError(source, str(e)) from None
 
 
-def _load_hf(path: str, device: torch.device, dtype: Any, progress: bool):
+def _load_hf(path: str, device: torch.device, dtype: Any, progress: bool, asked: str | None = None):
+    from mindie_llm.loader.quant_config import choose_scheme, detect_quantization
+
     cfg = read_hf_config(path)
-    arch = _arch_from(cfg, os.path.join(path, "config.json"))
+    source = os.path.join(path, "config.json")
+    arch = _arch_from(cfg, source)
     files = safetensors_files(path)
     model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
+    chosen = choose_scheme(asked, detect_quantization(cfg, source), source)
+    scheme = None
+    if chosen is not None and not chosen[1].get("from_float"):
+        scheme = _checkpoint_scheme(model, chosen, source)
     weights = iter_safetensors(files)
     if progress:
         from tqdm import tqdm
 
         weights = tqdm(weights, desc=f"Loading {os.path.basename(path.rstrip('/'))}", unit="tensor", leave=False)
     _load_weights(model, weights)
+    if scheme is not None:
+        _finish_scheme(model, scheme, files[0])
     tok = None
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         tok = Tokenizer.from_hf_dir(path, extra_eos_token_ids=arch.eos_token_ids)
@@ -205,6 +214,26 @@ def _load_dummy(path: str | None, device: torch.device, dtype: Any, seed: int,
     return model, arch, tok
 
 
+def _checkpoint_scheme(model: nn.Module, chosen: tuple[str, dict], source: str) -> Any:
+    """Builds a quantized-checkpoint scheme (layers/quant_*.py) and prepares ``model`` for it."""
+    from mindie_llm.layers.quantization import get_scheme
+
+    try:
+        scheme = get_scheme(chosen[0], **chosen[1])
+        scheme.prepare(model)
+    except ValueError as e:
+        raise WeightMismatchError(source, str(e)) from None
+    return scheme
+
+
+def _finish_scheme(model: nn.Module, scheme: Any, source: str) -> None:
+    try:
+        scheme.process_weights_after_loading(model)
+    except ValueError as e:
+        name, _, msg = str(e).partition(": ")
+        raise CorruptCheckpointError(source, msg, tensor=name) from None
+
+
 def resolve_quantization(quantization: str, fmt: str, device: torch.device) -> str:
     """"auto" -> "gguf" (compute on the file's own blocks) for a GGUF file on the CPU, else "none"."""
     if quantization in (None, "auto"):
@@ -239,7 +268,13 @@ def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any
     elif fmt == "dummy":
         model, arch, tok = _load_dummy(path, device, dtype, getattr(model_config, "seed", 0), hf_config)
     else:
-        model, arch, tok = _load_hf(path, device, dtype, progress)
+        model, arch, tok = _load_hf(path, device, dtype, progress, asked)
+    if quant in ("w8a8", "w4a16") and (fmt != "safetensors" or not _is_quantized(model)):
+        _finish_scheme(model, _checkpoint_scheme(model, (quant, {"from_float": True}), path or "<dummy>"),
+                       path or "<dummy>")  # a float model quantized at load
+    elif quant in ("awq", "gptq") and fmt != "safetensors":
+        raise ModelNotFoundError(path or "<dummy>", f"model.quantization={quant} needs a {quant} checkpoint "
+                                                    "(a Hugging Face directory)")
     if quant == "int8":
         from mindie_llm.layers.quantization import quantize_int8
 
@@ -252,6 +287,11 @@ def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any
                else Tokenizer.from_hf_dir(tok_path))
     name = getattr(model_config, "served_model_name", None) or _default_name(fmt, path, arch)
     return LoadedModel(model=model, arch=arch, tokenizer=tok, name=name)
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(getattr(m, "_parameters", {}).get("weight", 0) is None and hasattr(m, "linear_method")
+               for m in model.modules())
 
 
 def _default_name(fmt: str, path: str | None, arch: LlamaArchConfig) -> str:

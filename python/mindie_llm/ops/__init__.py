@@ -18,11 +18,16 @@ from mindie_llm.ops import reference
 
 __all__ = ["register_backend", "registered_backends", "rms_norm", "fused_add_rms_norm",
            "rotary_embedding", "write_kv_cache", "rotary_embedding_write_kv", "paged_attention",
-           "silu_and_mul", "gguf_repack", "gguf_matmul", "gguf_embedding", "OP_NAMES"]
+           "silu_and_mul", "gguf_repack", "gguf_matmul", "gguf_embedding", "w8a8_matmul", "w4a16_matmul",
+           "OP_NAMES"]
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
             "rotary_embedding_write_kv", "paged_attention", "silu_and_mul",
-            "gguf_repack", "gguf_matmul", "gguf_embedding")  # gguf_*: matmuls on repacked GGUF blocks
+            "gguf_repack", "gguf_matmul", "gguf_embedding",  # gguf_*: matmuls on repacked GGUF blocks
+            "w8a8_matmul", "w4a16_matmul",                   # quantized linears (layers/quant_*.py)
+            # the KV ops on a quantized cache (int8 / fp8 e4m3 with per-head scales): a call whose
+            # kv_cache has such a dtype goes to these entries instead of the plain ones
+            "write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant")
 
 # op name -> {device type -> implementation}
 _TABLES: dict[str, dict[str, Callable[..., Any]]] = {name: {} for name in OP_NAMES}
@@ -67,13 +72,29 @@ def _make(name: str) -> Callable[..., Any]:
     return op
 
 
+def _make_kv(name: str, cache_arg: int) -> Callable[..., Any]:
+    """A KV op that routes a call on a quantized cache (argument ``cache_arg``) to ``name + "_quant"``."""
+    plain, quant = _make(name), _make(name + "_quant")
+    quant_dtypes = reference.KV_QUANT_DTYPES
+
+    def op(*args: Any, **kwargs: Any) -> Any:
+        cache = args[cache_arg] if len(args) > cache_arg else kwargs["kv_cache"]
+        return (quant if cache.dtype in quant_dtypes else plain)(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = plain.__doc__
+    return op
+
+
 rms_norm = _make("rms_norm")
 fused_add_rms_norm = _make("fused_add_rms_norm")
 rotary_embedding = _make("rotary_embedding")
-write_kv_cache = _make("write_kv_cache")
-rotary_embedding_write_kv = _make("rotary_embedding_write_kv")
-paged_attention = _make("paged_attention")
+write_kv_cache = _make_kv("write_kv_cache", 2)
+rotary_embedding_write_kv = _make_kv("rotary_embedding_write_kv", 4)
+paged_attention = _make_kv("paged_attention", 1)
 silu_and_mul = _make("silu_and_mul")
 gguf_repack = _make("gguf_repack")
 gguf_matmul = _make("gguf_matmul")
 gguf_embedding = _make("gguf_embedding")
+w8a8_matmul = _make("w8a8_matmul")
+w4a16_matmul = _make("w4a16_matmul")

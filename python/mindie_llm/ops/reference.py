@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "gguf_repack", "gguf_unpack",
-           "gguf_matmul", "gguf_embedding"]
+           "gguf_matmul", "gguf_embedding", "quantize_per_token_int8", "w8a8_matmul", "w4a16_pack",
+           "w4a16_unpack", "w4a16_dequantize", "w4a16_matmul", "KV_QUANT_DTYPES", "kv_quantize",
+           "kv_dequantize", "write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,6 +123,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: 
         if q_len == 0:
             continue
         k, v = gather_context(kv_cache, attn_metadata.block_tables[i], seq_len)  # [S, Hk, D]
+        if kv_cache.dtype in KV_QUANT_DTYPES:  # quantized cache: [S, Hk, D + 4] -> [S, Hk, D]
+            k, v = kv_dequantize(k), kv_dequantize(v)
         k = k.float().repeat_interleave(group, dim=1)                          # [S, Hq, D]
         v = v.float().repeat_interleave(group, dim=1)
         q = query[qs:qe].float()                                               # [L, Hq, D]
@@ -204,3 +208,100 @@ def gguf_matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k
 def gguf_embedding(ids: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
     """Rows ``ids[T]`` of the dequantized packed weight: [T, K] float32."""
     return gguf_unpack(packed, ggml_type, n, k)[ids.reshape(-1).long()]
+
+
+# --- Quantized linears (W8A8, W4A16): dequantize, then matmul in float32 ---------------------
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[T, K] -> (xq[T, K] int8, scale[T] float32), symmetric per row: x ~= xq * scale[:, None]."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp(min=1e-8) / 127.0                       # [T]
+    xq = torch.round(xf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return xq, scale
+
+
+def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                act_mul: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: x[T, K] (times ``act_mul[K]``, the folded inverse SmoothQuant factors, when given) is
+    quantized per token to int8; y[T, N] = (xq * sx) @ (qweight[N, K] int8 * w_scale[N])^T, float32."""
+    xf = x.float() if act_mul is None else x.float() * act_mul.float()
+    xq, sx = quantize_per_token_int8(xf)
+    w = qweight.float() * w_scale.float()[:, None]                              # [N, K]
+    return (xq.float() * sx[:, None]) @ w.T
+
+
+def w4a16_unpack(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """qweight[N, K/2] uint8 (low nibble = even k, high nibble = odd k) -> codes[N, K] uint8 in 0..15."""
+    lo, hi = qweight & 0x0F, qweight >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(qweight.shape[0], -1)[:, :k]
+
+
+def w4a16_pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes[N, K] (0..15, K even) -> qweight[N, K/2] uint8; the inverse of ``w4a16_unpack``."""
+    c = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2)
+    return (c[..., 0] | (c[..., 1] << 4)).contiguous()
+
+
+def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """W[N, K] float32 = (code - zero[n, k // G]) * scale[n, k // G]; scales, zeros: [N, K/G]."""
+    k = scales.shape[1] * group_size
+    q = w4a16_unpack(qweight, k).float()                                        # [N, K]
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    z = zeros.float().repeat_interleave(group_size, dim=1)
+    return (q - z) * s
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """x[T, K] @ W^T -> [T, N] float32, W the dequantized group-wise 4-bit weight."""
+    return x.float() @ w4a16_dequantize(qweight, scales, zeros, group_size).T
+
+
+# --- Quantized KV cache (int8, fp8 e4m3) ------------------------------------------------------
+# A quantized cache is [2, num_blocks, block_size, Hk, D + 4] of int8 or float8_e4m3fn: each head
+# of each token holds D codes and, in its last 4 bytes, its own float32 scale (per-head scales,
+# computed when the token is written): value = code * scale.
+KV_QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+KV_SCALE_BYTES = 4
+_KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def kv_quantize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x[..., D] -> [..., D + 4] of ``dtype``: codes then the float32 scale's bytes."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / _KV_QMAX[dtype]   # [..., 1]
+    y = xf / scale
+    codes = torch.round(y).clamp(-127, 127).to(dtype) if dtype == torch.int8 else y.to(dtype)
+    return torch.cat((codes, scale.contiguous().view(dtype)), dim=-1)
+
+
+def kv_dequantize(cached: torch.Tensor) -> torch.Tensor:
+    """[..., D + 4] quantized entries -> [..., D] float32."""
+    d = cached.shape[-1] - KV_SCALE_BYTES
+    scale = cached[..., d:].contiguous().view(torch.float32)                    # [..., 1]
+    return cached[..., :d].float() * scale
+
+
+def write_kv_cache_quant(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> None:
+    """``write_kv_cache`` into a quantized cache: key, value[T, Hk, D] are quantized per head."""
+    write_kv_cache(kv_quantize(key, kv_cache.dtype), kv_quantize(value, kv_cache.dtype), kv_cache,
+                   slot_mapping)
+
+
+def rotary_embedding_write_kv_quant(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                                    value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                    head_dim: int, cos_sin_cache: torch.Tensor,
+                                    is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary_embedding_write_kv`` into a quantized cache."""
+    q, k = rotary_embedding(positions, query, key, head_dim, cos_sin_cache, is_neox)
+    t = k.shape[0]
+    write_kv_cache_quant(k.view(t, -1, head_dim), value.reshape(t, -1, head_dim), kv_cache, slot_mapping)
+    return q, k
+
+
+def paged_attention_quant(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: "AttentionMetadata",
+                          scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """``paged_attention`` over a quantized cache: each request's context is dequantized, then attended."""
+    assert kv_cache.dtype in KV_QUANT_DTYPES, kv_cache.dtype
+    return paged_attention(query, kv_cache, attn_metadata, scale, sliding_window)
