@@ -11,7 +11,8 @@ from __future__ import annotations
 from mindie_llm.backends.cuda.activation import silu_and_mul
 from mindie_llm.backends.cuda.attention import paged_attention
 from mindie_llm.backends.cuda.norm import fused_add_rms_norm, rms_norm
+from mindie_llm.backends.cuda.quant_linear import w4a16_matmul, w8a8_matmul
 from mindie_llm.backends.cuda.rotary import rotary_embedding, rotary_embedding_write_kv, write_kv_cache
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache", "paged_attention",
-           "silu_and_mul", "rotary_embedding_write_kv"]
+           "silu_and_mul", "rotary_embedding_write_kv", "w8a8_matmul", "w4a16_matmul"]
