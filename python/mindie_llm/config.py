@@ -190,18 +190,55 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class DisaggregationConfig:
-    """Prefill/decode disaggregation: this instance's role and its KV transfer plane."""
+    """Prefill/decode disaggregation: this instance's role, its KV transfer plane and, for the
+    router, the instances it sends requests to (comma-separated ``host:port`` gRPC addresses)."""
 
-    role: str = "colocated"            # colocated | prefill | decode
+    role: str = "colocated"            # colocated | prefill | decode | router
+    kv_connector: str = "tcp"          # tcp (byte stream; p2p runs through the connector API only)
     kv_transfer_host: str = "127.0.0.1"
     kv_transfer_port: int = 0
-    peer_address: str | None = None    # host:port of the other role's transfer plane
+    peer_address: str | None = None    # not used: the router tells each decode instance its peer
     auth_key_env: str = "MINDIE_KV_TRANSFER_KEY"
+    kv_tls_cert_file: str | None = None  # TLS on the transfer plane (both or neither)
+    kv_tls_key_file: str | None = None
+    kv_tls_ca_file: str | None = None    # the CA senders trust (default: the instance's own cert)
+    transfer_timeout_s: float = 10.0   # a transfer not done by then fails on both sides
+    kv_pin_timeout_s: float = 30.0     # prefill: pinned blocks nobody pulled are released after this
+    prefill_instances: str = ""        # router: gRPC addresses of the prefill instances
+    decode_instances: str = ""         # router: gRPC addresses of the decode instances
+    max_retries: int = 2               # router: re-runs of a request whose instance failed before its
+                                       # decode tokens streamed
+    health_interval_s: float = 0.5     # router: how often each instance is asked for its stats
+    startup_timeout_s: float = 120.0   # router: how long to wait for the instances at start-up
+    test_stall_transfer_s: float = 0.0  # test hook: delay each sent layer (fault tests only)
 
     def __post_init__(self) -> None:
-        _check(self.role in ("colocated", "prefill", "decode"), "disaggregation.role",
-               f"must be colocated, prefill or decode; got {self.role!r}")
+        _check(self.role in ("colocated", "prefill", "decode", "router"), "disaggregation.role",
+               f"must be colocated, prefill, decode or router; got {self.role!r}")
+        _check(self.kv_connector == "tcp", "disaggregation.kv_connector",
+               f"must be tcp (the p2p connector is not wired into instances yet); got {self.kv_connector!r}")
         _check(0 <= self.kv_transfer_port < 65536, "disaggregation.kv_transfer_port", "must be a TCP port or 0")
+        _check(self.peer_address is None, "disaggregation.peer_address",
+               "is not supported: the router tells each decode instance where the KV is")
+        _check((self.kv_tls_cert_file is None) == (self.kv_tls_key_file is None), "disaggregation.kv_tls_cert_file",
+               "kv_tls_cert_file and kv_tls_key_file must be given together")
+        for key in ("transfer_timeout_s", "kv_pin_timeout_s", "health_interval_s", "startup_timeout_s"):
+            _check(getattr(self, key) > 0, f"disaggregation.{key}", "must be > 0")
+        _check(self.max_retries >= 0, "disaggregation.max_retries", "must be >= 0")
+        _check(self.test_stall_transfer_s >= 0, "disaggregation.test_stall_transfer_s", "must be >= 0")
+        if self.role == "router":
+            for key in ("prefill_instances", "decode_instances"):
+                _check(bool(self.instance_list(key)), f"disaggregation.{key}",
+                       "the router needs at least one address (host:port, comma-separated)")
+
+    def instance_list(self, key: str) -> list[str]:
+        """The ``host:port`` addresses of ``prefill_instances`` or ``decode_instances``."""
+        out = [a.strip() for a in getattr(self, key).split(",") if a.strip()]
+        for a in out:
+            host, _, port = a.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, f"disaggregation.{key}",
+                   f"{a!r} is not host:port")
+        return out
 
 
 _SECTIONS: dict[str, type] = {
@@ -318,9 +355,11 @@ class EngineConfig:
     source: str | None = field(default=None, compare=False)  # the YAML file it came from
 
     def __post_init__(self) -> None:
-        if self.scheduler.role != self.disaggregation.role:
-            # disaggregation.role is the user-facing key; the scheduler copy follows it.
-            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, role=self.disaggregation.role))
+        role = self.disaggregation.role if self.disaggregation.role != "router" else "colocated"
+        if self.scheduler.role != role:
+            # disaggregation.role is the user-facing key; the scheduler copy follows it (a router
+            # schedules nothing itself).
+            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, role=role))
         if not self.scheduler.enable_chunked_prefill and self.model.max_seq_len is not None:
             _check(self.scheduler.max_prefill_tokens >= self.model.max_seq_len, "scheduler.max_prefill_tokens",
                    "must be >= model.max_seq_len when enable_chunked_prefill is false "
