@@ -265,14 +265,15 @@ class PDInstance:
     # ------------------------------------------------------------------ decode role
     def admit_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
                         first_token: int, sink: Callable[[Any], None], *, priority: int = 0) -> Future:
-        """Resolves to ``(transfer_id, block_ids)``; NoFreeBlocksError (retry later) or ValueError."""
+        """Resolves to ``(transfer_id, block_ids, transfer future)``; NoFreeBlocksError (retry later) or
+        ValueError naming the field."""
         params = params.clone()
         params.seed = seed
         return self.call(lambda: self._admit_prefilled(request_id, prompt_token_ids, params, first_token, sink,
                                                        priority))
 
     def _admit_prefilled(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                         first_token: int, sink: Callable[[Any], None], priority: int) -> tuple[int, np.ndarray]:
+                         first_token: int, sink: Callable[[Any], None], priority: int) -> tuple:
         from mindie_llm.engine.detokenizer import IncrementalDetokenizer
         from mindie_llm.engine.llm_engine import _NULL_DECODER, InvalidRequestError
         from mindie_llm.engine.request import RequestGroup, Sample
@@ -292,7 +293,8 @@ class PDInstance:
             stop_token_ids=tuple(params.stop_token_ids or ()), ignore_eos=params.ignore_eos)
         eng._next_id += 1
         try:
-            self.connector.expect(int_id, block_ids, timeout_s=self.config.disaggregation.transfer_timeout_s)
+            transfer = self.connector.expect(int_id, block_ids,
+                                             timeout_s=self.config.disaggregation.transfer_timeout_s)
         except ValueError:
             eng.scheduler.abort(int_id)
             raise
@@ -311,7 +313,7 @@ class PDInstance:
         eng._samples[int_id] = sample
         self._sinks[request_id] = sink
         self._ids[request_id] = int_id
-        return int_id, np.asarray(block_ids, dtype=np.int64)
+        return int_id, np.asarray(block_ids, dtype=np.int64), transfer
 
     def kv_ready(self, request_id: str) -> Future:
         def ready() -> None:

@@ -111,6 +111,11 @@ async def _serve(cfg: Any) -> int:
     from mindie_llm.server.metrics import ServerMetrics
 
     scfg = cfg.server
+    role = cfg.disaggregation.role
+    if role in ("prefill", "decode"):   # PD instance: the internal service only (server/pd)
+        from mindie_llm.server.pd.instance_service import serve_instance
+
+        return await serve_instance(cfg)
     _check_tls(cfg)
     http_sock = _bind(scfg.host, scfg.http_port, "http_port") if scfg.http_port >= 0 else None
     if scfg.grpc_port > 0:
@@ -127,7 +132,11 @@ async def _serve(cfg: Any) -> int:
         if scfg.grpc_port >= 0 and scfg.grpc_port == scfg.http_port and scfg.grpc_port != 0:
             raise StartupError(EXIT_CONFIG, "server.grpc_port: must differ from server.http_port")
         try:
-            llm = await asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_config, cfg)
+            if role == "router":          # PD router: AsyncLLM-shaped front of the instances
+                from mindie_llm.server.pd.router import PDRouter as factory
+            else:
+                factory = AsyncLLM
+            llm = await asyncio.get_running_loop().run_in_executor(None, factory.from_config, cfg)
         except ConfigError:
             raise
         except (OSError, ValueError, RuntimeError) as e:
@@ -135,6 +144,10 @@ async def _serve(cfg: Any) -> int:
             raise StartupError(EXIT_MODEL, f"model: cannot load ({first})") from None
         cfg = llm.config
         metrics = ServerMetrics(llm)
+        if role == "router":
+            from mindie_llm.server.pd.metrics import install_pd_metrics
+
+            install_pd_metrics(llm, metrics.registry)
         grpc_addr = "off"
         if scfg.grpc_port >= 0:
             from mindie_llm.server.grpc import build_grpc_server
