@@ -89,7 +89,7 @@ class PDInstance:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pinned: dict[int, float] = {}            # prefill: handle -> release deadline (monotonic)
         self._sending: set[int] = set()                # prefill: handles being pushed now
-        self._waiters: dict[str, tuple] = {}           # prefill: rid -> (fut, t0, int id, P, seed)
+        self._waiters: dict[str, tuple] = {}           # prefill: rid -> (fut, t0, int id, P, params)
         self._sinks: dict[str, Callable[[Any], None]] = {}               # decode: rid -> sink
         self._ids: dict[str, int] = {}                 # decode: rid -> int id
         self.queued_prompt_tokens = 0
@@ -178,7 +178,7 @@ class PDInstance:
             eng.add_request(request_id, prompt, params, priority=priority)
             group = eng._groups[request_id]
             int_id = group.samples[0].int_id
-            self._waiters[request_id] = (fut, time.monotonic(), int_id, len(group.prompt_token_ids), params.seed)
+            self._waiters[request_id] = (fut, time.monotonic(), int_id, len(group.prompt_token_ids), params)
             self.queued_prompt_tokens += len(group.prompt_token_ids)
 
         def on_admit(f: Future) -> None:
@@ -188,7 +188,7 @@ class PDInstance:
         return fut
 
     def _prefill_done(self, rid: str, out: Any) -> None:
-        fut, t0, int_id, num_prompt, seed = self._waiters.pop(rid)
+        fut, t0, int_id, num_prompt, params = self._waiters.pop(rid)
         self.queued_prompt_tokens -= num_prompt
         o = out.outputs[0]
         pinned = o.finish_reason == "stop" and o.stop_reason is None and len(o.token_ids) == 1
@@ -201,12 +201,27 @@ class PDInstance:
         if not o.token_ids:
             fut.set_exception(RuntimeError(f"prefill of {rid} ended without a token ({o.finish_reason})"))
             return
+        text = o.text if not pinned else self._open_text(list(out.prompt_token_ids), int(o.token_ids[0]), params)
         fut.set_result(PrefillResult(
-            prompt_token_ids=list(out.prompt_token_ids), first_token=int(o.token_ids[0]), text=o.text,
-            seed=int(seed),
+            prompt_token_ids=list(out.prompt_token_ids), first_token=int(o.token_ids[0]), text=text,
+            seed=int(params.seed),
             finished=not pinned, finish_reason=None if pinned else o.finish_reason,
             stop_reason=None if pinned else o.stop_reason, handle=int_id if pinned else 0,
             num_blocks=num_blocks, seconds=time.monotonic() - t0))
+
+    def _open_text(self, prompt_ids: list[int], first_token: int, params: SamplingParams) -> str:
+        """The text of the first token as a request that goes on sees it (what the decode instance's
+        detokenizer will hold after admission): incomplete UTF-8 and a possible stop-string start
+        held back, where the finished prefill output flushed them."""
+        from mindie_llm.engine.detokenizer import IncrementalDetokenizer
+        from mindie_llm.engine.llm_engine import _NULL_DECODER
+
+        d = IncrementalDetokenizer(self.engine.tokenizer or _NULL_DECODER, prompt_ids,
+                                   skip_special_tokens=params.skip_special_tokens, stop=params.stop_strings,
+                                   min_tokens=params.min_tokens,
+                                   include_stop_str_in_output=params.include_stop_str_in_output)
+        d.update([first_token])
+        return d.visible_text(False)
 
     def _release_now(self, handle: int) -> bool:
         self._pinned.pop(handle, None)
