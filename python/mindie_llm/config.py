@@ -350,7 +350,6 @@ NOT_YET_SUPPORTED: tuple[tuple[str, str, str], ...] = (
     ("parallel", "master_addr", "multi-node deployments are not built yet"),
     ("parallel", "master_port", "multi-node deployments are not built yet"),
     ("parallel", "micro_batch_overlap", "micro-batch overlap needs tensor parallelism, which is not built yet"),
-    ("scheduler", "role", "set disaggregation.role instead (the scheduler copy follows it)"),
 )
 
 
@@ -380,6 +379,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _refuse_unbuilt(self)
         role = self.disaggregation.role if self.disaggregation.role != "router" else "colocated"
+        _check(self.scheduler.role in ("colocated", role), "scheduler.role",
+               f"set disaggregation.role instead (it is {self.disaggregation.role!r}; the scheduler copy follows it)")
         if self.scheduler.role != role:
             # disaggregation.role is the user-facing key; the scheduler copy follows it (a router
             # schedules nothing itself).

@@ -17,8 +17,10 @@ preempted decode request is recomputed locally from prompt + output tokens (the 
 recompute path); nothing goes back to a prefill instance.
 
 Owns the engine thread (the only one that touches the engine) and the hand-off bookkeeping. Must
-not import the server. Reaches into LLMEngine's request tables (``_groups``, ``_samples``) in
-``_admit_prefilled`` only: that is the seam to move when the engine exposes an admission API.
+not import the server. Reaches into LLMEngine's request tables (``_groups``, ``_samples``,
+``_unsent``) in ``_admit_prefilled`` only, and into the in-process driver worker's KV caches for
+the connector: those are the seams to move when the engine exposes an admission API and the
+executor more than one worker (tensor parallelism: one connector per rank).
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ class PDInstance:
         self.config = config
         self.role = config.disaggregation.role
         assert self.role in ("prefill", "decode"), self.role
-        self.connector = connector or build_connector(config, engine.kv_caches)
+        self.connector = connector or build_connector(config, engine.executor.driver.kv_caches)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pinned: dict[int, float] = {}            # prefill: handle -> release deadline (monotonic)
         self._sending: set[int] = set()                # prefill: handles being pushed now
@@ -315,8 +317,9 @@ class PDInstance:
             raise
         group = RequestGroup(request_id=request_id, prompt=None, prompt_token_ids=ids, params=params,
                              metrics=RequestMetrics(arrival_time=now, num_prompt_tokens=len(ids)))
-        eng.runner.add_request(int_id, ids, params, params.seed)
-        eng.runner.batch.requests[int_id].output_token_ids.append(int(first_token))   # next draw: position 1
+        # The step message carries the first token as an output already generated: the runner's
+        # next draw is output position 1 with the same seed, as on a colocated engine.
+        eng._unsent.add(int_id, ids, params, params.seed, eng._min_tokens_ban(params), output_token_ids=[first_token])
         detok = IncrementalDetokenizer(eng.tokenizer or _NULL_DECODER, ids, skip_special_tokens=params.skip_special_tokens,
                                        stop=params.stop_strings, min_tokens=params.min_tokens,
                                        include_stop_str_in_output=params.include_stop_str_in_output)

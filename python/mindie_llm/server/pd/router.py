@@ -397,14 +397,18 @@ def _total(inst: Instance) -> int:
 def _load_tokenizer(model_config: Any) -> Any:
     """The served model's tokenizer without its weights (None for dummy weights)."""
     from mindie_llm.loader import resolve_format
+    from mindie_llm.loader.gguf_loader import read_gguf_metadata
     from mindie_llm.tokenizer.tokenizer import Tokenizer
+
+    def from_gguf(path: str) -> Any:
+        return Tokenizer.from_gguf_fields(read_gguf_metadata(path), name=path)
 
     path = model_config.tokenizer
     if path:
-        return Tokenizer.from_gguf(path) if path.endswith(".gguf") else Tokenizer.from_hf_dir(path)
+        return from_gguf(path) if path.endswith(".gguf") else Tokenizer.from_hf_dir(path)
     fmt, path = resolve_format(model_config.path, model_config.load_format)
     if fmt == "gguf":
-        return Tokenizer.from_gguf(path)
+        return from_gguf(path)
     if fmt == "dummy" or path is None:
         return None
     return Tokenizer.from_hf_dir(path)
