@@ -30,7 +30,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,17 @@ def build_connector(config: EngineConfig, kv_caches: list) -> KVConnector:
                         server_tls=server_tls, client_tls=client_tls, stall_s=d.test_stall_transfer_s)
 
 
+def _settle(fut: Future, value: Any = None, exc: BaseException | None = None) -> None:
+    """Resolves ``fut`` unless its waiter already gave up (a cancelled RPC cancels its future)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+    except InvalidStateError:
+        pass
+
+
 class PDInstance:
     def __init__(self, engine: Any, config: EngineConfig, connector: KVConnector | None = None) -> None:
         self.engine = engine
@@ -91,6 +102,7 @@ class PDInstance:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pinned: dict[int, float] = {}            # prefill: handle -> release deadline (monotonic)
         self._sending: set[int] = set()                # prefill: handles being pushed now
+        self._pin_lock = threading.Lock()              # guards _pinned and _sending (push_kv runs off-thread)
         self._waiters: dict[str, tuple] = {}           # prefill: rid -> (fut, t0, int id, P, params)
         self._sinks: dict[str, Callable[[Any], None]] = {}               # decode: rid -> sink
         self._ids: dict[str, int] = {}                 # decode: rid -> int id
@@ -133,9 +145,9 @@ class PDInstance:
                 while item is not None:
                     fn, fut = item
                     try:
-                        fut.set_result(fn())
-                    except BaseException as e:  # noqa: BLE001 - handed to the caller
-                        fut.set_exception(e)
+                        _settle(fut, fn())
+                    except Exception as e:  # noqa: BLE001 - handed to the caller
+                        _settle(fut, exc=e)
                     try:
                         item = self._inbox.get_nowait()
                     except queue.Empty:
@@ -147,8 +159,7 @@ class PDInstance:
             logger.exception("the %s instance's engine loop stopped", self.role)
             self.dead = True
             for fut, *_ in self._waiters.values():
-                if not fut.done():
-                    fut.set_exception(RuntimeError("the engine has stopped"))
+                _settle(fut, exc=RuntimeError("the engine has stopped"))
 
     def _deliver(self, outputs: list) -> None:
         for out in outputs:
@@ -184,8 +195,8 @@ class PDInstance:
             self.queued_prompt_tokens += len(group.prompt_token_ids)
 
         def on_admit(f: Future) -> None:
-            if f.exception() is not None and not fut.done():
-                fut.set_exception(f.exception())
+            if not f.cancelled() and f.exception() is not None:
+                _settle(fut, exc=f.exception())
         self.call(admit).add_done_callback(on_admit)
         return fut
 
@@ -197,14 +208,15 @@ class PDInstance:
         num_blocks = 0
         if pinned:
             num_blocks = -(-num_prompt // self.engine.block_size)
-            self._pinned[int_id] = time.monotonic() + self.config.disaggregation.kv_pin_timeout_s
+            with self._pin_lock:
+                self._pinned[int_id] = time.monotonic() + self.config.disaggregation.kv_pin_timeout_s
         else:
             self._release_now(int_id)                # a stop string leaves PREFILL_DONE blocks pinned
         if not o.token_ids:
-            fut.set_exception(RuntimeError(f"prefill of {rid} ended without a token ({o.finish_reason})"))
+            _settle(fut, exc=RuntimeError(f"prefill of {rid} ended without a token ({o.finish_reason})"))
             return
         text = o.text if not pinned else self._open_text(list(out.prompt_token_ids), int(o.token_ids[0]), params)
-        fut.set_result(PrefillResult(
+        _settle(fut, PrefillResult(
             prompt_token_ids=list(out.prompt_token_ids), first_token=int(o.token_ids[0]), text=text,
             seed=int(params.seed),
             finished=not pinned, finish_reason=None if pinned else o.finish_reason,
@@ -226,53 +238,63 @@ class PDInstance:
         return d.visible_text(False)
 
     def _release_now(self, handle: int) -> bool:
-        self._pinned.pop(handle, None)
+        """Engine thread: frees the pinned blocks of ``handle`` (the caller has unpinned it)."""
+        with self._pin_lock:
+            self._pinned.pop(handle, None)
         try:
             self.engine.scheduler.release(handle)
             return True
         except (KeyError, ValueError, RuntimeError):
             return False
 
+    def _unpin(self, handle: int, *, expired_only: bool = False) -> bool:
+        """Takes ``handle`` out of the pinned set unless a transfer holds it; True if it did."""
+        with self._pin_lock:
+            deadline = self._pinned.get(handle)
+            if deadline is None or handle in self._sending or (expired_only and deadline > time.monotonic()):
+                return False
+            del self._pinned[handle]
+            return True
+
     def _expire_pins(self) -> None:
         if not self._pinned:
             return
-        now = time.monotonic()
-        for handle, deadline in list(self._pinned.items()):
-            if deadline <= now and handle not in self._sending:
+        for handle in list(self._pinned):
+            if self._unpin(handle, expired_only=True):
                 logger.warning("prefill: request %d was not pulled within %.1fs; releasing its blocks", handle,
                                self.config.disaggregation.kv_pin_timeout_s)
                 self.pin_timeouts += 1
                 self._release_now(handle)
 
     def release(self, handle: int) -> Future:
-        return self.call(lambda: handle in self._pinned and handle not in self._sending and self._release_now(handle))
+        return self.call(lambda: self._unpin(handle) and self._release_now(handle))
 
     def push_kv(self, handle: int, transfer_id: int, address: str, dst_block_ids: np.ndarray,
                 timeout_s: float) -> TransferResult:
-        """Blocking (call from a worker thread): sends the pinned blocks of ``handle`` into the
-        receiver's ``dst_block_ids`` and releases them whatever the outcome."""
-        def claim() -> np.ndarray | None:
-            if handle not in self._pinned or handle in self._sending:
-                return None
-            self._sending.add(handle)
-            return np.asarray(self.engine.scheduler.get_block_ids(handle), dtype=np.int64)
-
-        try:
-            blocks = self.call(claim).result(timeout=timeout_s)
-        except Exception as e:  # noqa: BLE001 - reported to the caller
-            return TransferResult(transfer_id, False, f"prefill instance: {e}")
-        if blocks is None:
+        """Blocking (call from a worker thread, not the engine thread): sends the pinned blocks of
+        ``handle`` into the receiver's ``dst_block_ids`` and releases them whatever the outcome.
+        The claim does not wait for the engine thread (a long step must not eat the deadline):
+        the scheduler's block query is thread-safe and a claimed handle cannot be released."""
+        with self._pin_lock:
+            claimed = handle in self._pinned and handle not in self._sending
+            if claimed:
+                self._sending.add(handle)
+        if not claimed:
             return TransferResult(transfer_id, False, f"unknown or already sent handle {handle} "
                                   "(released after a timeout?)")
-        dst = np.asarray(dst_block_ids, dtype=np.int64)
         try:
+            blocks = np.asarray(self.engine.scheduler.get_block_ids(handle), dtype=np.int64)
+            dst = np.asarray(dst_block_ids, dtype=np.int64)
             if dst.size > blocks.size:
                 res = TransferResult(transfer_id, False, f"{dst.size} destination blocks for {blocks.size} pinned")
             else:
                 res = self.connector.send(transfer_id, blocks[:dst.size], address, dst, timeout_s=timeout_s)
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            res = TransferResult(transfer_id, False, f"prefill instance: {type(e).__name__}: {e}")
         finally:
             def done() -> None:
-                self._sending.discard(handle)
+                with self._pin_lock:
+                    self._sending.discard(handle)
                 self._release_now(handle)
             self.call(done)
         if not res.ok:
@@ -331,6 +353,8 @@ class PDInstance:
         eng._samples[int_id] = sample
         self._sinks[request_id] = sink
         self._ids[request_id] = int_id
+        # Whoever waits on it, a failed or timed-out transfer frees the receiving blocks.
+        transfer.add_done_callback(lambda f: None if f.result().ok else self.abort(request_id, int_id))
         return int_id, np.asarray(block_ids, dtype=np.int64), transfer
 
     def kv_ready(self, request_id: str) -> Future:
@@ -341,9 +365,12 @@ class PDInstance:
             self.engine.scheduler.kv_ready(int_id)
         return self.call(ready)
 
-    def abort(self, request_id: str) -> Future:
-        """Stops receiving (no write after this) and frees the request's blocks."""
+    def abort(self, request_id: str, only_int_id: int | None = None) -> Future:
+        """Stops receiving (no write after this) and frees the request's blocks. ``only_int_id``:
+        only if the request still has that id (a late callback must not hit a reused name)."""
         def stop() -> None:
+            if only_int_id is not None and self._ids.get(request_id) != only_int_id:
+                return
             int_id = self._ids.pop(request_id, None)
             self._sinks.pop(request_id, None)
             if int_id is not None:
@@ -352,8 +379,7 @@ class PDInstance:
             w = self._waiters.pop(request_id, None)
             if w is not None:
                 self.queued_prompt_tokens -= w[3]
-                if not w[0].done():
-                    w[0].set_exception(RuntimeError("aborted"))
+                _settle(w[0], exc=RuntimeError("aborted"))
         return self.call(stop)
 
     # ------------------------------------------------------------------ misc

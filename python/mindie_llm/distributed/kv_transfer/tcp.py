@@ -104,7 +104,9 @@ class TcpConnector(KVConnector):
                 code = DTYPE_CODES[self.layout.dtype]
                 for layer, cache in enumerate(self.kv_caches):
                     if self._stall_s:
-                        time.sleep(self._stall_s)
+                        time.sleep(min(self._stall_s, max(deadline - time.monotonic(), 0.0)))
+                    if time.monotonic() >= deadline:
+                        raise socket.timeout("deadline passed")
                     payload = cache.index_select(1, idx.to(cache.device)).contiguous()   # [2, n, bs, H, D]
                     raw_bytes = payload.view(torch.uint8).cpu().numpy()
                     h = F.Header(F.LAYER, code, layer + 1, req_id, layer, dst.size, tuple(payload.shape),

@@ -37,6 +37,12 @@ def _finish_fields(msg: Any, finish_reason: str | None, stop_reason: Any) -> Non
         msg.has_stop_token = True
 
 
+async def _wait(fut: Any) -> Any:
+    """Awaits an engine-thread future without cancelling it when the RPC is cancelled (the engine
+    thread still settles it, and what it settles may hold resources to give back)."""
+    return await asyncio.shield(asyncio.wrap_future(fut))
+
+
 class PDInstanceServicer(pd_pb2_grpc.PDInstanceServicer):
     def __init__(self, instance: Any, config: Any, secret: bytes) -> None:
         self.inst = instance
@@ -84,9 +90,11 @@ class PDInstanceServicer(pd_pb2_grpc.PDInstanceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the prefill queue is full")
         fut = self.inst.prefill(request.request_id, prompt, params, priority=int(request.priority))
         try:
-            r = await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
+            r = await _wait(fut)
+        except asyncio.CancelledError:      # the router went away: nobody will pull these blocks
             self.inst.abort(request.request_id)
+            fut.add_done_callback(lambda f: f.exception() is None and f.result().handle
+                                  and self.inst.release(f.result().handle))
             raise
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:512])
@@ -108,7 +116,7 @@ class PDInstanceServicer(pd_pb2_grpc.PDInstanceServicer):
 
     async def Release(self, request: Any, context: Any) -> Any:
         await self._role(context, "prefill")
-        released = await asyncio.wrap_future(self.inst.release(int(request.handle)))
+        released = await _wait(self.inst.release(int(request.handle)))
         return pd_pb2.ReleaseResponse(released=bool(released))
 
     # ------------------------------------------------------------------ decode role
@@ -131,7 +139,7 @@ class PDInstanceServicer(pd_pb2_grpc.PDInstanceServicer):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                tid, blocks, transfer = await asyncio.wrap_future(inst.admit_prefilled(
+                tid, blocks, transfer = await _wait(inst.admit_prefilled(
                     rid, list(request.prompt_token_ids), params, int(request.seed), int(request.first_token), sink,
                     priority=int(request.priority)))
                 break
@@ -141,6 +149,9 @@ class PDInstanceServicer(pd_pb2_grpc.PDInstanceServicer):
                 await asyncio.sleep(0.02)
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:512])
+            except asyncio.CancelledError:
+                inst.abort(rid)                 # admitted meanwhile or not: nothing stays behind
+                raise
         finished = False
         try:
             t0 = time.monotonic()
@@ -155,13 +166,13 @@ class PDInstanceServicer(pd_pb2_grpc.PDInstanceServicer):
             except grpc.aio.AioRpcError as e:
                 reason = f"prefill instance {request.prefill_address}: {e.code().name}: {e.details()}"
             if not reason:
-                res = await asyncio.wrap_future(transfer)
+                res = await _wait(transfer)
                 reason = "" if res.ok else res.reason
             if reason:
-                await asyncio.wrap_future(inst.abort(rid))
+                await _wait(inst.abort(rid))
                 finished = True
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"kv transfer failed: {reason}"[:512])
-            await asyncio.wrap_future(inst.kv_ready(rid))
+            await _wait(inst.kv_ready(rid))
             first = True
             while True:
                 out = await q.get()

@@ -77,7 +77,7 @@ class PDRouter:
         self._active: set[str] = set()
         self._draining = False
         self._stop = threading.Event()
-        self._rr = itertools.count()
+        self._rr = {"prefill": itertools.count(), "decode": itertools.count()}   # tie-break rotation
         self.phase_listeners: list[Callable[[str, str, float, int], None]] = []   # (phase, instance, s, bytes)
         self.events: dict[tuple[str, str], int] = {}                               # (kind, phase) -> count
         self._health = threading.Thread(target=self._health_loop, name="pd-router-health", daemon=True)
@@ -186,7 +186,7 @@ class PDRouter:
         live = [i for i in pool if i.up and i.address not in excluded] or [i for i in pool if i.address not in excluded]
         if not live:
             raise PDError(f"no {pool[0].role} instance is available")
-        rr = next(self._rr)
+        rr = next(self._rr[pool[0].role])
         return min(live, key=lambda i: (key(i), (pool.index(i) - rr) % len(pool)))
 
     def _count(self, kind: str, phase: str) -> None:
@@ -348,7 +348,7 @@ class PDRouter:
 
     async def _release(self, p: Instance, handle: int) -> None:
         try:
-            await self._aio(p).Release(pd_pb2.ReleaseRequest(handle=handle), timeout=2, metadata=self._meta)
+            await self._aio(p).Release(pd_pb2.ReleaseRequest(handle=handle), timeout=30, metadata=self._meta)
         except grpc.aio.AioRpcError:
             pass                             # dead, or it released on its own (pin timeout)
 
