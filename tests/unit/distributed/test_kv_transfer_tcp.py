@@ -225,3 +225,46 @@ def test_stalled_transfer_times_out_on_both_sides(pair):
     assert rx.num_pending == 0
     good_transfer(tx, rx)
     slow.close()
+
+
+def _tls_contexts(tmp_path):
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    c, k = tmp_path / "cert.pem", tmp_path / "key.pem"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv.load_cert_chain(c, k)
+    cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cli.check_hostname = False
+    cli.load_verify_locations(c)
+    return srv, cli
+
+
+def test_tls_transfer_bit_for_bit_and_plaintext_refused(tmp_path):
+    srv, cli = _tls_contexts(tmp_path)
+    rx = TcpConnector(caches(False), secret=SECRET, server_tls=srv)
+    tx = TcpConnector(caches(True), secret=SECRET, client_tls=cli, listen=False)
+    plain = TcpConnector(caches(True), secret=SECRET, listen=False)
+    try:
+        fut = rx.expect(1, np.array([4, 5]), timeout_s=5)
+        bad = plain.send(1, np.array([1, 2]), rx.address, np.array([4, 5]), timeout_s=2)
+        assert not bad.ok and all_zero(rx) and not fut.done()
+        good_transfer(tx, rx, req=2, dst=(7, 8))
+        rx.cancel(1)
+    finally:
+        for c in (rx, tx, plain):
+            c.close()
