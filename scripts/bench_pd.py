@@ -87,24 +87,19 @@ def _tls(tmp: Path):
 
 
 def _p2p_worker(rank: int, port: int, nblocks: int, repeats: int, ready_q, res_q) -> None:
-    import datetime
+    from mindie_llm.distributed.kv_transfer.p2p import P2PConnector, make_transfer_group
 
-    import torch.distributed as dist
-
-    from mindie_llm.distributed.kv_transfer.p2p import P2PConnector
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    group = make_transfer_group(f"127.0.0.1:{port}", rank, 2, timeout_s=60)
     ids = np.arange(1, nblocks, dtype=np.int64)
     if rank == 1:
-        conn = P2PConnector(_caches(nblocks, False), receive=True)
+        conn = P2PConnector(_caches(nblocks, False), group=group, receive=True)
         for r in range(repeats + 1):
             fut = conn.expect(r + 1, ids, timeout_s=60)
             ready_q.put(r)
             fut.result(60)
         time.sleep(1)
     else:
-        conn = P2PConnector(_caches(nblocks, True), receive=False)
+        conn = P2PConnector(_caches(nblocks, True), group=group, receive=False)
         times = []
         for r in range(repeats + 1):
             assert ready_q.get(timeout=60) == r
@@ -113,7 +108,6 @@ def _p2p_worker(rank: int, port: int, nblocks: int, repeats: int, ready_q, res_q
             if r:
                 times.append((res.num_bytes, time.perf_counter() - t0))
         res_q.put(times)
-    dist.destroy_process_group()
 
 
 def bench_transfer(args: argparse.Namespace) -> None:

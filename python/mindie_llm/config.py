@@ -194,7 +194,7 @@ class DisaggregationConfig:
     router, the instances it sends requests to (comma-separated ``host:port`` gRPC addresses)."""
 
     role: str = "colocated"            # colocated | prefill | decode | router
-    kv_connector: str = "tcp"          # tcp (byte stream; p2p runs through the connector API only)
+    kv_connector: str = "tcp"          # tcp (byte stream, authenticated) | p2p (torch.distributed group)
     kv_transfer_host: str = "127.0.0.1"
     kv_transfer_port: int = 0
     peer_address: str | None = None    # not used: the router tells each decode instance its peer
@@ -211,12 +211,23 @@ class DisaggregationConfig:
     health_interval_s: float = 0.5     # router: how often each instance is asked for its stats
     startup_timeout_s: float = 120.0   # router: how long to wait for the instances at start-up
     test_stall_transfer_s: float = 0.0  # test hook: delay each sent layer (fault tests only)
+    transfer_group_address: str = ""   # p2p: host:port of the transfer group's store (rank 0 hosts it)
+    transfer_group_rank: int = -1      # p2p: this instance's rank in the transfer group
+    transfer_group_size: int = 0       # p2p: members (every prefill and decode instance)
 
     def __post_init__(self) -> None:
         _check(self.role in ("colocated", "prefill", "decode", "router"), "disaggregation.role",
                f"must be colocated, prefill, decode or router; got {self.role!r}")
-        _check(self.kv_connector == "tcp", "disaggregation.kv_connector",
-               f"must be tcp (the p2p connector is not wired into instances yet); got {self.kv_connector!r}")
+        _check(self.kv_connector in ("tcp", "p2p"), "disaggregation.kv_connector",
+               f"must be tcp or p2p; got {self.kv_connector!r}")
+        if self.kv_connector == "p2p" and self.role in ("prefill", "decode"):
+            host, _, port = self.transfer_group_address.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "disaggregation.transfer_group_address",
+                   f"p2p needs the transfer group's host:port; got {self.transfer_group_address!r}")
+            _check(self.transfer_group_size >= 2, "disaggregation.transfer_group_size",
+                   "p2p needs the number of prefill + decode instances (>= 2)")
+            _check(0 <= self.transfer_group_rank < self.transfer_group_size, "disaggregation.transfer_group_rank",
+                   f"must be in [0, transfer_group_size); got {self.transfer_group_rank}")
         _check(0 <= self.kv_transfer_port < 65536, "disaggregation.kv_transfer_port", "must be a TCP port or 0")
         _check(self.peer_address is None, "disaggregation.peer_address",
                "is not supported: the router tells each decode instance where the KV is")

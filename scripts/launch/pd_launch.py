@@ -8,7 +8,8 @@
     python scripts/launch/pd_launch.py --config pd.yaml --only router
 
 Each instance is ``mindie-llm serve --config FILE`` with its role, host and gRPC port taken from
-its address (HTTP off). Across nodes, run the script on each node with ``--only`` naming what runs
+its address (HTTP off); with ``kv_connector: p2p`` it also gets its rank in the transfer group
+(prefill instances first, then decode) whose store is ``transfer_group_address``. Across nodes, run the script on each node with ``--only`` naming what runs
 there, the same YAML and the same MINDIE_KV_TRANSFER_KEY; instance hosts must be that node's
 addresses. On one machine an unset key is replaced by a random one shared by the children.
 SIGINT / SIGTERM stop every child; the script exits when the router (or, without one, every
@@ -30,14 +31,22 @@ import yaml
 def _plan(cfg: dict, only: set[str] | None) -> list[tuple[str, list[str]]]:
     d = cfg.get("disaggregation") or {}
     out = []
+    lists = {role: [a.strip() for a in str(d.get(f"{role}_instances", "")).split(",") if a.strip()]
+             for role in ("prefill", "decode")}
+    size = len(lists["prefill"]) + len(lists["decode"])
     for role in ("prefill", "decode"):
-        for i, addr in enumerate(a.strip() for a in str(d.get(f"{role}_instances", "")).split(",") if a.strip()):
+        for i, addr in enumerate(lists[role]):
             name = f"{role}:{i}"
             if only is not None and name not in only and role not in only:
                 continue
             host, _, port = addr.rpartition(":")
-            out.append((name, ["--set", f"disaggregation.role={role}", "--set", f"server.host={host}",
-                               "--set", f"server.grpc_port={port}", "--set", "server.http_port=-1"]))
+            sets = ["--set", f"disaggregation.role={role}", "--set", f"server.host={host}",
+                    "--set", f"server.grpc_port={port}", "--set", "server.http_port=-1"]
+            if d.get("kv_connector") == "p2p":   # ranks: prefill instances first, then decode
+                rank = i if role == "prefill" else len(lists["prefill"]) + i
+                sets += ["--set", f"disaggregation.transfer_group_rank={rank}",
+                         "--set", f"disaggregation.transfer_group_size={size}"]
+            out.append((name, sets))
     if only is None or "router" in only:
         out.append(("router", ["--set", "disaggregation.role=router"]))
     return out

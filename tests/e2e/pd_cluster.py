@@ -133,11 +133,19 @@ def _wait(p: Proc, pattern: re.Pattern, deadline: float) -> re.Match:
 
 
 def start_cluster(tmp: Path, n_prefill: int, n_decode: int, *, overrides: dict | None = None,
-                  per_instance: dict[str, dict] | None = None, timeout: float = 300.0) -> Cluster:
+                  per_instance: dict[str, dict] | None = None, connector: str = "tcp",
+                  timeout: float = 300.0) -> Cluster:
     """Instances first (all at once), then the router once they are up. ``per_instance`` maps
-    ``prefill2`` / ``decode0`` to extra config for that instance only."""
+    ``prefill2`` / ``decode0`` to extra config for that instance only. ``connector="p2p"``: the
+    instances join one gloo transfer group (prefill ranks first, as the launcher assigns them)."""
     tmp.mkdir(parents=True, exist_ok=True)
     base = _merge(BASE, overrides or {})
+    per_instance = dict(per_instance or {})
+    if connector == "p2p":
+        base = _merge(base, {"disaggregation": {"kv_connector": "p2p", "transfer_group_address": f"127.0.0.1:{free_port()}",
+                                                "transfer_group_size": n_prefill + n_decode}})
+        for r, name in enumerate([f"prefill{i}" for i in range(n_prefill)] + [f"decode{i}" for i in range(n_decode)]):
+            per_instance[name] = _merge(per_instance.get(name, {}), {"disaggregation": {"transfer_group_rank": r}})
     cl = Cluster([], [])
     try:
         for role, n, out in (("prefill", n_prefill, cl.prefill), ("decode", n_decode, cl.decode)):
@@ -145,7 +153,7 @@ def start_cluster(tmp: Path, n_prefill: int, n_decode: int, *, overrides: dict |
                 name = f"{role}{i}"
                 port = free_port()
                 cfg = _merge(base, {"disaggregation": {"role": role}, "server": {"grpc_port": port, "http_port": -1}})
-                cfg = _merge(cfg, (per_instance or {}).get(name, {}))
+                cfg = _merge(cfg, per_instance.get(name, {}))
                 p = _spawn(tmp, name, cfg)
                 p.address = f"127.0.0.1:{port}"
                 out.append(p)

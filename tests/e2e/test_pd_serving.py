@@ -24,9 +24,11 @@ GREEDY = dict(temperature=0.0, max_tokens=10)
 SEEDED = dict(temperature=0.8, top_p=0.95, seed=1234, max_tokens=10)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cl = start_cluster(tmp_path_factory.mktemp("pd11"), 1, 1)
+@pytest.fixture(scope="module", params=["tcp", "p2p"])
+def cluster(request, tmp_path_factory):
+    """Both KV connectors: tcp (byte stream) and p2p (a gloo transfer group of the two instances)."""
+    cl = start_cluster(tmp_path_factory.mktemp(f"pd11-{request.param}"), 1, 1, connector=request.param)
+    cl.connector = request.param
     yield cl
     cl.stop()
 
@@ -103,3 +105,32 @@ def test_pools_return_and_metrics_account_for_transfers(cluster):
     assert cluster.stats(cluster.prefill[0]).kv_bytes_sent == cluster.stats(cluster.decode[0]).kv_bytes_received > 0
     assert 'mindie_pd_instance_up{instance="%s",role="decode"} 1.0' % cluster.decode[0].address in m
     assert "mindie_pd_transfer_bytes_total" in m
+
+
+def test_kserve_infer_through_the_router(cluster, reference):
+    import numpy as np
+
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    c = grpcclient.InferenceServerClient(cluster.grpc_address)
+    try:
+        assert c.is_server_ready()
+        inp = grpcclient.InferInput("text_input", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([PROMPTS[0].encode()], dtype=np.object_))
+        res = c.infer("SmolLM2-135M-Instruct", [inp], parameters={"max_tokens": 10, "temperature": "0"})
+        assert res.as_numpy("text_output")[0].decode() == reference[(PROMPTS[0], "greedy")][1]
+    finally:
+        c.close()
+
+
+def test_invalid_request_is_a_400_naming_the_field(cluster):
+    import httpx
+
+    r = httpx.post(f"{cluster.http_url}/v1/completions", timeout=60, json={
+        "model": "SmolLM2-135M-Instruct", "prompt": "hello " * 600, "max_tokens": 4})
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    r = httpx.post(f"{cluster.http_url}/v1/completions", timeout=60, json={
+        "model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": 4, "n": 2})
+    assert r.status_code == 400 and "n" in r.json()["error"]["message"]
+    r = httpx.post(f"{cluster.http_url}/v1/chat/completions", timeout=60, json={
+        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]

@@ -62,13 +62,20 @@ class PrefillResult:
 
 
 def build_connector(config: EngineConfig, kv_caches: list) -> KVConnector:
-    """The connector ``disaggregation.kv_connector`` names, listening on kv_transfer_host:port."""
+    """The connector ``disaggregation.kv_connector`` names: ``tcp`` listening on
+    kv_transfer_host:port, or ``p2p`` on the transfer group (blocks until every member joined)."""
     import ssl
 
     from mindie_llm.distributed.kv_transfer import secret_from_env
     from mindie_llm.distributed.kv_transfer.tcp import TcpConnector
 
     d = config.disaggregation
+    if d.kv_connector == "p2p":
+        from mindie_llm.distributed.kv_transfer.p2p import P2PConnector, make_transfer_group
+
+        group = make_transfer_group(d.transfer_group_address, d.transfer_group_rank, d.transfer_group_size,
+                                    timeout_s=max(d.transfer_timeout_s, 120.0))
+        return P2PConnector(kv_caches, group=group, receive=d.role == "decode")
     secret = secret_from_env(d.auth_key_env)
     server_tls = client_tls = None
     if d.kv_tls_cert_file:

@@ -22,41 +22,34 @@ def _caches(fill, dtype, seed=0):
 
 
 def _worker(rank, port, dtype_name, ready, go, results):
-    import datetime
-
     import numpy as np
     import torch
-    import torch.distributed as dist
 
-    from mindie_llm.distributed.kv_transfer.p2p import P2PConnector
+    from mindie_llm.distributed.kv_transfer.p2p import P2PConnector, make_transfer_group
 
     dtype = getattr(torch, dtype_name)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        if rank == 1:                                     # receiver (decode side)
-            conn = P2PConnector(_caches(False, dtype), receive=True)
-            a = conn.expect(5, np.array([3, 9, 4]), timeout_s=20)
-            b = conn.expect(6, np.array([7, 8]), timeout_s=20)
-            ready.set()
-            ra, rb = a.result(25), b.result(25)
-            want = _caches(True, dtype)
-            exact = all(torch.equal(conn.kv_caches[l][:, [3, 9, 4]].view(torch.uint8),
-                                    want[l][:, [10, 2, 6]].view(torch.uint8)) for l in range(L))
-            untouched = all(not conn.kv_caches[l][:, [b_ for b_ in range(NB) if b_ not in (3, 9, 4, 7, 8)]].any()
-                            for l in range(L))
-            results.put(("rx", ra.ok, ra.reason, rb.ok, rb.reason, exact, untouched, dict(conn.refusals)))
-            go.wait(25)
-        else:                                             # sender (prefill side)
-            conn = P2PConnector(_caches(True, dtype), receive=False)
-            ready.wait(25)
-            bad = conn.send(99, np.array([1]), "1", np.array([3]), timeout_s=10)       # unknown request
-            bad2 = conn.send(6, np.array([1, 2]), "1", np.array([8, 7]), timeout_s=10)  # wrong block ids
-            good = conn.send(5, np.array([10, 2, 6]), "1", np.array([3, 9, 4]), timeout_s=10)
-            results.put(("tx", bad.ok, bad2.ok, good.ok, good.reason, good.num_bytes))
-            go.set()
-    finally:
-        dist.destroy_process_group()
+    group = make_transfer_group(f"127.0.0.1:{port}", rank, 2, timeout_s=30)
+    if rank == 1:                                     # receiver (decode side)
+        conn = P2PConnector(_caches(False, dtype), group=group, receive=True)
+        a = conn.expect(5, np.array([3, 9, 4]), timeout_s=20)
+        b = conn.expect(6, np.array([7, 8]), timeout_s=20)
+        ready.set()
+        ra, rb = a.result(25), b.result(25)
+        want = _caches(True, dtype)
+        exact = all(torch.equal(conn.kv_caches[l][:, [3, 9, 4]].view(torch.uint8),
+                                want[l][:, [10, 2, 6]].view(torch.uint8)) for l in range(L))
+        untouched = all(not conn.kv_caches[l][:, [b_ for b_ in range(NB) if b_ not in (3, 9, 4, 7, 8)]].any()
+                        for l in range(L))
+        results.put(("rx", ra.ok, ra.reason, rb.ok, rb.reason, exact, untouched, dict(conn.refusals)))
+        go.wait(25)
+    else:                                             # sender (prefill side)
+        conn = P2PConnector(_caches(True, dtype), group=group, receive=False)
+        ready.wait(25)
+        bad = conn.send(99, np.array([1]), "1", np.array([3]), timeout_s=10)       # unknown request
+        bad2 = conn.send(6, np.array([1, 2]), "1", np.array([8, 7]), timeout_s=10)  # wrong block ids
+        good = conn.send(5, np.array([10, 2, 6]), "1", np.array([3, 9, 4]), timeout_s=10)
+        results.put(("tx", bad.ok, bad2.ok, good.ok, good.reason, good.num_bytes))
+        go.set()
 
 
 def _free_port():

@@ -15,8 +15,10 @@ sender's stream stays in step; a frame whose sizes exceed the pool cannot be ski
 stream is declared broken and its transfers fail. Group membership is the authentication here
 (the members were admitted by the rendezvous at start-up); across untrusted links use ``tcp``.
 
-Owns the messages on the group; the caller creates the group. Must not import the engine, the
-scheduler or the server.
+The transfer group is a process group of its own (``make_transfer_group``: a TCPStore rendezvous
+and a gloo group object), not torch.distributed's default group, so that it coexists with the
+tensor-parallel group of each instance. Owns the messages on that group. Must not import the
+engine, the scheduler or the server.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import datetime
 import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,24 +34,33 @@ import torch.distributed as dist
 
 from mindie_llm.distributed.kv_transfer.base import DTYPE_CODES, KVConnector, TransferRefused, TransferResult
 
-__all__ = ["P2PConnector"]
+__all__ = ["P2PConnector", "make_transfer_group"]
 
 logger = logging.getLogger(__name__)
 
 MAGIC = 0x4D4B5650      # "MKVP"
 _HDR = 12
+_TAG = 0x4B56
+
+
+def make_transfer_group(address: str, rank: int, size: int, timeout_s: float = 120.0) -> Any:
+    """Joins the transfer group of ``size`` members at ``address`` (host:port; rank 0 hosts the
+    store); blocks until every member has joined or ``timeout_s`` passed."""
+    host, _, port = address.rpartition(":")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), size, is_master=(rank == 0), timeout=timeout)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
 class P2PConnector(KVConnector):
-    """``group``: a process group both instances belong to (None = the default group)."""
+    """``group``: the transfer group (``make_transfer_group``) both instances belong to."""
 
     name = "p2p"
 
-    def __init__(self, kv_caches: list[torch.Tensor], *, group: dist.ProcessGroup | None = None,
-                 receive: bool = True) -> None:
+    def __init__(self, kv_caches: list[torch.Tensor], *, group: Any, receive: bool = True) -> None:
         super().__init__(kv_caches)
         self.group = group
-        self.rank = dist.get_rank(group)
+        self.rank = group.rank()
         self._send_lock = threading.Lock()
         self._seq_out: dict[int, int] = {}
         self._seq_in: dict[int, int] = {}
@@ -88,7 +100,7 @@ class P2PConnector(KVConnector):
                                        dtype=torch.int64)
                     remaining = datetime.timedelta(seconds=max(t0 + timeout_s - time.monotonic(), 0.01))
                     for t in (hdr, dst, payload):
-                        dist.isend(t.to(self._device) if t is not payload else t, to, group=self.group).wait(remaining)
+                        self.group.send([t.to(self._device)], to, _TAG).wait(remaining)
                     sent += payload.numel()
         except RuntimeError as e:           # gloo reports timeouts and lost peers as RuntimeError
             return TransferResult(req_id, False, f"send failed: {str(e).splitlines()[0]}", sent, time.monotonic() - t0)
@@ -101,7 +113,9 @@ class P2PConnector(KVConnector):
         max_bytes = self.layout.frame_bytes(self.layout.num_blocks - 1)
         while not self._stopped.is_set():
             try:
-                src = dist.recv(hdr, group=self.group)       # from any rank
+                work = self.group.recv_anysource([hdr], _TAG)    # from any rank
+                work.wait()
+                src = work.source_rank()
             except RuntimeError as e:
                 if self._stopped.is_set():
                     return
@@ -116,9 +130,9 @@ class P2PConnector(KVConnector):
                 self._broken.add(src)
                 continue
             ids = torch.zeros(nblocks, dtype=torch.int64)
-            dist.recv(ids, src=src, group=self.group)
+            self.group.recv([ids], src, _TAG).wait()
             payload = torch.empty(nbytes, dtype=torch.uint8)
-            dist.recv(payload, src=src, group=self.group)    # bounded by the pool: safe to consume
+            self.group.recv([payload], src, _TAG).wait()    # bounded by the pool: safe to consume
             expected_seq = self._seq_in.get(src, 0) + 1
             self._seq_in[src] = max(expected_seq, seq)
             try:
