@@ -89,6 +89,9 @@ def _tls(tmp: Path):
 def _p2p_worker(rank: int, port: int, nblocks: int, repeats: int, ready_q, res_q) -> None:
     from mindie_llm.distributed.kv_transfer.p2p import P2PConnector, make_transfer_group
 
+    import torch
+
+    torch.set_num_threads(1)
     group = make_transfer_group(f"127.0.0.1:{port}", rank, 2, timeout_s=60)
     ids = np.arange(1, nblocks, dtype=np.int64)
     if rank == 1:
@@ -115,6 +118,7 @@ def bench_transfer(args: argparse.Namespace) -> None:
 
     from mindie_llm.distributed.kv_transfer.tcp import TcpConnector
 
+    torch.set_num_threads(args.threads)     # on a shared, oversubscribed box 2+ threads spin: 10x slower copies
     nb = args.blocks + 1
     src, dst = _caches(nb, True), _caches(nb, False)
     ids = np.arange(1, nb, dtype=np.int64)
@@ -187,7 +191,7 @@ def bench_transfer(args: argparse.Namespace) -> None:
         rows.append(("gloo p2p connector (2 processes)", [b / t / 1e6 for b, t in tx_times]))
 
     print(f"\nKV transfer, {args.blocks} blocks of SmolLM2-135M fp32 KV ({nbytes / 1e6:.1f} MB), "
-          f"{args.repeats} runs, MB/s (median / min / max)")
+          f"{args.repeats} runs, {args.threads} torch thread(s), MB/s (median / min / max)")
     print(f"{'path':36s} {'median':>8s} {'min':>8s} {'max':>8s}")
     for label, ts in rows:
         print(f"{label:36s} {_spread(ts)}")
@@ -233,8 +237,9 @@ BASE = {"model": {"dtype": "float32", "max_seq_len": 1024, "served_model_name": 
 
 def _deploy(tmp: Path, kind: str) -> tuple[str, list[subprocess.Popen]]:
     procs = []
-    if kind == "colocated":
-        proc, log = _spawn(tmp, "colo", {**BASE, "backend": {"device": "cpu", "num_threads": 2}})
+    if kind.startswith("colocated"):
+        threads = int(kind.partition(":")[2] or 2)
+        proc, log = _spawn(tmp, "colo", {**BASE, "backend": {"device": "cpu", "num_threads": threads}})
         procs.append(proc)
         return _wait(log, r"http=(\S+)", proc).group(1), procs
     addrs = {}
@@ -292,7 +297,7 @@ async def _poisson(url: str, rate: float, n: int, prompt_words: int, max_tokens:
 def bench_load(args: argparse.Namespace) -> None:
     rates = [float(r) for r in args.rates.split(",")]
     table = []
-    for kind in ("colocated", "pd"):
+    for kind in args.deployments.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             url, procs = _deploy(Path(tmp), kind)
             try:
@@ -319,10 +324,10 @@ def bench_load(args: argparse.Namespace) -> None:
                         p.kill()
     print(f"\nPoisson load, {args.requests} requests per rate, ~{args.prompt_words} prompt words, "
           f"{args.max_tokens} output tokens, SLO: TTFT <= {args.ttft_slo}s and every ITL <= {args.itl_slo}s")
-    print(f"{'deployment':10s} {'rate/s':>6s} {'ok':>7s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'ITL p99':>8s} "
+    print(f"{'deployment':12s} {'rate/s':>6s} {'ok':>7s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'ITL p99':>8s} "
           f"{'goodput/s':>9s} {'tput/s':>7s}")
     for kind, rate, ok, n, t50, t99, i99, good, tput in table:
-        print(f"{kind:10s} {rate:6.1f} {ok:3d}/{n:<3d} {t50:9.3f} {t99:9.3f} {i99:8.3f} {good:9.2f} {tput:7.2f}")
+        print(f"{kind:12s} {rate:6.1f} {ok:3d}/{n:<3d} {t50:9.3f} {t99:9.3f} {i99:8.3f} {good:9.2f} {tput:7.2f}")
 
 
 def main() -> int:
@@ -331,8 +336,11 @@ def main() -> int:
     t = sub.add_parser("transfer")
     t.add_argument("--blocks", type=int, default=64)
     t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the copies")
     ld = sub.add_parser("load")
     ld.add_argument("--rates", default="1,2,4")
+    ld.add_argument("--deployments", default="colocated:2,pd",
+                    help="colocated:THREADS and/or pd (1 prefill + 1 decode, one thread each)")
     ld.add_argument("--requests", type=int, default=24)
     ld.add_argument("--prompt-words", type=int, default=64)
     ld.add_argument("--max-tokens", type=int, default=16)

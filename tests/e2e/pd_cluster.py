@@ -90,8 +90,10 @@ class Cluster:
         from mindie_llm.server.proto import mindie_pd_pb2 as pb, mindie_pd_pb2_grpc as pbg
 
         with grpc.insecure_channel(p.address) as ch:
+            from mindie_llm.server.pd.common import service_token
+
             return pbg.PDInstanceStub(ch).Stats(pb.StatsRequest(), timeout=10,
-                                                metadata=(("x-mindie-pd-key", SECRET),))
+                                                metadata=(("x-mindie-pd-key", service_token(SECRET.encode())),))
 
     def stop(self) -> None:
         for p in reversed(self.all()):

@@ -134,3 +134,13 @@ def test_invalid_request_is_a_400_naming_the_field(cluster):
     r = httpx.post(f"{cluster.http_url}/v1/chat/completions", timeout=60, json={
         "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_internal_service_needs_the_key(cluster):
+    from mindie_llm.server.proto import mindie_pd_pb2 as pd, mindie_pd_pb2_grpc as pdg
+
+    with grpc.insecure_channel(cluster.prefill[0].address) as ch:
+        for meta in ((), (("x-mindie-pd-key", "wrong"),)):
+            with pytest.raises(grpc.RpcError) as e:
+                pdg.PDInstanceStub(ch).Stats(pd.StatsRequest(), timeout=10, metadata=meta)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

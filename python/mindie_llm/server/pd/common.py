@@ -15,7 +15,7 @@ from mindie_llm.server.proto import mindie_pd_pb2 as pd_pb2
 from mindie_llm.server.proto import mindie_pd_pb2_grpc as pd_pb2_grpc
 
 __all__ = ["pd_pb2", "pd_pb2_grpc", "KEY_HEADER", "params_to_json", "params_from_json", "PDError", "KeyInterceptor",
-           "CHANNEL_OPTIONS"]
+           "CHANNEL_OPTIONS", "service_token"]
 
 KEY_HEADER = "x-mindie-pd-key"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
@@ -50,11 +50,17 @@ class PDError(RuntimeError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
+def service_token(secret: bytes) -> str:
+    """What callers of the internal service send in ``x-mindie-pd-key``: derived from the shared
+    secret, so that a copy seen on the (plaintext) service does not reveal the transfer secret."""
+    return hmac.new(secret, b"mindie.pd.v1 internal service", "sha256").hexdigest()
+
+
 class KeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every call of the internal service needs ``x-mindie-pd-key: <the shared secret>``."""
+    """Every call of the internal service needs ``x-mindie-pd-key: service_token(secret)``."""
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        self._secret = service_token(secret).encode()
 
         async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {KEY_HEADER}")

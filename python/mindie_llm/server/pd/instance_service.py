@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from mindie_llm.server.pd.common import (CHANNEL_OPTIONS, KEY_HEADER, KeyInterceptor, params_from_json, pd_pb2,
-                                         pd_pb2_grpc)
+                                         pd_pb2_grpc, service_token)
 
 __all__ = ["PDInstanceServicer", "serve_instance"]
 
@@ -47,7 +47,7 @@ class PDInstanceServicer(pd_pb2_grpc.PDInstanceServicer):
     def __init__(self, instance: Any, config: Any, secret: bytes) -> None:
         self.inst = instance
         self.config = config
-        self._meta = ((KEY_HEADER, secret.decode()),)
+        self._meta = ((KEY_HEADER, service_token(secret)),)
         self._peers: dict[str, Any] = {}
         self._max_queued = config.scheduler.max_queued_requests
 

@@ -32,7 +32,8 @@ import grpc
 
 from mindie_llm.engine.async_llm import EngineDrainingError, QueueFullError, RequestRecord
 from mindie_llm.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from mindie_llm.server.pd.common import CHANNEL_OPTIONS, KEY_HEADER, PDError, params_to_json, pd_pb2, pd_pb2_grpc
+from mindie_llm.server.pd.common import (CHANNEL_OPTIONS, KEY_HEADER, PDError, params_to_json, pd_pb2, pd_pb2_grpc,
+                                         service_token)
 
 __all__ = ["PDRouter", "Instance"]
 
@@ -67,7 +68,7 @@ class PDRouter:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.block_size = block_size
-        self._meta = ((KEY_HEADER, secret.decode()),)
+        self._meta = ((KEY_HEADER, service_token(secret)),)
         self.prefill = [Instance(a, "prefill") for a in d.instance_list("prefill_instances")]
         self.decode = [Instance(a, "decode") for a in d.instance_list("decode_instances")]
         self._retries = d.max_retries
@@ -98,7 +99,7 @@ class PDRouter:
         infos: dict[str, Any] = {}
         deadline = time.monotonic() + d.startup_timeout_s
         addresses = d.instance_list("prefill_instances") + d.instance_list("decode_instances")
-        meta = ((KEY_HEADER, secret.decode()),)
+        meta = ((KEY_HEADER, service_token(secret)),)
         while len(infos) < len(addresses):
             for a in addresses:
                 if a in infos:
@@ -183,7 +184,10 @@ class PDRouter:
         return inst._stub[0]
 
     def _choose(self, pool: list[Instance], excluded: set[str], key: Callable[[Instance], float]) -> Instance:
-        live = [i for i in pool if i.up and i.address not in excluded] or [i for i in pool if i.address not in excluded]
+        """The best live instance not yet failed by this request; else a live one that failed it
+        (a retry on the only instance there is); else any (health may lag behind a restart)."""
+        live = ([i for i in pool if i.up and i.address not in excluded] or [i for i in pool if i.up]
+                or [i for i in pool if i.address not in excluded])
         if not live:
             raise PDError(f"no {pool[0].role} instance is available")
         rr = next(self._rr[pool[0].role])
@@ -288,11 +292,17 @@ class PDRouter:
             seed = pre.seed
             prompt_ids = list(pre.prompt_token_ids)
             stop_reason = pre.stop_reason or (pre.stop_token if pre.has_stop_token else None)
+            held = (p, pre.handle) if not pre.finished else None     # pinned until a decode pulls it
             if not sent:
                 sent = [pre.first_token]
                 metrics.first_token_time = time.time()
-                yield self._output(rid, prompt, prompt_ids, sent, pre.text, pre.finished,
-                                   pre.finish_reason or None, stop_reason, metrics)
+                try:
+                    yield self._output(rid, prompt, prompt_ids, sent, pre.text, pre.finished,
+                                       pre.finish_reason or None, stop_reason, metrics)
+                except GeneratorExit:        # the client left after the first token: unpin now
+                    if held is not None:
+                        asyncio.ensure_future(self._release(*held))
+                    raise
             elif sent[0] != pre.first_token:
                 raise PDError(f"the retry on {p.address} sampled a different first token")
             if pre.finished:
