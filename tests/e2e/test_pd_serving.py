@@ -24,6 +24,11 @@ GREEDY = dict(temperature=0.0, max_tokens=10)
 SEEDED = dict(temperature=0.8, top_p=0.95, seed=1234, max_tokens=10)
 
 
+def tcp_only(cluster):
+    if cluster.connector != "tcp":
+        pytest.skip("not connector-specific: run once, over tcp")
+
+
 @pytest.fixture(scope="module", params=["tcp", "p2p"])
 def cluster(request, tmp_path_factory):
     """Both KV connectors: tcp (byte stream) and p2p (a gloo transfer group of the two instances)."""
@@ -77,6 +82,7 @@ def test_grpc_streaming_matches_colocated(cluster, reference, kind, params):
 
 
 def test_first_token_that_ends_the_request_stays_on_prefill(cluster, reference):
+    tcp_only(cluster)
     before = cluster.metrics()
     for p in PROMPTS:
         text, events = stream_completion(cluster.http_url, p, temperature=0.0, max_tokens=1)
@@ -88,6 +94,7 @@ def test_first_token_that_ends_the_request_stays_on_prefill(cluster, reference):
 
 
 def test_stop_string_across_the_hand_off(cluster, reference):
+    tcp_only(cluster)
     ids, full = reference[(PROMPTS[0], "greedy")]
     stop = full[3:8]                      # inside the decode instance's part of the text
     text, events = stream_completion(cluster.http_url, PROMPTS[0], temperature=0.0, max_tokens=10, stop=[stop])
@@ -108,6 +115,7 @@ def test_pools_return_and_metrics_account_for_transfers(cluster):
 
 
 def test_kserve_infer_through_the_router(cluster, reference):
+    tcp_only(cluster)
     import numpy as np
 
     grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -123,6 +131,7 @@ def test_kserve_infer_through_the_router(cluster, reference):
 
 
 def test_invalid_request_is_a_400_naming_the_field(cluster):
+    tcp_only(cluster)
     import httpx
 
     r = httpx.post(f"{cluster.http_url}/v1/completions", timeout=60, json={
@@ -137,6 +146,7 @@ def test_invalid_request_is_a_400_naming_the_field(cluster):
 
 
 def test_internal_service_needs_the_key(cluster):
+    tcp_only(cluster)
     from mindie_llm.server.proto import mindie_pd_pb2 as pd, mindie_pd_pb2_grpc as pdg
 
     with grpc.insecure_channel(cluster.prefill[0].address) as ch:
