@@ -59,13 +59,13 @@ class Raw:
         self.seq = 0
 
     def frame(self, req, layer, ids, payload: torch.Tensor, *, seq=None, nbytes=None, shape=None, dtype=None,
-              cut=None, bad_mac=False):
+              cut=None, bad_mac=False, flags=0):
         self.seq = self.seq + 1 if seq is None else seq
         raw = payload.contiguous().view(torch.uint8).numpy().tobytes()
         ids_b = np.asarray(ids, "<i4").tobytes()
         h = F.Header(F.LAYER, dtype or DTYPE_CODES[payload.dtype], self.seq, req, layer, len(ids),
-                     shape or tuple(payload.shape), len(raw) if nbytes is None else nbytes)
-        mac = F.new_mac(self.key, F.pack_header(h))
+                     shape or tuple(payload.shape), len(raw) if nbytes is None else nbytes, flags=flags)
+        mac = F.new_checksum(self.key, F.pack_header(h), crc=bool(flags & F.FLAG_CRC))
         mac.update(ids_b)
         mac.update(raw)
         digest = bytes(16) if bad_mac else mac.digest()
@@ -143,6 +143,7 @@ def test_truncated_frame_fails_the_request_and_writes_nothing(pair):
     ("shape", dict(shape=(2, 2, BS, H + 1, D)), "shape"),
     ("dtype", dict(dtype=DTYPE_CODES[torch.float16]), "dtype"),
     ("checksum", dict(bad_mac=True), "checksum"),
+    ("crc_without_tls", dict(flags=F.FLAG_CRC), "checksum"),
 ])
 def test_mismatched_frames_are_refused(pair, case, kwargs, kind, caplog):
     tx, rx = pair

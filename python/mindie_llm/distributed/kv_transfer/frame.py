@@ -16,7 +16,9 @@ payload bytes)::
     | nblocks u32 | shape 5 x u32 | nbytes u64 | mac 16s
 
 ``mac`` is a keyed BLAKE2b-128 (session key) over the header with a zero mac, the block ids and the
-payload: the frame's checksum, bound to this connection. ``seq`` counts frames on a connection from
+payload: the frame's checksum, bound to this connection. On a TLS connection (which authenticates
+every byte already) the sender may set ``flags`` bit ``FLAG_CRC`` and put a CRC-32 there instead
+(4 bytes, then zeros): several times cheaper; a receiver without TLS refuses such a frame. ``seq`` counts frames on a connection from
 1; a frame whose seq is not the next one is a replay. kinds: LAYER (one layer's KV), ACK and ERR
 (the receiver's verdict on a request; payload = a UTF-8 reason of at most ``MAX_REASON`` bytes).
 
@@ -30,14 +32,17 @@ import hmac
 import os
 import socket
 import struct
+import zlib
 
-__all__ = ["HEADER", "MAGIC", "LAYER", "ACK", "ERR", "MAX_REASON", "Header", "recv_exact", "client_handshake",
-           "server_handshake", "new_mac", "pack_header", "unpack_header", "HandshakeError"]
+__all__ = ["HEADER", "MAGIC", "LAYER", "ACK", "ERR", "MAX_REASON", "FLAG_CRC", "Header", "recv_exact",
+           "client_handshake", "server_handshake", "new_mac", "new_checksum", "pack_header", "unpack_header",
+           "HandshakeError"]
 
 MAGIC = b"MKV1"
 HELLO = b"MKVH"
 VERSION = 1
 LAYER, ACK, ERR = 1, 3, 4
+FLAG_CRC = 1
 MAX_REASON = 1024
 NONCE = 32
 HEADER = struct.Struct("<4sBBBBQqiI5IQ16s")
@@ -90,6 +95,24 @@ def new_mac(session_key: bytes, header_zero_mac: bytes) -> "hashlib._Hash":
     h = hashlib.blake2b(key=session_key[:64], digest_size=16)
     h.update(header_zero_mac)
     return h
+
+
+class _Crc32:
+    """The TLS-only checksum, with the interface of a hashlib object."""
+
+    def __init__(self, data: bytes) -> None:
+        self._v = zlib.crc32(data)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._v = zlib.crc32(data, self._v)
+
+    def digest(self) -> bytes:
+        return struct.pack("<I", self._v) + bytes(12)
+
+
+def new_checksum(session_key: bytes, header_zero_mac: bytes, crc: bool) -> "hashlib._Hash | _Crc32":
+    """The frame checksum the header's flags name: CRC-32 (TLS connections only) or the keyed MAC."""
+    return _Crc32(header_zero_mac) if crc else new_mac(session_key, header_zero_mac)
 
 
 def _proof(secret: bytes, label: bytes, cn: bytes, sn: bytes) -> bytes:

@@ -110,9 +110,9 @@ class TcpConnector(KVConnector):
                     payload = cache.index_select(1, idx.to(cache.device)).contiguous()   # [2, n, bs, H, D]
                     raw_bytes = payload.view(torch.uint8).cpu().numpy()
                     h = F.Header(F.LAYER, code, layer + 1, req_id, layer, dst.size, tuple(payload.shape),
-                                 raw_bytes.nbytes)
+                                 raw_bytes.nbytes, flags=F.FLAG_CRC if self._client_tls else 0)
                     zero = F.pack_header(h)
-                    mac = F.new_mac(key, zero)
+                    mac = F.new_checksum(key, zero, crc=self._client_tls is not None)
                     mac.update(ids_bytes)
                     mac.update(raw_bytes)
                     sock.settimeout(max(deadline - time.monotonic(), 0.01))
@@ -196,7 +196,7 @@ class TcpConnector(KVConnector):
                     return      # a clean close between transfers
                 seq += 1
                 try:
-                    req_id = self._receive_frame(sock, key, raw, seq, touched)
+                    req_id = self._receive_frame(sock, key, raw, seq, touched, self._server_tls is not None)
                 except TransferRefused as e:
                     for r in touched:       # the connection closes: what it was carrying fails
                         self._fail(r, e.reason)
@@ -227,7 +227,7 @@ class TcpConnector(KVConnector):
             return min((p.deadline for p in self._pending.values()), default=time.monotonic() + 1.0)
 
     def _receive_frame(self, sock: socket.socket, key: bytes, raw: memoryview, seq: int,
-                       touched: set[int]) -> int | None:
+                       touched: set[int], is_tls: bool = False) -> int | None:
         """Reads and applies one frame; returns the request id once its last layer landed."""
         try:
             h = F.unpack_header(raw)
@@ -256,9 +256,13 @@ class TcpConnector(KVConnector):
         except TransferRefused as e:
             e.req_id = h.req_id
             raise
+        crc = bool(h.flags & F.FLAG_CRC)
+        if crc and not is_tls:
+            raise TransferRefused(self._refuse("checksum", f"request {h.req_id}: a CRC checksum on a connection "
+                                               "without TLS").reason, h.req_id)
         buf = bytearray(h.nbytes)                      # h.nbytes == the size this pool expects
         F.recv_exact(sock, h.nbytes, buf)
-        mac = F.new_mac(key, F.pack_header(h))
+        mac = F.new_checksum(key, F.pack_header(h), crc)
         mac.update(ids_raw)
         mac.update(buf)
         if not hmac.compare_digest(mac.digest(), h.mac):
