@@ -38,6 +38,34 @@ PyObject* newException(py::module_& m, char const* name, py::tuple const& bases)
     return cls;
 }
 
+/// Raises `type(msg)` with the attribute `field` (the request field at fault, or None).
+void setRejected(PyObject* type, ms::RequestRejectedError const& e)
+{
+    PyObject* exc = PyObject_CallFunction(type, "s", e.what());
+    if (exc == nullptr)
+    {
+        return; // the call's own error stays set
+    }
+    PyObject* field = Py_None;
+    if (e.field().empty())
+    {
+        Py_INCREF(field);
+    }
+    else
+    {
+        field = PyUnicode_FromString(e.field().c_str());
+    }
+    if (field == nullptr || PyObject_SetAttrString(exc, "field", field) != 0)
+    {
+        Py_XDECREF(field);
+        Py_DECREF(exc);
+        return;
+    }
+    Py_DECREF(field);
+    PyErr_SetObject(type, exc);
+    Py_DECREF(exc);
+}
+
 std::vector<std::int32_t> toVector(Int32Array const& a)
 {
     return std::vector<std::int32_t>(a.data(), a.data() + a.size());
@@ -178,11 +206,11 @@ PYBIND11_MODULE(_scheduler, m)
             }
             catch (ms::NoFreeBlocksError const& e)
             {
-                PyErr_SetString(gNoFreeBlocksError, e.what());
+                setRejected(gNoFreeBlocksError, e);
             }
             catch (ms::RequestRejectedError const& e)
             {
-                PyErr_SetString(gRequestRejectedError, e.what());
+                setRejected(gRequestRejectedError, e);
             }
             catch (ms::UnknownRequestError const& e)
             {
@@ -245,6 +273,18 @@ PYBIND11_MODULE(_scheduler, m)
                 Int32Array const& stop, bool ignoreEos, std::int64_t parentId)
             {
                 self.addRequest(id, toVector(prompt),
+                    makeParams(maxTokens, minTokens, priority, arrivalTime, eos, stop, ignoreEos, parentId));
+            },
+            py::arg("req_id"), py::arg("prompt_token_ids"), py::arg("max_tokens"), py::arg("min_tokens"),
+            py::arg("priority"), py::arg("arrival_time"), py::arg("eos_token_ids"), py::arg("stop_token_ids"),
+            py::arg("ignore_eos"), py::arg("parent_id"))
+        .def(
+            "check_request",
+            [](ms::Scheduler const& self, std::int64_t /*id*/, Int32Array const& prompt, std::int32_t maxTokens,
+                std::int32_t minTokens, std::int32_t priority, double arrivalTime, Int32Array const& eos,
+                Int32Array const& stop, bool ignoreEos, std::int64_t parentId)
+            {
+                self.checkRequest(toVector(prompt),
                     makeParams(maxTokens, minTokens, priority, arrivalTime, eos, stop, ignoreEos, parentId));
             },
             py::arg("req_id"), py::arg("prompt_token_ids"), py::arg("max_tokens"), py::arg("min_tokens"),

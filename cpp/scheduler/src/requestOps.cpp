@@ -27,36 +27,50 @@ Request& Scheduler::lookup(ReqId id) const
 
 void Scheduler::validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const
 {
-    MINDIE_CHECK(mRequests.find(id) == mRequests.end(), RequestRejectedError, "req_id " << id << " is already live");
-    MINDIE_CHECK(!prompt.empty(), RequestRejectedError, "prompt_token_ids of request " << id << " is empty");
+    MINDIE_REJECT(mRequests.find(id) == mRequests.end(), "req_id", id << " is already live");
+    validateFields(prompt, params);
+}
+
+void Scheduler::validateFields(std::vector<TokenId> const& prompt, RequestParams const& params) const
+{
+    MINDIE_REJECT(!prompt.empty(), "prompt_token_ids", "is empty");
     for (TokenId t : prompt)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "prompt_token_ids of request " << id << " has a negative id " << t);
+        MINDIE_REJECT(t >= 0, "prompt_token_ids", "has a negative id " << t);
     }
-    MINDIE_CHECK(params.maxTokens >= 1, RequestRejectedError, "max_tokens must be >= 1, got " << params.maxTokens);
-    MINDIE_CHECK(params.minTokens >= 0 && params.minTokens <= params.maxTokens, RequestRejectedError,
-        "min_tokens must be in [0, max_tokens], got " << params.minTokens);
-    MINDIE_CHECK(std::isfinite(params.arrivalTime), RequestRejectedError, "arrival_time must be finite");
+    MINDIE_REJECT(params.maxTokens >= 1, "max_tokens", "must be >= 1, got " << params.maxTokens);
+    MINDIE_REJECT(params.minTokens >= 0 && params.minTokens <= params.maxTokens, "min_tokens",
+        "must be in [0, max_tokens], got " << params.minTokens);
+    MINDIE_REJECT(std::isfinite(params.arrivalTime), "arrival_time", "must be finite");
     for (TokenId t : params.eosTokenIds)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "eos_token_ids of request " << id << " has a negative id " << t);
+        MINDIE_REJECT(t >= 0, "eos_token_ids", "has a negative id " << t);
     }
     for (TokenId t : params.stopTokenIds)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "stop_token_ids of request " << id << " has a negative id " << t);
+        MINDIE_REJECT(t >= 0, "stop_token_ids", "has a negative id " << t);
     }
-    std::int64_t const total = static_cast<std::int64_t>(prompt.size()) + params.maxTokens;
-    MINDIE_CHECK(total <= mConfig.maxModelLen, RequestRejectedError,
-        "len(prompt_token_ids) + max_tokens = " << total << " exceeds max_model_len = " << mConfig.maxModelLen);
-    MINDIE_CHECK(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, RequestRejectedError,
-        "len(prompt_token_ids) + max_tokens = " << total << " of request " << id << " needs "
-                                                << mBlocks.blocksFor(static_cast<SizeType32>(total))
-                                                << " blocks, the pool has " << mBlocks.numBlocks() - 1);
-    MINDIE_CHECK(chunkingOn() || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
-        RequestRejectedError,
-        "prompt_token_ids: without chunked prefill a prompt of " << prompt.size()
-                                                                 << " tokens exceeds max_num_batched_tokens = "
-                                               << mConfig.maxNumBatchedTokens);
+    auto const numPrompt = static_cast<std::int64_t>(prompt.size());
+    std::int64_t const total = numPrompt + params.maxTokens;
+    // The prompt is at fault when it alone leaves no room for one output token.
+    char const* const lengthField = numPrompt >= mConfig.maxModelLen ? "prompt_token_ids" : "max_tokens";
+    MINDIE_REJECT(total <= mConfig.maxModelLen, lengthField,
+        "is too large: len(prompt_token_ids) + max_tokens = " << numPrompt << " + " << params.maxTokens
+                                                   << " exceeds max_model_len = " << mConfig.maxModelLen);
+    MINDIE_REJECT(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, lengthField,
+        "is too large: len(prompt_token_ids) + max_tokens = " << total << " needs "
+                                                   << mBlocks.blocksFor(static_cast<SizeType32>(total))
+                                                   << " KV blocks, the pool has " << mBlocks.numBlocks() - 1);
+    MINDIE_REJECT(chunkingOn() || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
+        "prompt_token_ids",
+        "has " << prompt.size() << " tokens; without chunked prefill a prompt must fit max_num_batched_tokens = "
+               << mConfig.maxNumBatchedTokens);
+}
+
+void Scheduler::checkRequest(std::vector<TokenId> const& promptTokenIds, RequestParams const& params) const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    validateFields(promptTokenIds, params);
 }
 
 Request& Scheduler::makeRequest(
@@ -424,13 +438,12 @@ std::vector<BlockId> Scheduler::addPrefilled(
     std::lock_guard<std::mutex> lock(mMutex);
     MINDIE_CHECK(mRole->admitsPrefilled(), ContractError, "add_prefilled() needs role decode");
     validateNew(id, promptTokenIds, params);
-    MINDIE_CHECK(!outputTokenIds.empty(), RequestRejectedError,
-        "output_token_ids of request " << id << " is empty (the prefill instance samples the first token)");
-    MINDIE_CHECK(static_cast<SizeType32>(outputTokenIds.size()) < params.maxTokens, RequestRejectedError,
-        "request " << id << " already has max_tokens output tokens");
+    MINDIE_REJECT(!outputTokenIds.empty(), "output_token_ids", "is empty (the prefill instance samples the first token)");
+    MINDIE_REJECT(static_cast<SizeType32>(outputTokenIds.size()) < params.maxTokens, "output_token_ids",
+        "already has max_tokens = " << params.maxTokens << " tokens");
     for (TokenId t : outputTokenIds)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "output_token_ids of request " << id << " has a negative id");
+        MINDIE_REJECT(t >= 0, "output_token_ids", "has a negative id " << t);
     }
     auto const numPrompt = static_cast<SizeType32>(promptTokenIds.size());
     SizeType32 const numComputed = numPrompt + static_cast<SizeType32>(outputTokenIds.size()) - 1;

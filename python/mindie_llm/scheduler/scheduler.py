@@ -19,7 +19,8 @@ from mindie_llm import _scheduler
 from mindie_llm.scheduler.outputs import FinishReason, SchedulerOutput, UpdateResult
 
 SchedulerError = _scheduler.SchedulerError                    # base, a RuntimeError
-RequestRejectedError = _scheduler.RequestRejectedError        # ValueError: refused at admission
+RequestRejectedError = _scheduler.RequestRejectedError        # ValueError: refused at admission; .field
+                                                              # names the request field (None: none)
 NoFreeBlocksError = _scheduler.NoFreeBlocksError              # add_prefilled: no room now, retry
 UnknownRequestError = _scheduler.UnknownRequestError          # KeyError and ValueError
 SchedulerContractError = _scheduler.SchedulerContractError    # ValueError: step contract broken
@@ -70,23 +71,29 @@ class SchedulerCoreConfig:
         return core
 
 
+def _rejected(field: str, message: str) -> RequestRejectedError:
+    exc = RequestRejectedError(f"{field} {message}")
+    exc.field = field
+    return exc
+
+
 def _checked_int(name: str, value: int, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise RequestRejectedError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+        raise _rejected(name, f"must be an int in [{low}, {high}], got {value!r}")
     return int(value)
 
 
-def _int32_array(name: str, values, error: type[Exception] = RequestRejectedError) -> np.ndarray:
-    """``values`` as a 1-D int32 array; ``error`` names ``name`` for non-ints and values beyond int32
+def _int32_array(name: str, values, error=_rejected) -> np.ndarray:
+    """``values`` as a 1-D int32 array; ``error(name, message)`` for non-ints and values beyond int32
     (the C++ core checks what the values mean, e.g. that token ids are not negative)."""
     arr = np.asarray(values)
     if arr.size == 0:
         return np.zeros(0, np.int32)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise error(f"{name} must be a 1-D sequence of ints, got dtype {arr.dtype} ndim {arr.ndim}")
+        raise error(name, f"must be a 1-D sequence of ints, got dtype {arr.dtype} ndim {arr.ndim}")
     if arr.dtype != np.int32:
         if int(arr.min()) < -_INT32_MAX - 1 or int(arr.max()) > _INT32_MAX:
-            raise error(f"{name} has a value outside int32")
+            raise error(name, "has a value outside int32")
         arr = arr.astype(np.int32)
     return arr
 
@@ -95,8 +102,12 @@ def _token_array(name: str, values: Sequence[int] | np.ndarray) -> np.ndarray:
     return _int32_array(name, values)
 
 
+def _contract_error(name: str, message: str) -> SchedulerContractError:
+    return SchedulerContractError(f"update(): {name} {message}")
+
+
 def _step_array(name: str, values) -> np.ndarray | None:
-    return None if values is None else _int32_array(name, values, SchedulerContractError)
+    return None if values is None else _int32_array(name, values, _contract_error)
 
 
 class Scheduler:
@@ -121,6 +132,15 @@ class Scheduler:
         prompt blocks the request shares. Raises RequestRejectedError if it can never run."""
         self._core.add_request(*self._request_args(
             req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
+            stop_token_ids, ignore_eos, parent_id))
+
+    def check_request(self, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *, min_tokens: int = 0,
+                      priority: int = 0, arrival_time: float = 0.0, eos_token_ids: Sequence[int] = (),
+                      stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, parent_id: int = -1) -> None:
+        """The checks of add_request on the request's fields (all but the id), with no side effect:
+        raises RequestRejectedError (``.field`` names the field) exactly when add_request would."""
+        self._core.check_request(*self._request_args(
+            0, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
             stop_token_ids, ignore_eos, parent_id))
 
     @staticmethod
