@@ -168,7 +168,7 @@ class Scheduler:
         """Plans one step (GIL released) and advances num_computed_tokens of each scheduled request."""
         return SchedulerOutput(*self._core.schedule())
 
-    def update(self, req_ids: np.ndarray, token_offsets: np.ndarray, token_ids: np.ndarray | None = None,
+    def update(self, req_ids: np.ndarray, token_offsets: np.ndarray | None = None, token_ids: np.ndarray | None = None,
                draft_offsets: np.ndarray | None = None, draft_token_ids: np.ndarray | None = None) -> UpdateResult:
         """Takes the step's result: S sampling rows of the last schedule() in batch order
         (``req_ids`` int64[S]) with 1..k+1 tokens each (``token_offsets`` int32[S+1], ``token_ids``;
@@ -178,7 +178,7 @@ class Scheduler:
         finishes; rolls back rejected proposals (num_computed_tokens, lookahead blocks). The
         two-argument form ``update(req_ids, sampled_token_ids)`` means one token per row. A live
         sampling request left out is allowed only in an empty update(): the step is rolled back."""
-        if token_ids is None:   # update(req_ids, sampled_token_ids): one token each
+        if token_ids is None:   # update(req_ids, sampled_token_ids): one token each (also token_ids=x alone)
             token_offsets, token_ids = None, token_offsets
         ids = np.asarray(req_ids)
         if ids.dtype != np.int64:
