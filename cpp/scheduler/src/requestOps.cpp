@@ -154,7 +154,12 @@ void Scheduler::validateUpdate(UpdateInput const& in)
         MINDIE_CHECK(in.numTokenIds == n, ContractError,
             "update(): " << in.numTokenIds << " token ids for " << n << " rows (one each without token_offsets)");
     }
+    TokenId smallest = 0; // a reduction the compiler vectorizes; the error path finds the index
     for (size_t i = 0; i < in.numTokenIds; ++i)
+    {
+        smallest = std::min(smallest, in.tokenIds[i]);
+    }
+    for (size_t i = 0; smallest < 0 && i < in.numTokenIds; ++i)
     {
         MINDIE_CHECK(in.tokenIds[i] >= 0, ContractError, "token_ids[" << i << "] = " << in.tokenIds[i] << " is negative");
     }
@@ -188,7 +193,7 @@ void Scheduler::validateUpdate(UpdateInput const& in)
         if (in.reqIds[j] == mLastSampleIds[k])
         {
             std::int64_t const count = in.tokenOffsets ? in.tokenOffsets[j + 1] - in.tokenOffsets[j] : 1;
-            SizeType32 const numSpec = mLastSampleReqs[k]->lastNumSpec;
+            SizeType32 const numSpec = count > 1 ? mLastSampleReqs[k]->lastNumSpec : 0; // one token always fits
             MINDIE_CHECK(count <= 1 + numSpec, ContractError,
                 "update(): row " << j << " (req_id " << in.reqIds[j] << ") has " << count << " tokens; it was scheduled "
                                  << "with " << numSpec << " proposed tokens, so at most " << 1 + numSpec);
@@ -225,7 +230,6 @@ UpdateResult Scheduler::update(UpdateInput const& in)
     }
     UpdateResult result;
     result.numAppended.assign(n, 0);
-    mScratchReasons.assign(numExpected, FinishReason::kNONE);
     if (stepFailed)
     {
         for (Request* r : mLastRows)
@@ -243,71 +247,32 @@ UpdateResult Scheduler::update(UpdateInput const& in)
             }
         }
     }
-    // Append each row's tokens one at a time, stopping at the first that finishes the request, then
-    // roll back the rejected lookahead.
-    for (size_t k = 0; k < numExpected && !stepFailed; ++k)
+    else
     {
-        Request& r = *mLastSampleReqs[k];
-        if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
-        {
-            continue; // finished or aborted after schedule()
-        }
-        auto const row = static_cast<size_t>(mScratchMatch[k]);
-        size_t const begin = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row]) : row;
-        size_t const end = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row + 1]) : row + 1;
-        r.awaitingSample = false;
-        FinishReason reason = FinishReason::kNONE;
-        SizeType32 numAppended = 0;
-        for (size_t t = begin; t < end && reason == FinishReason::kNONE; ++t)
-        {
-            TokenId const token = in.tokenIds[t];
-            r.tokens.push_back(token);
-            r.lastToken = token;
-            ++numAppended;
-            reason = mRole->afterSample(checkStop(r, token));
-        }
-        result.numAppended[row] = numAppended;
-        if (r.lastNumSpec > 0)
-        {
-            // The KV holds the row's first token and each appended token that equals the proposal
-            // computed at its position; the last appended token is never computed yet. Blocks past
-            // the one the next token goes to held rejected lookahead only.
-            SizeType32 valid = 0;
-            while (valid < numAppended - 1 && valid < r.lastNumSpec && in.tokenIds[begin + valid] == r.drafts[valid])
-            {
-                ++valid;
-            }
-            r.numComputedTokens = r.computedBeforeStep + r.lastNumScheduled - r.lastNumSpec + valid;
-            trimBlocks(r, std::max(mBlocks.blocksFor(r.numComputedTokens + 1), r.blocksWithoutSpec));
-        }
-        if (reason == FinishReason::kNONE && in.draftOffsets != nullptr)
-        {
-            r.drafts.assign(in.draftTokenIds + in.draftOffsets[row], in.draftTokenIds + in.draftOffsets[row + 1]);
-        }
-        else
-        {
-            r.drafts.clear();
-        }
-        mScratchReasons[k] = reason;
-    }
-    if (!stepFailed)
-    {
+        // The step ran: full blocks join the prefix cache, in batch order. A row with proposals
+        // joins in appendRow, after its rollback, so that no rejected token is registered.
         for (Request* r : mLastRows)
         {
-            if (r->state == RequestState::kRUNNING)
+            if (r->state == RequestState::kRUNNING && r->lastNumSpec == 0)
             {
-                registerFullBlocks(*r); // the step ran: its full, accepted blocks join the prefix cache
+                registerFullBlocks(*r);
             }
         }
-    }
-    for (size_t k = 0; k < numExpected; ++k)
-    {
-        if (mScratchReasons[k] != FinishReason::kNONE)
+        for (size_t k = 0; k < numExpected; ++k)
         {
             Request& r = *mLastSampleReqs[k];
-            result.finishedIds.push_back(r.id);
-            result.finishReasons.push_back(static_cast<std::int32_t>(mScratchReasons[k]));
-            finishRequest(r, mScratchReasons[k], false);
+            if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
+            {
+                continue; // finished or aborted after schedule()
+            }
+            auto const row = static_cast<size_t>(mScratchMatch[k]);
+            FinishReason const reason = appendRow(r, in, row, result.numAppended[row]);
+            if (reason != FinishReason::kNONE)
+            {
+                result.finishedIds.push_back(r.id);
+                result.finishReasons.push_back(static_cast<std::int32_t>(reason));
+                finishRequest(r, reason, false);
+            }
         }
     }
     mAwaitingUpdate = false;
@@ -330,6 +295,52 @@ UpdateResult Scheduler::update(UpdateInput const& in)
     mLastRows.clear();
     mGraveyard.clear();
     return result;
+}
+
+FinishReason Scheduler::appendRow(Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended)
+{
+    size_t const begin = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row]) : row;
+    size_t const end = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row + 1]) : row + 1;
+    r.awaitingSample = false;
+    FinishReason reason = FinishReason::kNONE;
+    SizeType32 appended = 0;
+    for (size_t t = begin; t < end && reason == FinishReason::kNONE; ++t)
+    {
+        TokenId const token = in.tokenIds[t];
+        r.tokens.push_back(token);
+        r.lastToken = token;
+        ++appended;
+        reason = checkStop(r, token);
+    }
+    numAppended = appended;
+    if (reason == FinishReason::kNONE)
+    {
+        // A row of the prefill role has no proposals (it never decodes): one token, then the hand-off.
+        reason = mRole->afterSample(reason);
+    }
+    if (r.lastNumSpec > 0)
+    {
+        // The KV holds the row's first token and each appended token that equals the proposal
+        // computed at its position; the last appended token is never computed yet. Blocks past
+        // the one the next token goes to held rejected lookahead only.
+        SizeType32 valid = 0;
+        while (valid < appended - 1 && valid < r.lastNumSpec && in.tokenIds[begin + valid] == r.drafts[valid])
+        {
+            ++valid;
+        }
+        r.numComputedTokens = r.computedBeforeStep + r.lastNumScheduled - r.lastNumSpec + valid;
+        trimBlocks(r, std::max(mBlocks.blocksFor(r.numComputedTokens + 1), r.blocksWithoutSpec));
+        registerFullBlocks(r);
+    }
+    if (reason == FinishReason::kNONE && in.draftOffsets != nullptr)
+    {
+        r.drafts.assign(in.draftTokenIds + in.draftOffsets[row], in.draftTokenIds + in.draftOffsets[row + 1]);
+    }
+    else if (!r.drafts.empty())
+    {
+        r.drafts.clear();
+    }
+    return reason;
 }
 
 void Scheduler::trimBlocks(Request& r, SizeType32 keep)

@@ -86,6 +86,8 @@ def _checked_int(name: str, value: int, low: int, high: int) -> int:
 def _int32_array(name: str, values, error=_rejected) -> np.ndarray:
     """``values`` as a 1-D int32 array; ``error(name, message)`` for non-ints and values beyond int32
     (the C++ core checks what the values mean, e.g. that token ids are not negative)."""
+    if type(values) is np.ndarray and values.dtype == np.int32 and values.ndim == 1:
+        return values   # the common case of the step path: nothing to convert
     arr = np.asarray(values)
     if arr.size == 0:
         return np.zeros(0, np.int32)

@@ -31,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -206,7 +207,10 @@ private:
     std::int64_t mPrefixHits{0};
     std::int64_t mNumPreemptions{0};
     std::vector<BlockId> mScratchBlocks;
-    std::vector<FinishReason> mScratchReasons; ///< per sampling row of update()
+    /// @brief Appends one sampling row's tokens, rolls back its rejected lookahead, stores its drafts;
+    /// returns the reason it finished (kNONE: still running).
+    __attribute__((always_inline)) inline FinishReason appendRow(
+        Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended);
     std::vector<BlockId> mScratchFree;
     std::vector<Row> mDecodeRows;  ///< reused across steps (no per-step allocation)
     std::vector<Row> mPrefillRows;
