@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mindie_llm import _scheduler
+from mindie_llm.contract import NewRequests
 from mindie_llm.scheduler.outputs import SCHEDULE_FIELDS, FinishReason, SchedulerOutput, UpdateResult
 
 SchedulerError = _scheduler.SchedulerError                    # base, a RuntimeError
@@ -124,6 +125,9 @@ class Scheduler:
         """Creates the block pool and empty queues for ``config``."""
         self.config = config
         self._core = _scheduler.SchedulerCore(config.to_core())
+        # The plan carries no new requests (the engine sets them each step): one shared empty
+        # placeholder instead of ~20 fresh empty arrays per step.
+        self._no_new_requests = NewRequests()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req_id: int, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *,
@@ -168,7 +172,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         """Plans one step (GIL released) and advances num_computed_tokens of each scheduled request."""
-        return SchedulerOutput(**dict(zip(SCHEDULE_FIELDS, self._core.schedule())))
+        return SchedulerOutput(**dict(zip(SCHEDULE_FIELDS, self._core.schedule())), new_requests=self._no_new_requests)
 
     def update(self, req_ids: np.ndarray, token_offsets: np.ndarray | None = None, token_ids: np.ndarray | None = None,
                draft_offsets: np.ndarray | None = None, draft_token_ids: np.ndarray | None = None) -> UpdateResult:
