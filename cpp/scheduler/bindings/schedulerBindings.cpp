@@ -106,11 +106,13 @@ py::tuple schedule(ms::Scheduler& self)
     auto const i32 = py::dtype::of<std::int32_t>();
     auto const i64 = py::dtype::of<std::int64_t>();
     auto const b8 = py::dtype::of<bool>();
+    // The order of mindie_llm.contract.SchedulerOutput's fields (SCHEDULE_FIELDS in scheduler/outputs.py).
     return py::make_tuple(view(out->reqIds, owner, i64), view(out->numScheduledTokens, owner, i32),
         view(out->numComputedTokens, owner, i32), view(out->inputTokenIds, owner, i32),
-        view(out->specOffsets, owner, i32), view(out->specTokenIds, owner, i32), view(out->sampleMask, owner, b8), view(out->blockTableReset, owner, b8), view(out->newBlockOffsets, owner, i32),
+        view(out->sampleMask, owner, b8), view(out->blockTableReset, owner, b8), view(out->newBlockOffsets, owner, i32),
         view(out->newBlockIds, owner, i32), view(out->preemptedIds, owner, i64), view(out->finishedIds, owner, i64),
-        view(out->finishReasons, owner, i32), out->numBatchedTokens);
+        view(out->finishReasons, owner, i32), out->numBatchedTokens, view(out->specOffsets, owner, i32),
+        view(out->specTokenIds, owner, i32));
 }
 
 /// A 1-D int32 array, or nullptr for None; `name` goes into the error.

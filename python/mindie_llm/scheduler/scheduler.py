@@ -17,7 +17,7 @@ import numpy as np
 
 from mindie_llm import _scheduler
 from mindie_llm.contract import NewRequests
-from mindie_llm.scheduler.outputs import SCHEDULE_FIELDS, FinishReason, SchedulerOutput, UpdateResult
+from mindie_llm.scheduler.outputs import FinishReason, SchedulerOutput, UpdateResult
 
 SchedulerError = _scheduler.SchedulerError                    # base, a RuntimeError
 RequestRejectedError = _scheduler.RequestRejectedError        # ValueError: refused at admission; .field
@@ -172,7 +172,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         """Plans one step (GIL released) and advances num_computed_tokens of each scheduled request."""
-        return SchedulerOutput(**dict(zip(SCHEDULE_FIELDS, self._core.schedule())), new_requests=self._no_new_requests)
+        return SchedulerOutput(*self._core.schedule(), self._no_new_requests)   # SCHEDULE_FIELDS order
 
     def update(self, req_ids: np.ndarray, token_offsets: np.ndarray | None = None, token_ids: np.ndarray | None = None,
                draft_offsets: np.ndarray | None = None, draft_token_ids: np.ndarray | None = None) -> UpdateResult:

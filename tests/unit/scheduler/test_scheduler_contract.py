@@ -45,6 +45,14 @@ def test_finish_reason_agrees_with_the_cpp_export():
     assert cpp["PREFILL_DONE"] == 7 and cpp["NONE"] == 0
 
 
+def test_schedule_tuple_order_is_the_positional_order_of_scheduler_output():
+    import dataclasses
+
+    from mindie_llm.scheduler.outputs import SCHEDULE_FIELDS, SchedulerOutput
+    names = [f.name for f in dataclasses.fields(SchedulerOutput)]
+    assert tuple(names[:len(SCHEDULE_FIELDS)]) == SCHEDULE_FIELDS and names[len(SCHEDULE_FIELDS)] == "new_requests"
+
+
 def test_policy_and_role_names_come_from_the_cpp_enums():
     assert POLICIES == ("fcfs", "priority", "static", "prefill_first")
     assert ROLES == ("colocated", "prefill", "decode")
