@@ -147,7 +147,7 @@ class Scheduler:
         raises RequestRejectedError (``.field`` names the field) exactly when add_request would."""
         self._core.check_request(*self._request_args(
             0, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
-            stop_token_ids, ignore_eos, parent_id))
+            stop_token_ids, ignore_eos, parent_id)[1:])
 
     @staticmethod
     def _request_args(req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
