@@ -148,13 +148,12 @@ class LLMEngine:
                                          stop_token_ids=tuple(params.stop_token_ids or ()),
                                          ignore_eos=params.ignore_eos)
         except RequestRejectedError as e:
-            msg = str(e)
-            named = msg.split(" ", 1)[0].rstrip(":")
+            named = getattr(e, "field", None)
             if named in ("min_tokens", "max_tokens", "stop_token_ids"):
                 field = named
             else:   # the length rules: the prompt alone too long, else the room asked for
                 field = "prompt" if named == "prompt_token_ids" or len(ids) >= self.max_model_len else "max_tokens"
-            raise InvalidRequestError(field, msg) from None
+            raise InvalidRequestError(field, str(e)) from None
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *,
                     arrival_time: float | None = None, priority: int = 0) -> None:
