@@ -75,6 +75,8 @@ class ParallelContext:
     group: Any = None                     # a torch.distributed ProcessGroup when size > 1
     timeout_s: float = DEFAULT_TIMEOUT_S
     backend: str = "none"                 # gloo | nccl | hccl | none
+    control_group: Any = None             # a CPU (gloo) group for step messages; None at size 1
+    store: Any = None                     # the rendezvous TCPStore (liveness keys); None at size 1
     stats: dict[str, float] = field(default_factory=lambda: {"all_reduce": 0, "all_gather": 0})
 
     def __post_init__(self) -> None:
@@ -212,24 +214,26 @@ def init_from_env(backend: str, *, tensor_parallel_size: int, timeout_s: float =
         return ParallelContext.single()
     join = join_timeout_s if join_timeout_s is not None else timeout_s
     where = f"{env.master_addr}:{env.master_port}"
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # under torchrun the agent has already gathered every node (its rendezvous has the join
-        # timeout); the workers share the agent's store
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        return ParallelContext(rank=env.rank, size=env.world_size, group=dist.group.WORLD,
-                               timeout_s=timeout_s, backend=backend)
+    td = datetime.timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0,
-                              timeout=datetime.timedelta(seconds=join), wait_for_workers=True)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # under torchrun the agent has gathered every node already (its rendezvous has the
+            # join timeout) and hosts the store; the workers are its clients
+            store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, False,
+                                  timeout=datetime.timedelta(seconds=join))
+        else:
+            store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, env.rank == 0,
+                                  timeout=datetime.timedelta(seconds=join), wait_for_workers=True)
+        store = dist.PrefixStore("mindie/", store)
+        dist.init_process_group(backend, store=dist.PrefixStore("pg/", store), rank=env.rank,
+                                world_size=env.world_size, timeout=td)
     except (RuntimeError, OSError) as e:
         raise JoinTimeout(f"parallel: rank {env.rank}: the rendezvous at {where} did not gather "
                           f"{env.world_size} ranks within {join:g} s (a node never joined, or "
                           f"master_addr/master_port differ between nodes): {str(e).splitlines()[0]}") from None
-    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return ParallelContext(rank=env.rank, size=env.world_size, group=dist.group.WORLD,
-                           timeout_s=timeout_s, backend=backend)
+    control = dist.new_group(backend="gloo", timeout=td) if backend != "gloo" else dist.new_group(timeout=td)
+    return ParallelContext(rank=env.rank, size=env.world_size, group=dist.group.WORLD, timeout_s=timeout_s,
+                           backend=backend, control_group=control, store=store)
 
 
 def destroy() -> None:
