@@ -127,9 +127,13 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    timeout_s: float = 60.0            # every collective (and a worker's wait for the next step)
+    join_timeout_s: float = 120.0      # start-up: every rank must join the rendezvous within this
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
+        _check(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+        _check(self.join_timeout_s > 0, "parallel.join_timeout_s", "must be > 0")
         _check(self.nnodes >= 1, "parallel.nnodes", "must be >= 1")
         _check(0 <= self.node_rank < self.nnodes, "parallel.node_rank", "must be in [0, nnodes)")
         _check(0 < self.master_port < 65536, "parallel.master_port", "must be a TCP port")

@@ -25,7 +25,7 @@ import torch
 
 from mindie_llm.distributed.parallel_state import ParallelContext
 
-__all__ = ["run_interleaved", "split_point", "split_batch", "forward_overlapped"]
+__all__ = ["run_interleaved", "split_point", "split_batch", "forward_overlapped", "OverlappedModel"]
 
 Stage = Callable[[Any, Any], tuple[torch.Tensor, Any]]
 
@@ -97,3 +97,24 @@ def forward_overlapped(model: Any, input_ids: torch.Tensor, positions: torch.Ten
         return model(input_ids, positions, kv_caches, md)
     parts = split_batch(input_ids, positions, md, k, query_start_loc, seq_lens)
     return torch.cat(model.forward_micro_batches(parts, kv_caches), dim=0)
+
+
+class OverlappedModel:
+    """Wraps a model so that ``model(input_ids, positions, kv_caches, md)`` runs as two overlapped
+    micro-batches; everything else (``compute_logits``, attributes) is the wrapped model's. The
+    split point is read from ``md.query_start_loc`` / ``md.seq_lens`` (host tensors on the CPU;
+    one small device-to-host copy elsewhere)."""
+
+    def __init__(self, model: Any):
+        self.__dict__["_model"] = model
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 md: Any) -> torch.Tensor:
+        qsl = md.query_start_loc.cpu().numpy()
+        if qsl.shape[0] < 3:
+            return self._model(input_ids, positions, kv_caches, md)
+        return forward_overlapped(self._model, input_ids, positions, kv_caches, md, qsl,
+                                  md.seq_lens.cpu().numpy())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
