@@ -300,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig.from_yaml(args.config, args.set)
     else:
         config = EngineConfig.from_overrides(args.set)
+    grace = float(config.server.drain_timeout_s) + 10.0
+
+    def on_term(_sig, _frame) -> None:
+        # rank 0 drains first and then sends SHUTDOWN; exit anyway if it never comes
+        t = threading.Timer(grace, lambda: os._exit(143))
+        t.daemon = True
+        t.start()
+
+    signal.signal(signal.SIGTERM, on_term)
     code = run_worker(config)
     sys.stdout.flush()
     sys.stderr.flush()
