@@ -153,15 +153,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    proc = subprocess.Popen(cmd)
+    import tempfile
 
-    def forward(sig, _frame):   # SIGTERM/SIGINT go to torchrun, which passes them to its ranks
-        if proc.poll() is None:
-            proc.send_signal(sig)
+    fd, pidfile = tempfile.mkstemp(prefix="mindie-rank0-", suffix=".pid")
+    os.close(fd)
+    proc = subprocess.Popen(cmd, env=dict(os.environ, MINDIE_RANK0_PIDFILE=pidfile))
+
+    def forward(sig, _frame):
+        # on node 0 the signal goes to rank 0 (the server): it drains, then stops every rank, and
+        # torchrun exits 0; elsewhere (or before rank 0 is up) to torchrun, which stops this node
+        if proc.poll() is not None:
+            return
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if plan.node_rank == 0 and pid > 0:
+            try:
+                os.kill(pid, sig)
+                return
+            except ProcessLookupError:
+                pass
+        proc.send_signal(sig)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    code = proc.wait()
+    try:
+        code = proc.wait()
+    finally:
+        try:
+            os.unlink(pidfile)
+        except OSError:
+            pass
     if code:
         print(f"launch: node {plan.node_rank}: torchrun exited with code {code}", file=sys.stderr, flush=True)
     return code

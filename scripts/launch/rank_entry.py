@@ -15,6 +15,11 @@ def main() -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         from mindie_llm.server.launcher import main as serve
 
+        pidfile = os.environ.get("MINDIE_RANK0_PIDFILE")
+        if pidfile:     # launch.py sends SIGTERM here (the server drains, then stops every rank)
+            with open(pidfile, "w") as f:
+                f.write(str(os.getpid()))
+
         return serve(argv)
     from mindie_llm.executor.multiproc_executor import main as work
 

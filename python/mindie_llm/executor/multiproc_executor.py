@@ -20,6 +20,7 @@ Must not import the engine, the scheduler extension or the server.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ __all__ = ["MultiprocExecutor", "WorkerDiedError", "run_worker", "main"]
 logger = logging.getLogger(__name__)
 
 _ALIVE_PERIOD_S = 0.5
+_STALE_S = 3.0          # a liveness key older than this names its rank as stopped
 
 
 class WorkerDiedError(RuntimeError):
@@ -104,12 +106,14 @@ class MultiprocExecutor(Executor):
             self.driver = Worker(config, rank=0, parallel=self.parallel, loaded_model=loaded_model)
         except BaseException:
             self._reap(kill=True)
+            _destroy_soon()
             raise
         self.info = self.driver.info
         self.config = self.driver.config
         self._last_send = self._last_health = time.monotonic()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="tp-heartbeat", daemon=True)
         self._heartbeat.start()
+        atexit.register(self.shutdown)          # the offline LLM API has no explicit close
 
     # ---------------------------------------------------------------------------------- steps
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -153,16 +157,23 @@ class MultiprocExecutor(Executor):
                     last = float(store.get(f"alive/{rank}").decode()) if store.check([f"alive/{rank}"]) else None
                 except Exception:  # noqa: BLE001
                     last = None
-                if last is None or now - last > max(3.0, 6 * _ALIVE_PERIOD_S):
+                if last is None or now - last > _STALE_S:
                     ago = "never" if last is None else f"{now - last:.1f} s ago"
                     return f"tensor-parallel rank {rank} stopped answering (last seen {ago})"
         return None
 
     def _fail(self, detail: str) -> WorkerDiedError:
         if self._dead is None:
-            with self._store_lock:
-                who = self._who_failed()
-            who = who or f"a tensor-parallel rank failed ({detail.splitlines()[0]})"
+            # a peer's sockets close before its process is reaped or its liveness key goes stale:
+            # give the evidence a moment so that the message names the rank
+            deadline = time.monotonic() + 2 * _STALE_S
+            while True:
+                with self._store_lock:
+                    who = self._who_failed()
+                if who or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+            who = who or f"a tensor-parallel rank failed ({detail.splitlines()[0][:200]})"
             self._dead = who
             logger.error("%s", who)
         return WorkerDiedError(self._dead)
@@ -229,8 +240,15 @@ class MultiprocExecutor(Executor):
                 except Exception:  # noqa: BLE001 - a rank is gone already; the children are reaped below
                     pass
         self._reap(kill=not clean)
-        if clean:
-            destroy()
+        _destroy_soon()
+
+
+def _destroy_soon(wait_s: float = 5.0) -> None:
+    """Leaves the process group (so that this process can build another executor), giving up
+    after ``wait_s`` when a dead peer makes the teardown block."""
+    t = threading.Thread(target=destroy, daemon=True)
+    t.start()
+    t.join(wait_s)
 
 
 # ---------------------------------------------------------------------------------- ranks > 0
