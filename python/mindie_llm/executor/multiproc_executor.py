@@ -79,6 +79,12 @@ class MultiprocExecutor(Executor):
 
     def __init__(self, config: EngineConfig, *, loaded_model: Any = None) -> None:
         pc = config.parallel
+        from mindie_llm.backends import get_platform
+
+        device = get_platform(config.backend.device).device_type
+        if device != "cpu":
+            raise ValueError(f"parallel.tensor_parallel_size: {pc.tensor_parallel_size} ranks on {device} have not been "
+                             "run yet (verified on the CPU with gloo; the multi-GPU run is pending)")
         self.tp = pc.tensor_parallel_size
         self.timeout_s = pc.timeout_s
         self._children: dict[int, subprocess.Popen] = {}

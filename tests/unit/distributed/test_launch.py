@@ -38,8 +38,16 @@ def test_plan_from_yaml_splits_ranks_over_nodes():
 
 
 def test_uneven_split_is_refused():
+    from mindie_llm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="parallel.nnodes: tensor_parallel_size=3 ranks must split evenly"):
+        _cfg(tensor_parallel_size=3, nnodes=2)
+
+    class P:   # the launcher checks again (a parallel section built elsewhere)
+        tensor_parallel_size, nnodes, node_rank, master_addr, master_port, join_timeout_s = 3, 2, 0, "a", 1, 1.0
+
     with pytest.raises(launch.LaunchError, match="parallel.tensor_parallel_size: 3 ranks do not split evenly"):
-        launch.plan_from_config(_cfg(tensor_parallel_size=3, nnodes=2).parallel)
+        launch.plan_from_config(P)
 
 
 TABLE = {"version": "1.0", "server_count": "2", "status": "completed", "server_list": [
@@ -87,4 +95,4 @@ def test_cli_dry_run_and_one_line_errors(tmp_path):
     assert "parallel.tensor_parallel_size=4" in r.stdout
     r = subprocess.run([sys.executable, LAUNCH, "--set", "parallel.tensor_parallel_size=3",
                         "--set", "parallel.nnodes=2", "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "do not split evenly" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "parallel.nnodes" in r.stderr, r.stderr
