@@ -36,16 +36,17 @@ def _stats(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), min(xs), max(xs)
 
 
-def _decode_batch(b: int, context: int, block: int, device):
+def _batch(b: int, context: int, new: int, block: int, device):
+    """b requests, each with ``context`` tokens of KV and ``new`` tokens to compute (1 = decode)."""
     from mindie_llm.layers.attention import AttentionMetadata
 
-    per = -(-(context + 1) // block)
+    per = -(-(context + new) // block)
     tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(b)]
-    md = AttentionMetadata.build([context] * b, [1] * b, tables, block, device=device)
-    ids = torch.randint(0, 1000, (b,), device=device)
-    pos = torch.full((b,), context, dtype=torch.int64, device=device)
-    qsl = np.arange(b + 1)
-    return ids, pos, md, qsl, np.full(b, context + 1), b * per + 1
+    md = AttentionMetadata.build([context] * b, [new] * b, tables, block, device=device)
+    ids = torch.randint(0, 1000, (b * new,), device=device)
+    pos = torch.arange(context, context + new, device=device).repeat(b)
+    qsl = np.arange(b + 1) * new
+    return ids, pos, md, qsl, np.full(b, context + new), b * per + 1
 
 
 def _time(fn, steps: int, warmup: int, parallel) -> list[float]:
@@ -87,10 +88,10 @@ def rank_main(args) -> dict:
     block = 16
     res: dict = {"world": world, "batches": {}}
     for b in args.batches:
-        ids, pos, md, qsl, sl, nblocks = _decode_batch(b, args.context, block, device)
+        ids, pos, md, qsl, sl, nblocks = _batch(b, args.context, args.new_tokens, block, device)
         kv = [torch.zeros(2, nblocks, block, kvh, arch.head_dim, dtype=dtype, device=device)
               for _ in range(arch.num_hidden_layers)]
-        rows = torch.arange(b, device=device)
+        rows = torch.arange(b, device=device) * args.new_tokens + args.new_tokens - 1   # last token of each
 
         def plain():
             with torch.inference_mode():
@@ -102,7 +103,7 @@ def rank_main(args) -> dict:
                 model.compute_logits(forward_overlapped(model, ids, pos, kv, md, qsl, sl)[rows])
                 platform.synchronize()
 
-        hbuf = [torch.randn(b, arch.hidden_size, dtype=dtype, device=device) for _ in range(2 * arch.num_hidden_layers + 1)]
+        hbuf = [torch.randn(b * args.new_tokens, arch.hidden_size, dtype=dtype, device=device) for _ in range(2 * arch.num_hidden_layers + 1)]
         lbuf = torch.randn(b, -(-arch.vocab_size // world), dtype=torch.float32, device=device)
 
         def comm():
@@ -190,6 +191,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="cut the layer count (0 = the shape's own)")
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=1, help="tokens each request computes (1 = decode; "
+                    "more = a prefill chunk)")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -218,6 +221,7 @@ def main() -> None:
                 results[world] = json.load(f)
     tcp, mem = _loopback_floor(args.bw_bytes)
     print(f"# bench_tp: shape={args.shape} layers={args.layers or 'all'} context={args.context} "
+          f"new_tokens/request={args.new_tokens} "
           f"threads/rank={args.threads} device={args.device} steps={args.steps} (median [min-max] ms)")
     print("| batch | TP=1 step | TP=%d step, overlap off | TP=%d step, overlap on | comm alone | hidden |"
           % (args.tp, args.tp))
