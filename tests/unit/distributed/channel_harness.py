@@ -25,9 +25,7 @@ def _messages(n: int):
 
 
 def main(mode: str) -> int:
-    from mindie_llm.distributed.parallel_state import CollectiveTimeout, JoinTimeout, destroy, init_from_env
-    from mindie_llm.distributed.step_channel import (HEADER_WORDS, MAGIC, VERSION, Kind, MalformedMessage,
-                                                     StepChannel, checksum)
+    from mindie_llm.distributed.parallel_state import JoinTimeout, destroy, init_from_env
 
     world = int(os.environ["WORLD_SIZE"])
     timeout = float(os.environ.get("TEST_TIMEOUT_S", "20"))
@@ -41,8 +39,28 @@ def main(mode: str) -> int:
         print("joined although the peer never started")
         return 1
     ctx = init_from_env("gloo", tensor_parallel_size=world, timeout_s=timeout)
-    ch = StepChannel(ctx)
     try:
+        if mode == "all":     # the modes that leave the group healthy, one after the other
+            for m in ("collectives", "roundtrip", "malformed"):
+                code = _run_mode(m, ctx)
+                if code:
+                    return code
+            return 0
+        return _run_mode(mode, ctx)
+    finally:
+        if mode not in ("dead", "hang"):
+            destroy()
+
+
+def _run_mode(mode: str, ctx) -> int:
+    from mindie_llm.distributed.parallel_state import CollectiveTimeout
+    from mindie_llm.distributed.step_channel import (HEADER_WORDS, MAGIC, VERSION, Kind, MalformedMessage,
+                                                     StepChannel, checksum)
+
+    timeout = ctx.timeout_s
+    t0 = time.monotonic()
+    ch = StepChannel(ctx)
+    if True:
         if mode == "roundtrip":
             msgs = list(_messages(40))
             if ctx.rank == 0:
@@ -92,7 +110,7 @@ def main(mode: str) -> int:
             return 0
         if mode == "hang":        # rank 1 never answers; rank 0's all-reduce must time out
             if ctx.rank == 1:
-                time.sleep(timeout * 3)
+                time.sleep(timeout + 2)
                 return 0
             try:
                 ctx.all_reduce(torch.ones(4))
@@ -128,9 +146,6 @@ def main(mode: str) -> int:
             print("COLLECTIVES-OK")
             return 0
         raise SystemExit(f"unknown mode {mode}")
-    finally:
-        if mode not in ("dead", "hang"):
-            destroy()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ lazy slices records every index); GGUF and dummy weights load sharded; a checkpo
 shape is refused naming the tensor."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -154,17 +157,32 @@ def test_mqa_kv_heads_are_replicated_when_tp_exceeds_them(tmp_path):
         assert torch.equal(qkv[8:16], k), rank                                  # q: 1 head = 8 rows, then k
 
 
-def test_gguf_and_dummy_load_sharded():
-    smol = load_model(ModelConfig(dtype="float32"), "cpu", torch.float32, progress=False).model
-    shard = load_model(ModelConfig(dtype="float32"), "cpu", torch.float32, progress=False,
-                       parallel=FakeRank(rank=2, size=3)).model
-    full = smol.model.layers[0].mlp.down_proj.weight                            # [576, 1536]
-    assert torch.equal(shard.model.layers[0].mlp.down_proj.weight, full[:, 1024:1536])
-    assert torch.equal(shard.model.embed_tokens.weight, smol.model.embed_tokens.weight[2 * 16384:])
-    d = load_model(ModelConfig(path="smollm2-135m", load_format="dummy"), "cpu", torch.float32,
-                   progress=False, parallel=FakeRank(rank=0, size=3)).model
-    assert d.model.layers[0].self_attn.qkv_proj.weight.shape == (5 * 64, 576)  # 3 q heads + 1 k + 1 v
-    assert torch.isfinite(d.model.layers[0].self_attn.qkv_proj.weight).all()
+def test_gguf_and_dummy_load_sharded(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "loader"))
+    from gguf_fixtures import write_tiny_gguf   # a 2-layer llama GGUF (F32, F16, Q8_0 and K-quants)
+
+    path = str(tmp_path / "tiny.gguf")
+    write_tiny_gguf(path)
+    full = load_model(ModelConfig(path=path), "cpu", torch.float32, progress=False).model
+    for rank in (0, 1):
+        shard = load_model(ModelConfig(path=path), "cpu", torch.float32, progress=False,
+                           parallel=FakeRank(rank=rank, size=2)).model
+        for i in range(2):
+            f, g = full.model.layers[i], shard.model.layers[i]
+            cols = f.mlp.down_proj.weight.shape[1] // 2
+            assert torch.equal(g.mlp.down_proj.weight, f.mlp.down_proj.weight[:, rank * cols:(rank + 1) * cols])
+            q = f.self_attn.qkv_proj.weight[:f.self_attn.q_size]                # full q rows
+            assert torch.equal(g.self_attn.qkv_proj.weight[:g.self_attn.q_size],
+                               q[rank * g.self_attn.q_size:(rank + 1) * g.self_attn.q_size])
+        v = full.arch.vocab_size
+        per = -(-v // 2)
+        assert torch.equal(shard.lm_head.weight[:min(per, v - rank * per)], full.lm_head.weight[rank * per:(rank + 1) * per])
+    hf = dict(CFG, architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=1)
+    d = [load_model(ModelConfig(load_format="dummy"), "cpu", torch.float32, progress=False, hf_config=hf,
+                    parallel=FakeRank(rank=r, size=2)).model for r in (0, 1)]
+    w = [m.model.layers[0].self_attn.qkv_proj.weight for m in d]
+    assert w[0].shape == (4 * 8, 32)                                       # 2 q heads + 1 k + 1 v of 8
+    assert torch.isfinite(w[0]).all() and not torch.equal(w[0], w[1])      # each shard drawn for itself
 
 
 def test_wrong_checkpoint_shape_is_refused_naming_the_tensor(hf_dir, tmp_path):
