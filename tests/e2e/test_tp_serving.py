@@ -196,9 +196,15 @@ def test_a_node_that_never_joins_fails_start_up(tmp_path, model_dir):
 def _serve_tp2(tmp_path, model_dir) -> tuple[Proc, str, int]:
     cfg = _config(str(tmp_path), model_dir, timeout_s=3)
     srv = Proc([sys.executable, "-m", "mindie_llm.server.launcher", "--config", cfg])
-    url = srv.wait_for(READY, 120).group(1)
-    workers = _children(srv.p.pid)
-    assert len(workers) == 1, workers
+    try:
+        url = srv.wait_for(READY, 120).group(1)
+        workers = _children(srv.p.pid)
+        assert len(workers) == 1, workers
+    except BaseException:
+        for pid in _children(srv.p.pid):
+            os.kill(pid, signal.SIGKILL)
+        srv.kill()
+        raise
     return srv, url, workers[0]
 
 
