@@ -77,6 +77,10 @@ class ParallelContext:
     backend: str = "none"                 # gloo | nccl | hccl | none
     control_group: Any = None             # a CPU (gloo) group for step messages; None at size 1
     store: Any = None                     # the rendezvous TCPStore (liveness keys); None at size 1
+    # fused matmul + all-reduce ``f(x[T, K], weight[N, K], bias[N] | None) -> [T, N]`` summed over
+    # the group, where the device has one (Ascend MC2: torch_npu.npu_mm_all_reduce_base); set by
+    # the platform, used by the row-parallel linears; None = matmul, then all_reduce
+    matmul_all_reduce: Any = None
     stats: dict[str, float] = field(default_factory=lambda: {"all_reduce": 0, "all_gather": 0})
 
     def __post_init__(self) -> None:

@@ -227,5 +227,8 @@ class RowParallelLinear(LinearBase):
         """``reduce=False`` returns the partial sum; the caller all-reduces it (micro-batch overlap)."""
         if self.tp_size == 1:
             return self.linear_method(self, x)
+        fused = self.parallel.matmul_all_reduce
+        if reduce and fused is not None and self.linear_method is dense_linear:
+            return fused(x, self.weight, self.bias if self.tp_rank == 0 else None)   # one fused op (MC2)
         y = self.partial(x)
         return self.parallel.all_reduce(y) if reduce else y
