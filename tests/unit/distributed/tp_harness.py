@@ -184,4 +184,7 @@ def _main(jobs_file: str, out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1], sys.argv[2]))
+    code = _main(sys.argv[1], sys.argv[2])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)   # no interpreter teardown: gloo's threads can abort a normal exit
