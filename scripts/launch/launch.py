@@ -181,13 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     try:
         code = proc.wait()
+        with open(pidfile) as f:
+            started = bool(f.read().strip())
     finally:
         try:
             os.unlink(pidfile)
         except OSError:
             pass
     if code:
-        print(f"launch: node {plan.node_rank}: torchrun exited with code {code}", file=sys.stderr, flush=True)
+        why = ""
+        if plan.node_rank == 0 and not started:
+            why = (f": the ranks never started: not every node joined the rendezvous at {plan.master_addr}:"
+                   f"{plan.master_port} within parallel.join_timeout_s={plan.join_timeout_s:g} s (run launch.py "
+                   "on every node with the same parallel section)")
+        print(f"launch: node {plan.node_rank}: torchrun exited with code {code}{why}", file=sys.stderr, flush=True)
     return code
 
 

@@ -189,6 +189,7 @@ def test_a_node_that_never_joins_fails_start_up(tmp_path, model_dir):
         assert code != 0
         assert time.monotonic() - t0 < 45
         assert "launch: node 0: torchrun exited with code" in node0.out, node0.out[-2000:]
+        assert "not every node joined the rendezvous" in node0.out
     finally:
         node0.kill()
 
