@@ -127,9 +127,17 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    timeout_s: float = 60.0            # every collective (and a worker's wait for the next step)
+    join_timeout_s: float = 120.0      # start-up: every rank must join the rendezvous within this
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
+        _check(self.tensor_parallel_size % self.nnodes == 0, "parallel.nnodes",
+               f"tensor_parallel_size={self.tensor_parallel_size} ranks must split evenly over {self.nnodes} nodes")
+        _check(not self.micro_batch_overlap or self.tensor_parallel_size > 1, "parallel.micro_batch_overlap",
+               "needs tensor_parallel_size > 1 (with one rank there is no communication to overlap)")
+        _check(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+        _check(self.join_timeout_s > 0, "parallel.join_timeout_s", "must be > 0")
         _check(self.nnodes >= 1, "parallel.nnodes", "must be >= 1")
         _check(0 <= self.node_rank < self.nnodes, "parallel.node_rank", "must be in [0, nnodes)")
         _check(0 < self.master_port < 65536, "parallel.master_port", "must be a TCP port")
@@ -355,12 +363,6 @@ def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
 # Keys whose code does not exist yet: any value but the default is refused at start-up with one
 # line, until the work that honours the key lands (then its row goes). (section, key, reason)
 NOT_YET_SUPPORTED: tuple[tuple[str, str, str], ...] = (
-    ("parallel", "tensor_parallel_size", "tensor parallelism across processes is not built yet"),
-    ("parallel", "nnodes", "multi-node deployments are not built yet"),
-    ("parallel", "node_rank", "multi-node deployments are not built yet"),
-    ("parallel", "master_addr", "multi-node deployments are not built yet"),
-    ("parallel", "master_port", "multi-node deployments are not built yet"),
-    ("parallel", "micro_batch_overlap", "micro-batch overlap needs tensor parallelism, which is not built yet"),
 )
 
 

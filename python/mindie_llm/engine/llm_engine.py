@@ -356,6 +356,14 @@ class LLMEngine:
         return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------------------------------ misc
+    def check_health(self) -> None:
+        """Raises (the executor's error, naming the rank) once a worker is dead or hung."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stops the executor's workers (idempotent)."""
+        self.executor.shutdown()
+
     def get_stats(self) -> EngineStats:
         st = self.scheduler.stats()
         return EngineStats(

@@ -193,8 +193,18 @@ async def _serve(cfg: Any) -> int:
         print(f"mindie-llm ready: http={http_addr} grpc={grpc_addr} model={llm.model_name} "
               f"max_model_len={llm.max_model_len}", flush=True)
         waiter = asyncio.ensure_future(stop.wait())
-        watch = {waiter} | ({http_task} if http_task else set())
+
+        async def workers_lost() -> str:    # a dead or hung tensor-parallel rank ends the server
+            while llm.is_live() or not getattr(llm, "fatal_error", None):
+                await asyncio.sleep(0.25)
+            return llm.fatal_error
+
+        lost = asyncio.ensure_future(workers_lost())
+        watch = {waiter, lost} | ({http_task} if http_task else set())
         await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        if lost.done():
+            raise StartupError(EXIT_OTHER, lost.result())
+        lost.cancel()
         if http_task is not None and http_task.done() and not waiter.done():
             http_task.result()
             raise StartupError(EXIT_OTHER, "the HTTP server stopped unexpectedly")
