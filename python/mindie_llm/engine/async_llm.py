@@ -108,6 +108,7 @@ class _LoopState:
     step_started_at: float | None = None   # monotonic; None while not inside step()
     last_progress_at: float = field(default_factory=time.monotonic)
     dead: bool = False
+    fatal_error: str | None = None         # why the workers are gone (names the rank), if they are
 
 
 class AsyncLLM:
@@ -254,8 +255,20 @@ class AsyncLLM:
         st = self._state
         if st.dead or (self._started and not self._thread.is_alive()):
             return False
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            try:
+                check()
+            except Exception as e:  # noqa: BLE001 - a dead or hung worker
+                st.fatal_error = str(e)
+                return False
         started = st.step_started_at
         return started is None or time.monotonic() - started < self._stall_timeout_s
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Set once a tensor-parallel worker died or hung (one line naming the rank)."""
+        return self._state.fatal_error
 
     def is_ready(self) -> bool:
         return self._started and not self._draining and self.is_live()
@@ -392,10 +405,18 @@ class AsyncLLM:
                     if outputs:
                         self._post(self._deliver, outputs)
                 st.stats = self.engine.get_stats()
-        except Exception:
+        except Exception as e:
             logger.exception("the engine loop stopped after an unrecoverable error")
+            if type(e).__name__ == "WorkerDiedError":
+                st.fatal_error = str(e)
             st.dead = True
             self._post(self._fail_all, EngineDeadError("the engine has stopped"))
         finally:
             st.step_started_at = None
+            stop = getattr(self.engine, "shutdown", None)
+            if stop is not None:
+                try:
+                    stop()                          # the workers stop with the engine thread
+                except Exception:  # noqa: BLE001
+                    logger.exception("stopping the workers failed")
 

@@ -148,13 +148,12 @@ class LLMEngine:
                                          stop_token_ids=tuple(params.stop_token_ids or ()),
                                          ignore_eos=params.ignore_eos)
         except RequestRejectedError as e:
-            msg = str(e)
-            named = msg.split(" ", 1)[0].rstrip(":")
+            named = getattr(e, "field", None)
             if named in ("min_tokens", "max_tokens", "stop_token_ids"):
                 field = named
             else:   # the length rules: the prompt alone too long, else the room asked for
                 field = "prompt" if named == "prompt_token_ids" or len(ids) >= self.max_model_len else "max_tokens"
-            raise InvalidRequestError(field, msg) from None
+            raise InvalidRequestError(field, str(e)) from None
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *,
                     arrival_time: float | None = None, priority: int = 0) -> None:
@@ -357,6 +356,14 @@ class LLMEngine:
         return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------------------------------ misc
+    def check_health(self) -> None:
+        """Raises (the executor's error, naming the rank) once a worker is dead or hung."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stops the executor's workers (idempotent)."""
+        self.executor.shutdown()
+
     def get_stats(self) -> EngineStats:
         st = self.scheduler.stats()
         return EngineStats(

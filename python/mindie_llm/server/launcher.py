@@ -111,6 +111,11 @@ async def _serve(cfg: Any) -> int:
     from mindie_llm.server.metrics import ServerMetrics
 
     scfg = cfg.server
+    role = cfg.disaggregation.role
+    if role in ("prefill", "decode"):   # PD instance: the internal service only (server/pd)
+        from mindie_llm.server.pd.instance_service import serve_instance
+
+        return await serve_instance(cfg)
     _check_tls(cfg)
     http_sock = _bind(scfg.host, scfg.http_port, "http_port") if scfg.http_port >= 0 else None
     if scfg.grpc_port > 0:
@@ -127,7 +132,11 @@ async def _serve(cfg: Any) -> int:
         if scfg.grpc_port >= 0 and scfg.grpc_port == scfg.http_port and scfg.grpc_port != 0:
             raise StartupError(EXIT_CONFIG, "server.grpc_port: must differ from server.http_port")
         try:
-            llm = await asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_config, cfg)
+            if role == "router":          # PD router: AsyncLLM-shaped front of the instances
+                from mindie_llm.server.pd.router import PDRouter as factory
+            else:
+                factory = AsyncLLM
+            llm = await asyncio.get_running_loop().run_in_executor(None, factory.from_config, cfg)
         except ConfigError:
             raise
         except (OSError, ValueError, RuntimeError) as e:
@@ -135,6 +144,10 @@ async def _serve(cfg: Any) -> int:
             raise StartupError(EXIT_MODEL, f"model: cannot load ({first})") from None
         cfg = llm.config
         metrics = ServerMetrics(llm)
+        if role == "router":
+            from mindie_llm.server.pd.metrics import install_pd_metrics
+
+            install_pd_metrics(llm, metrics.registry)
         grpc_addr = "off"
         if scfg.grpc_port >= 0:
             from mindie_llm.server.grpc import build_grpc_server
@@ -180,8 +193,18 @@ async def _serve(cfg: Any) -> int:
         print(f"mindie-llm ready: http={http_addr} grpc={grpc_addr} model={llm.model_name} "
               f"max_model_len={llm.max_model_len}", flush=True)
         waiter = asyncio.ensure_future(stop.wait())
-        watch = {waiter} | ({http_task} if http_task else set())
+
+        async def workers_lost() -> str:    # a dead or hung tensor-parallel rank ends the server
+            while llm.is_live() or not getattr(llm, "fatal_error", None):
+                await asyncio.sleep(0.25)
+            return llm.fatal_error
+
+        lost = asyncio.ensure_future(workers_lost())
+        watch = {waiter, lost} | ({http_task} if http_task else set())
         await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        if lost.done():
+            raise StartupError(EXIT_OTHER, lost.result())
+        lost.cancel()
         if http_task is not None and http_task.done() and not waiter.done():
             http_task.result()
             raise StartupError(EXIT_OTHER, "the HTTP server stopped unexpectedly")

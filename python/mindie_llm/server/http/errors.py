@@ -60,6 +60,8 @@ def error_for_exception(exc: BaseException) -> tuple[int, str, str | None, str |
         return 503, "the server is shutting down", None, "draining"
     if isinstance(exc, EngineDeadError):
         return 500, "the engine has stopped; the server cannot serve requests", None, "engine_dead"
+    if getattr(exc, "http_status", None) is not None:   # errors that carry their own status (PD router)
+        return int(exc.http_status), str(exc).splitlines()[0][:512], None, "unavailable"
     if isinstance(exc, ValueError):
         msg = str(exc).splitlines()[0][:512] if str(exc) else "invalid request"
         return 400, msg, param_of(exc), "invalid_value"
