@@ -14,8 +14,8 @@ random weights), loaded in float32 without quantization.
   checkpoint is plain compressed-tensors, o/down unsmoothed); ``--smoothing factors`` stores s per
   linear as ``smooth_factor`` (all four linears smoothed; the loader folds 1/s into the activation
   quantizer). Weights are int8 per output channel, ``weight_scale`` [N, 1].
-- ``awq`` / ``gptq``: group-wise 4-bit min-max round-to-nearest (no AWQ scale search, no GPTQ
-  error feedback: the tensor layouts are the published ones, the rounding is plain), packed as
+- ``awq`` / ``gptq``: group-wise 4-bit round-to-nearest with a per-group clip search (no AWQ
+  scale search, no GPTQ error feedback: the tensor layouts are the published ones, the rounding is plain), packed as
   AutoAWQ GEMM or AutoGPTQ tensors; ``--act-order`` writes a GPTQ checkpoint with a permuted g_idx.
 
 The calibration text is the package description of the installed ``transformers`` distribution
@@ -161,10 +161,10 @@ def quantize(model: Any, arch: Any, scheme: str, *, alpha: float = 0.5, smoothin
                 perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
             for hf, rows in _split(name, mod, w):
                 if perm is None:
-                    codes, s, z = w4.quantize_w4_groupwise(rows, group_size)
+                    codes, s, z = w4.quantize_w4_groupwise(rows, group_size, clip_search=True)
                     t = (w4.awq_pack(codes, s, z) if scheme == "awq" else w4.gptq_pack(codes, s, z))
                 else:  # act-order: group j holds the input channels perm[j*G:(j+1)*G]
-                    codes_p, s, z = w4.quantize_w4_groupwise(rows[:, perm], group_size)
+                    codes_p, s, z = w4.quantize_w4_groupwise(rows[:, perm], group_size, clip_search=True)
                     codes = torch.empty_like(codes_p)
                     codes[:, perm] = codes_p
                     g_idx = torch.empty(k, dtype=torch.int32)

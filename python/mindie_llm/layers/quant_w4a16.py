@@ -60,15 +60,30 @@ def unpack_int32(packed: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(
     return c.to(torch.uint8).movedim(-1, dim).contiguous()
 
 
-def quantize_w4_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_w4_groupwise(w: torch.Tensor, group_size: int, clip_search: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w[N, K] -> (codes[N, K] uint8, scales[N, K/G] float32, zeros[N, K/G] uint8): asymmetric min-max
-    round-to-nearest per group, w ~= (codes - zeros) * scales."""
+    round-to-nearest per group, w ~= (codes - zeros) * scales. With ``clip_search`` each group's
+    range is shrunk by the factor (1.0, 0.95, ..., 0.6) that minimizes its squared error."""
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
-    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
-    scales = ((hi - lo) / 15).clamp(min=1e-8)                                      # [N, K/G]
-    zeros = torch.round(-lo / scales).clamp(0, 15)
-    codes = torch.round(g / scales[..., None] + zeros[..., None]).clamp(0, 15)
+    lo0, hi0 = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+    best = None
+    for r in ((1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6) if clip_search else (1.0,)):
+        lo, hi = lo0 * r, hi0 * r
+        scales = ((hi - lo) / 15).clamp(min=1e-8)                                  # [N, K/G]
+        zeros = torch.round(-lo / scales).clamp(0, 15)
+        codes = torch.round(g / scales[..., None] + zeros[..., None]).clamp(0, 15)
+        err = ((codes - zeros[..., None]) * scales[..., None] - g).pow(2).sum(dim=-1)   # [N, K/G]
+        if best is None:
+            best = [err, codes, scales, zeros]
+        else:
+            better = err < best[0]
+            best[0] = torch.where(better, err, best[0])
+            best[1] = torch.where(better[..., None], codes, best[1])
+            best[2] = torch.where(better, scales, best[2])
+            best[3] = torch.where(better, zeros, best[3])
+    _, codes, scales, zeros = best
     return codes.reshape(n, k).to(torch.uint8), scales, zeros.to(torch.uint8)
 
 
