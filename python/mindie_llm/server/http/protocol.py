@@ -40,21 +40,22 @@ class _SamplingFields(_Strict):
 
     model: StrictStr = Field(min_length=1, max_length=256)
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=_INT64_MAX)
-    temperature: Number | None = Field(default=None, ge=0.0, le=100.0)
-    top_p: Number | None = Field(default=None, gt=0.0, le=1.0)
+    # Sampling ranges are SamplingParams' (sampling_params.SAMPLING_BOUNDS), the same on every front end.
+    temperature: Number | None = None
+    top_p: Number | None = None
     n: StrictInt = Field(default=1, ge=1, le=1 << 20)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = Field(default=None, ge=-(1 << 63), le=_INT64_MAX)
-    presence_penalty: Number | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: Number | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
     user: StrictStr | None = Field(default=None, max_length=256)
     # Extensions (vLLM names), sent by the openai client through extra_body.
-    top_k: StrictInt | None = Field(default=None, ge=-1, le=1 << 20)
-    min_p: Number | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: Number | None = Field(default=None, gt=0.0, le=10.0)
-    min_tokens: StrictInt | None = Field(default=None, ge=0, le=_INT64_MAX)
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    min_tokens: StrictInt | None = None
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[StrictInt] | None = Field(default=None, max_length=64)
     skip_special_tokens: StrictBool | None = None
@@ -138,10 +139,9 @@ def to_sampling_kwargs(req: CompletionRequest | ChatCompletionRequest, limits: R
     }
     for k, v in optional.items():
         if v is not None:
-            kw[k] = float(v) if k in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                                      "repetition_penalty") else v
+            kw[k] = v   # ranges are checked (and numbers made floats) by SamplingParams
     if req.stop is not None:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
-    if kw.get("min_tokens", 0) > max_tokens:
+    if isinstance(kw.get("min_tokens"), int) and kw["min_tokens"] > max_tokens:
         raise RequestLimitError("min_tokens", f"must be <= {max_tokens_name} ({max_tokens})")
     return kw
