@@ -13,11 +13,14 @@ torch, or any web framework.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +82,7 @@ class _Stream:
     num_samples: int
     finished: bool = False
     record: RequestRecord | None = None
+    last: Any = None          # the last RequestOutput delivered (to end it with "abort" on drain)
 
 
 @dataclass
@@ -133,6 +137,9 @@ class AsyncLLM:
         self._started = False
         self._listeners: list[Callable[[RequestRecord], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # CPU-heavy request preparation (tokenizing, chat templates) runs here, never on the event
+        # loop that HTTP, gRPC and the liveness probe share (the tokenizer releases the GIL).
+        self._cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mindie-tokenize")
         self._thread = threading.Thread(target=self._run, name="mindie-engine-loop", daemon=True)
         if start:
             self.start()
@@ -230,6 +237,33 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             self._notify(record, record.outcome)
 
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the request-preparation threads (tokenizing, chat templates)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cpu_pool, functools.partial(fn, *args, **kwargs))
+
+    def abort_all(self) -> int:
+        """Aborts every request in flight (drain timeout): the engine frees them, and each stream
+        ends with a final output whose unfinished samples have ``finish_reason`` "abort" (a request
+        that produced nothing yet fails with EngineDrainingError). Returns how many were aborted."""
+        n = 0
+        for rid, stream in list(self._streams.items()):
+            if stream.finished:
+                continue
+            n += 1
+            stream.finished = True
+            self._inbox.put(_Abort(rid))
+            last = stream.last
+            if last is not None:
+                outs = [o if o.finish_reason is not None else dataclasses.replace(o, finish_reason="abort")
+                        for o in last.outputs]
+                stream.queue.put_nowait(dataclasses.replace(last, outputs=outs, finished=True))
+            elif not stream.admitted.done():
+                stream.admitted.set_exception(EngineDrainingError("the server is shutting down"))
+            else:
+                stream.queue.put_nowait(EngineDrainingError("the server is shutting down"))
+        return n
+
     async def abort(self, request_id: str) -> None:
         """Aborts a request; a no-op if it is unknown or has finished."""
         self._inbox.put(_Abort(request_id))
@@ -286,6 +320,7 @@ class AsyncLLM:
                 stream.admitted.set_exception(EngineDrainingError("the server is shutting down"))
             stream.queue.put_nowait(EngineDrainingError("the server is shutting down"))
         self._inbox.put(_Stop())
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         if self._started and self._thread.is_alive():
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
 
@@ -306,6 +341,7 @@ class AsyncLLM:
                 continue
             if out.finished:
                 stream.finished = True
+            stream.last = out
             stream.queue.put_nowait(out)
 
     def _fail_all(self, exc: BaseException) -> None:

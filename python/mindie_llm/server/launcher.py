@@ -17,7 +17,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 __all__ = ["build_arg_parser", "load_config", "main"]
@@ -63,15 +63,23 @@ def load_config(args: argparse.Namespace) -> Any:
 
 
 def _bind(host: str, port: int, what: str) -> socket.socket:
-    """A listening TCP socket on host:port (port 0 = any free port)."""
+    """A listening TCP socket on host:port (port 0 = any free port).
+
+    Created with the address's protocol (IPPROTO_TCP): asyncio sets TCP_NODELAY on accepted
+    connections only for sockets whose ``proto`` says TCP; without it every response on a kept-alive
+    connection waited ~40 ms for the peer's delayed ACK (Nagle). TCP_NODELAY is also set here,
+    and Linux passes it on to accepted sockets.
+    """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP,
+                                   flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise StartupError(EXIT_CONFIG, f"server.host: cannot resolve {host!r} ({e.strerror})") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, socktype, proto, _, addr = infos[0]
+    sock = socket.socket(family, socktype, proto or socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(addr)
         sock.listen(1024)
     except OSError as e:
@@ -102,13 +110,25 @@ def _no_signal_capture() -> Iterator[None]:
     yield
 
 
-async def _serve(cfg: Any) -> int:
+def _enable_logs(cfg: Any) -> None:
+    """The access log and the stats line log at INFO whatever --log-level says, when switched on."""
+    if cfg.server.access_log:
+        logging.getLogger("mindie_llm.access").setLevel(logging.INFO)
+    if cfg.server.stats_interval_s > 0:
+        logging.getLogger("mindie_llm.stats").setLevel(logging.INFO)
+
+
+async def _serve(cfg: Any, make_llm: Callable[[Any], Any] | None = None) -> int:
+    """Serves ``cfg`` until a signal. ``make_llm(cfg)`` builds the AsyncLLM (default: load the
+    model); tests pass one over a stand-in engine."""
     import uvicorn
 
     from mindie_llm.config import ConfigError
     from mindie_llm.engine.async_llm import AsyncLLM
     from mindie_llm.server.http.app import build_app
+    from mindie_llm.server.http.connection import guarded_protocol
     from mindie_llm.server.metrics import ServerMetrics
+    from mindie_llm.server.stats_log import run_stats_line
 
     scfg = cfg.server
     _check_tls(cfg)
@@ -127,7 +147,7 @@ async def _serve(cfg: Any) -> int:
         if scfg.grpc_port >= 0 and scfg.grpc_port == scfg.http_port and scfg.grpc_port != 0:
             raise StartupError(EXIT_CONFIG, "server.grpc_port: must differ from server.http_port")
         try:
-            llm = await asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_config, cfg)
+            llm = await asyncio.get_running_loop().run_in_executor(None, make_llm or AsyncLLM.from_config, cfg)
         except ConfigError:
             raise
         except (OSError, ValueError, RuntimeError) as e:
@@ -153,9 +173,13 @@ async def _serve(cfg: Any) -> int:
         http_task = None
         if http_sock is not None:
             app = build_app(llm, cfg, metrics)
+            # The drain (below) happens before uvicorn is asked to stop, so its own graceful
+            # shutdown only has to let the final chunks out: at most 1 s.
             ucfg = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                   ssl_certfile=scfg.tls_cert_file, ssl_keyfile=scfg.tls_key_file,
-                                  timeout_graceful_shutdown=max(1, int(scfg.drain_timeout_s)) + 5)
+                                  http=guarded_protocol(scfg.header_timeout_s, scfg.max_connections),
+                                  timeout_keep_alive=scfg.keep_alive_timeout_s,
+                                  timeout_graceful_shutdown=1)
             http_server = uvicorn.Server(ucfg)
             http_server.capture_signals = _no_signal_capture  # type: ignore[method-assign]
             http_task = asyncio.ensure_future(http_server.serve(sockets=[http_sock]))
@@ -179,6 +203,8 @@ async def _serve(cfg: Any) -> int:
             loop.add_signal_handler(sig, on_signal)
         print(f"mindie-llm ready: http={http_addr} grpc={grpc_addr} model={llm.model_name} "
               f"max_model_len={llm.max_model_len}", flush=True)
+        stats_task = (asyncio.ensure_future(run_stats_line(llm, scfg.stats_interval_s))
+                      if scfg.stats_interval_s > 0 else None)
         waiter = asyncio.ensure_future(stop.wait())
         watch = {waiter} | ({http_task} if http_task else set())
         await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
@@ -196,13 +222,21 @@ async def _serve(cfg: Any) -> int:
         drained = drain.done() and drain.result()
         drain.cancel()
         if not drained:
-            print("mindie-llm: drain ended (timeout or second signal); aborting the rest", flush=True)
+            # The engine aborts what is left; each stream ends with a final chunk
+            # (finish_reason "abort") and [DONE], each gRPC stream with its final message.
+            n = llm.abort_all()
+            print(f"mindie-llm: drain ended (timeout or second signal); aborted {n} requests", flush=True)
+            await llm.wait_drained(0.5)
+        if stats_task is not None:
+            stats_task.cancel()
+        stopping = []
         if http_server is not None:
             http_server.should_exit = True
-            await http_task
+            stopping.append(http_task)
         if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
-            grpc_server = None
+            stopping.append(grpc_server.stop(grace=0.5))
+        await asyncio.gather(*stopping)
+        grpc_server = None
         await llm.shutdown()
         llm = None
         print("mindie-llm stopped", flush=True)
@@ -216,8 +250,9 @@ async def _serve(cfg: Any) -> int:
             await llm.shutdown()
 
 
-def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
-    """Entry of ``mindie-llm serve``; returns the process exit code."""
+def main(argv: Sequence[str] | argparse.Namespace | None = None,
+         make_llm: Callable[[Any], Any] | None = None) -> int:
+    """Entry of ``mindie-llm serve``; returns the process exit code. ``make_llm``: see ``_serve``."""
     args = argv if isinstance(argv, argparse.Namespace) else build_arg_parser().parse_args(
         list(argv) if argv is not None else None)
     logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "warning")).upper(), logging.WARNING),
@@ -229,8 +264,9 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> int:
     except ConfigError as e:
         print(f"mindie-llm: configuration error: {_one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    _enable_logs(cfg)
     try:
-        return asyncio.run(_serve(cfg))
+        return asyncio.run(_serve(cfg, make_llm))
     except StartupError as e:
         print(f"mindie-llm: error: {e}", file=sys.stderr, flush=True)
         return e.code

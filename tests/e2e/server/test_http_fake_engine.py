@@ -384,7 +384,7 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "x", "bogus": 1}, "bogus"),
     ("completions", {"model": MODEL, "prompt": "x", "stop": ["s"] * 17}, "stop"),
     ("completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),
-    ("completions", {"model": MODEL, "prompt": [300], "max_tokens": 2}, "prompt"),
+    ("completions", {"model": MODEL, "prompt": [300], "max_tokens": 2}, "prompt[0]"),
     ("chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "pirate", "content": "x"}]}, "messages[0].role"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from mindie_llm.sampling_params import SamplingParams
-from mindie_llm.server.grpc.common import DeltaTracker, load_stubs, new_request_id, timings_ns
+from mindie_llm.server.grpc.common import DeltaTracker, load_stubs, new_request_id, off_loop, timings_ns
 from mindie_llm.server.grpc.errors import RpcError, abort_with, last_output
 from mindie_llm.server.protocol_limits import RequestLimits
 
@@ -155,6 +155,8 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
         """Validates and admits a request; returns (generator, first output). Aborts the RPC on error."""
         try:
             prompt, params = self._prepare(request)
+            if isinstance(prompt, str):
+                prompt = list(await off_loop(self.llm, self.llm.tokenizer.encode, prompt))
             gen = self.llm.generate(prompt, params, new_request_id(), priority=int(request.priority))
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             await abort_with(context, e)
@@ -234,7 +236,7 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
             if len(request.text) > self.limits.max_request_body_bytes:
                 raise RpcError(_INVALID, "text: longer than server.max_request_body_bytes")
             tok = self.llm.tokenizer
-            ids = [int(i) for i in tok.encode(request.text)]
+            ids = [int(i) for i in await off_loop(self.llm, tok.encode, request.text)]
             tokens = [t if isinstance(t, str) else "" for t in tok.convert_ids_to_tokens(ids)]
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)

@@ -93,6 +93,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if not errors:
             return error_response(400, "invalid request body", "body", "invalid_value")
         first = errors[0]
+        # A union field (prompt: str | list[int] | ...) reports one error per member: name the most
+        # specific one (prompt[0] out of range beats "prompt: should be a string").
+        head = tuple(first.get("loc", ()))[:2]
+        same = [e for e in errors if tuple(e.get("loc", ()))[:2] == head]
+        first = max(same, key=lambda e: len(_loc_to_param(tuple(e.get("loc", ())))))
         kind = first.get("type", "")
         if kind == "json_invalid":
             return error_response(400, "body: not valid JSON", "body", "invalid_json")

@@ -7,9 +7,10 @@ Must not import the engine loop, torch or FastAPI.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +25,22 @@ from mindie_llm.server.protocol_limits import RequestLimitError, RequestLimits
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions", "to_sampling_kwargs"]
 
 _INT64_MAX = (1 << 63) - 1
+_INT32_MAX = (1 << 31) - 1
+
+
+def _valid_unicode(v: str) -> str:
+    """JSON may carry lone surrogates (``"\\ud800"``) that no tokenizer can encode: refused here,
+    naming the field, instead of failing deep inside the engine."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode (contains a lone surrogate)") from None
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+# Token ids on the wire: int32 on the step message; the vocabulary bound is checked by the handler.
+TokenId = Annotated[StrictInt, Field(ge=0, le=_INT32_MAX)]
 Number = StrictInt | StrictFloat
 
 
@@ -38,7 +55,7 @@ class StreamOptions(_Strict):
 class _SamplingFields(_Strict):
     """Fields both endpoints share (OpenAI names, plus vLLM-style extensions)."""
 
-    model: StrictStr = Field(min_length=1, max_length=256)
+    model: Text = Field(min_length=1, max_length=256)
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=_INT64_MAX)
     # Sampling ranges are SamplingParams' (sampling_params.SAMPLING_BOUNDS), the same on every front end.
     temperature: Number | None = None
@@ -46,11 +63,11 @@ class _SamplingFields(_Strict):
     n: StrictInt = Field(default=1, ge=1, le=1 << 20)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = Field(default=None, ge=-(1 << 63), le=_INT64_MAX)
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
-    user: StrictStr | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
     # Extensions (vLLM names), sent by the openai client through extra_body.
     top_k: StrictInt | None = None
     min_p: Number | None = None
@@ -66,20 +83,20 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``: one prompt (text or token ids)."""
 
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] = Field(
+    prompt: Text | list[TokenId] | list[Text] = Field(
         description="A string or a list of token ids; a list of strings must hold exactly one string")
     logprobs: StrictInt | None = Field(default=None, ge=0, le=1 << 20)
 
 
 class ChatContentPart(_Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: StrictStr | list[ChatContentPart] | None = None
-    name: StrictStr | None = Field(default=None, max_length=256)
+    content: Text | list[ChatContentPart] | None = None
+    name: Text | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
         if self.content is None:

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mindie_llm.sampling_params import SamplingParams
 from mindie_llm.server.http.errors import error_for_exception, error_response
+from mindie_llm.server.http.middleware import USAGE_STATE_KEY
 from mindie_llm.server.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,6 +39,13 @@ def _lp(x: float | None) -> float | None:
     return x if math.isfinite(x) else _MIN_LOGPROB
 
 
+def _record_usage(raw: Request | None, out: Any) -> None:
+    """Token counts for the access log line."""
+    if raw is not None and out is not None:
+        raw.scope.setdefault("state", {})[USAGE_STATE_KEY] = (
+            len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))
+
+
 class _Choice:
     """Streaming state of one sample: what has been sent so far."""
 
@@ -51,10 +59,48 @@ class _Choice:
 
 
 class OpenAIServing:
-    def __init__(self, async_llm: Any, limits: RequestLimits) -> None:
+    def __init__(self, async_llm: Any, limits: RequestLimits, *, chat_content_special_tokens: bool = False) -> None:
         self.llm = async_llm
         self.limits = limits
         self.model_name: str = async_llm.model_name
+        self.chat_content_special_tokens = chat_content_special_tokens
+
+    async def _off_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """CPU-heavy preparation (tokenizing, templates) off the event loop."""
+        run = getattr(self.llm, "run_cpu", None)
+        if run is None:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return await run(fn, *args, **kwargs)
+
+    def _check_ids(self, ids: list[int], name: str) -> None:
+        vocab = int(getattr(self.llm.tokenizer, "vocab_size", 0) or 0)
+        if vocab:
+            for i, t in enumerate(ids):
+                if not 0 <= t < vocab:
+                    raise RequestLimitError(f"{name}[{i}]", f"token id {t} is outside the vocabulary [0, {vocab})")
+
+    async def _tokenize(self, text: str, name: str) -> list[int]:
+        try:
+            return list(await self._off_loop(self.llm.tokenizer.encode, text))
+        except (ValueError, UnicodeError) as e:
+            raise RequestLimitError(name, f"cannot be tokenized ({str(e).splitlines()[0][:200]})") from None
+
+    async def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        tok = self.llm.tokenizer
+        encode_chat = getattr(tok, "encode_chat", None)
+
+        def run() -> list[int]:
+            if encode_chat is not None:
+                return list(encode_chat(messages, add_generation_prompt,
+                                        content_special_tokens=self.chat_content_special_tokens))
+            return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)))
+
+        try:
+            return await self._off_loop(run)
+        except ValueError as e:  # ChatTemplateError, TokenizerError: the message names the template
+            raise RequestLimitError("messages", str(e).splitlines()[0][:300] or "rejected by the chat template") from None
+        except Exception:  # noqa: BLE001 - a template error must read as a 400, not a 500
+            raise RequestLimitError("messages", "the model's chat template rejected this conversation") from None
 
     # ------------------------------------------------------------------ helpers
     def _token_str(self, token_id: int, entry: Any) -> str:
@@ -162,7 +208,7 @@ class OpenAIServing:
         default_max_tokens = min(16, self.limits.max_tokens_limit)  # OpenAI's completion default
         if kind == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
             # As OpenAI: without a cap, a chat reply may use the rest of the context window.
-            room = self.llm.max_model_len - len(self.llm.tokenizer.encode(prompt))
+            room = self.llm.max_model_len - len(prompt)   # chat prompts arrive as token ids
             default_max_tokens = max(1, min(self.limits.max_tokens_limit, room))
         kw = to_sampling_kwargs(req, self.limits, default_max_tokens=default_max_tokens)
         params = SamplingParams(**kw)
@@ -176,7 +222,7 @@ class OpenAIServing:
         k = int(kw.get("logprobs") or 0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self._stream(gen, first, rid, created, kind, k, include_usage, params.logprobs is not None)
+            body = self._stream(gen, first, rid, created, kind, k, include_usage, params.logprobs is not None, raw)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         try:
@@ -186,6 +232,7 @@ class OpenAIServing:
         except (ValueError, RuntimeError) as e:
             status, msg, param, code = error_for_exception(e)
             return error_response(status, msg, param, code)
+        _record_usage(raw, last)
         return JSONResponse(self._final(last, rid, created, kind, k, params.logprobs is not None))
 
     def _final(self, out: Any, rid: str, created: int, kind: str, k: int, want_lp: bool) -> dict[str, Any]:
@@ -204,7 +251,7 @@ class OpenAIServing:
                 "created": created, "model": self.model_name, "choices": choices, "usage": self._usage(out)}
 
     async def _stream(self, gen: AsyncIterator[Any], first: Any, rid: str, created: int, kind: str, k: int,
-                      include_usage: bool, want_lp: bool) -> AsyncIterator[str]:
+                      include_usage: bool, want_lp: bool, raw: Request | None = None) -> AsyncIterator[str]:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         state: dict[int, _Choice] = {}
         last = first
@@ -255,6 +302,7 @@ class OpenAIServing:
             if include_usage and last is not None:
                 yield self._sse({"id": rid, "object": obj, "created": created, "model": self.model_name,
                                  "choices": [], "usage": self._usage(last)})
+            _record_usage(raw, last)
             yield "data: [DONE]\n\n"
         except (ValueError, RuntimeError) as e:
             _, msg, param, code = error_for_exception(e)
@@ -273,15 +321,16 @@ class OpenAIServing:
             prompt = prompt[0]
         if (isinstance(prompt, str) and not prompt) or (isinstance(prompt, list) and not prompt):
             raise RequestLimitError("prompt", "must not be empty")
+        if isinstance(prompt, str):
+            prompt = await self._tokenize(prompt, "prompt")
+        else:
+            self._check_ids(prompt, "prompt")
         return await self._run(req, raw, prompt, "completion")
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            prompt = self.llm.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-        except Exception:  # noqa: BLE001 - a template error must read as a 400, not a 500
-            raise RequestLimitError("messages", "the model's chat template rejected this conversation") from None
+        prompt = await self._chat_ids(messages, req.add_generation_prompt)
         if not prompt:
             raise RequestLimitError("messages", "the conversation renders to an empty prompt")
         return await self._run(req, raw, prompt, "chat")
