@@ -33,33 +33,94 @@ class StartupError(Exception):
         super().__init__(message)
 
 
+# vLLM's flag names for the common keys: flag -> (config key, type). The YAML stays the deployment
+# format; a flag overrides its key (docs/configuration.md has the same table).
+VLLM_FLAGS: dict[str, tuple[str, Any]] = {
+    "--max-model-len": ("model.max_seq_len", int),
+    "--tensor-parallel-size": ("parallel.tensor_parallel_size", int),
+    "--served-model-name": ("model.served_model_name", str),
+    "--dtype": ("model.dtype", str),
+    "--api-key": ("server.api_key", str),
+    "--max-num-seqs": ("scheduler.max_batch_size", int),
+    "--max-num-batched-tokens": ("scheduler.max_prefill_tokens", int),
+    "--enable-prefix-caching": ("cache.enable_prefix_caching", bool),
+    "--quantization": ("model.quantization", str),
+    "--gpu-memory-utilization": ("cache.gpu_memory_utilization", float),
+    "--block-size": ("cache.cache_block_size", int),
+    "--seed": ("model.seed", int),
+    "--tokenizer": ("model.tokenizer", str),
+    "--enable-chunked-prefill": ("scheduler.enable_chunked_prefill", bool),
+    "--device": ("backend.device", str),
+}
+_SHORT = {"--tensor-parallel-size": "-tp", "--quantization": "-q"}
+_VLLM_DTYPES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _dest(flag: str) -> str:
+    return "vllm_" + flag.lstrip("-").replace("-", "_")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mindie-llm serve",
-                                description="Serve a model over HTTP (OpenAI-compatible) and gRPC.")
+                                description="Serve a model over HTTP (OpenAI-compatible) and gRPC. "
+                                            "vLLM's flag names map to YAML keys (docs/configuration.md).")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="HF directory or .gguf file (as vLLM's positional model); also the served model name "
+                        "unless --served-model-name or model.served_model_name says otherwise")
     p.add_argument("--config", "-c", default=None, help="deployment YAML (default: built-in defaults)")
     p.add_argument("--set", dest="set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one key of the YAML (repeatable), e.g. --set server.http_port=9000")
-    p.add_argument("--model", default=None, help="shortcut for --set model.path=...")
-    p.add_argument("--host", default=None, help="shortcut for --set server.host=...")
-    p.add_argument("--port", type=int, default=None, help="shortcut for --set server.http_port=...")
-    p.add_argument("--grpc-port", type=int, default=None, help="shortcut for --set server.grpc_port=...")
+    p.add_argument("--model", default=None, help="the same as the positional MODEL")
+    p.add_argument("--host", default=None, help="server.host")
+    p.add_argument("--port", type=int, default=None, help="server.http_port")
+    p.add_argument("--grpc-port", type=int, default=None, help="server.grpc_port")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    for flag, (key, typ) in VLLM_FLAGS.items():
+        names = [flag, *([_SHORT[flag]] if flag in _SHORT else [])]
+        if typ is bool:
+            p.add_argument(*names, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None,
+                           help=key)
+        else:
+            p.add_argument(*names, dest=_dest(flag), type=typ, default=None, help=key)
     return p
 
 
-def load_config(args: argparse.Namespace) -> Any:
-    """The deployment from ``--config`` and the overrides; raises ``ConfigError`` naming the key."""
-    from mindie_llm.config import EngineConfig
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The vLLM flags given, as {``section__key``: typed value} for ``EngineConfig.from_kwargs``."""
+    out: dict[str, Any] = {}
+    for flag, (key, _) in VLLM_FLAGS.items():
+        v = getattr(args, _dest(flag), None)
+        if v is None:
+            continue
+        if flag == "--dtype":
+            v = _VLLM_DTYPES.get(v, v)
+        out[key.replace(".", "__")] = v
+    return out
 
+
+def load_config(args: argparse.Namespace) -> Any:
+    """The deployment from ``--config``, the ``--set`` overrides and the vLLM flags (in that order);
+    raises ``ConfigError`` naming the key."""
+    from mindie_llm.config import ConfigError, EngineConfig
+
+    model = getattr(args, "model", None)
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and model is not None and tag != model:
+        raise ConfigError("model.path", f"given twice: positional {tag!r} and --model {model!r}")
+    model = tag if tag is not None else model
     overrides = list(getattr(args, "set", None) or [])
-    for attr, key in (("model", "model.path"), ("host", "server.host"), ("port", "server.http_port"),
-                      ("grpc_port", "server.grpc_port")):
+    for attr, key in (("host", "server.host"), ("port", "server.http_port"), ("grpc_port", "server.grpc_port")):
         v = getattr(args, attr, None)
         if v is not None:
             overrides.append(f"{key}={v}")
-    if args.config:
-        return EngineConfig.from_yaml(args.config, overrides)
-    return EngineConfig.from_overrides(overrides)
+    cfg = EngineConfig.from_yaml(args.config, overrides) if args.config else EngineConfig.from_overrides(overrides)
+    kwargs = _flag_overrides(args)
+    if model is not None:
+        kwargs["model__path"] = model
+        # vLLM's rule: the served name is the model argument as given, unless one is set.
+        if "model__served_model_name" not in kwargs and cfg.model.served_model_name is None:
+            kwargs["model__served_model_name"] = model
+    return EngineConfig.from_kwargs(cfg, **kwargs) if kwargs else cfg
 
 
 def _bind(host: str, port: int, what: str) -> socket.socket:

@@ -32,7 +32,7 @@ def _post(srv, path, body) -> httpx.Response:
     (C, {"model": M, "prompt": [10 ** 9], "max_tokens": 2}, "prompt[0]"),
     (C, {"model": M, "prompt": "hi", "max_tokens": 2, "stop_token_ids": [2 ** 64]}, "stop_token_ids"),
     (C, {"model": M, "prompt": "a\ud800b", "max_tokens": 2}, "prompt"),
-    (C, {"model": M, "prompt": "hi", "max_tokens": 2, "stop": ["x\udfffy"]}, "stop"),
+    (C, {"model": M, "prompt": "hi", "max_tokens": 2, "stop": ["x\udfffy"]}, "stop[0]"),
     (CH, {"model": M, "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
     (CH, {"model": M, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}],
           "max_tokens": 2}, "messages[0].content[0].text"),

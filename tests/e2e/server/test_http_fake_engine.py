@@ -380,7 +380,7 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "x", "n": 0}, "n"),
     ("completions", {"model": MODEL, "prompt": "x", "n": 17}, "n"),
     ("completions", {"model": MODEL, "prompt": "", "max_tokens": 2}, "prompt"),
-    ("completions", {"model": "other", "prompt": "x"}, "model"),
+    ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
     ("completions", {"model": MODEL, "prompt": "x", "bogus": 1}, "bogus"),
     ("completions", {"model": MODEL, "prompt": "x", "stop": ["s"] * 17}, "stop"),
     ("completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),

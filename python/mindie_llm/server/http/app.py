@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The FastAPI application: OpenAI routes, ``/health``, ``/ready``, ``/metrics``, ``/v1/models``.
+"""The FastAPI application: OpenAI routes, ``/health``, ``/ready``, ``/metrics``, ``/v1/models``,
+and vLLM's ``/tokenize``, ``/detokenize`` and ``/version``.
 
 Owns routing and the middleware order (access log outermost, then API key, then body cap). Must not import torch or
 the ``LLMEngine``; it talks to ``AsyncLLM`` only.
@@ -14,7 +15,12 @@ from fastapi.responses import JSONResponse, Response
 
 from mindie_llm.server.http.errors import error_response, install_error_handlers
 from mindie_llm.server.http.middleware import AccessLogMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
-from mindie_llm.server.http.protocol import ChatCompletionRequest, CompletionRequest
+from mindie_llm.server.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from mindie_llm.server.http.serving import OpenAIServing
 from mindie_llm.server.metrics import CONTENT_TYPE, ServerMetrics
 from mindie_llm.server.protocol_limits import RequestLimits
@@ -64,6 +70,20 @@ def build_app(async_llm: Any, config: Any, metrics: ServerMetrics | None = None)
     @app.post("/v1/chat/completions", summary="OpenAI chat completion (JSON or SSE stream)")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
+
+    @app.post("/tokenize", summary="Token ids of a prompt or of chat messages (vLLM)")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize", summary="Text of token ids (vLLM)")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return await serving.detokenize(body)
+
+    @app.get("/version", summary="The server's version")
+    async def version() -> Response:
+        from mindie_llm import __version__
+
+        return JSONResponse({"version": __version__})
 
     app.state.metrics = metrics
     app.state.async_llm = async_llm

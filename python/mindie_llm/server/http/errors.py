@@ -19,6 +19,7 @@ from mindie_llm.engine.async_llm import (
     EngineDrainingError,
     QueueFullError,
 )
+from mindie_llm.server.protocol_limits import ModelNotFoundError
 
 __all__ = ["error_body", "error_for_exception", "error_response", "install_error_handlers", "param_of"]
 
@@ -60,6 +61,8 @@ def error_for_exception(exc: BaseException) -> tuple[int, str, str | None, str |
         return 503, "the server is shutting down", None, "draining"
     if isinstance(exc, EngineDeadError):
         return 500, "the engine has stopped; the server cannot serve requests", None, "engine_dead"
+    if isinstance(exc, ModelNotFoundError):
+        return 404, str(exc)[:512], "model", "model_not_found"
     if isinstance(exc, ValueError):
         msg = str(exc).splitlines()[0][:512] if str(exc) else "invalid request"
         return 400, msg, param_of(exc), "invalid_value"

@@ -22,7 +22,8 @@ from pydantic import (
 
 from mindie_llm.server.protocol_limits import RequestLimitError, RequestLimits
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions", "to_sampling_kwargs"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "StreamOptions",
+           "TokenizeRequest", "to_sampling_kwargs"]
 
 _INT64_MAX = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
@@ -50,9 +51,55 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False   # vLLM: usage in every chunk
 
 
-class _SamplingFields(_Strict):
+# OpenAI / vLLM fields this server knows but does not implement: accepted when absent or null
+# (clients send some as null), refused with "not supported" otherwise (not "unknown field").
+NOT_SUPPORTED_FIELDS = (
+    "logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call",
+    "parallel_tool_calls", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs", "suffix", "audio",
+    "modalities", "prediction", "reasoning_effort", "web_search_options", "lora_request",
+)
+
+
+class _NotSupported(_Strict):
+    """Declared so that a client sending them learns they are not supported."""
+
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    suffix: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+    lora_request: Any = None
+
+    def check_supported(self) -> None:
+        for name in NOT_SUPPORTED_FIELDS:
+            v = getattr(self, name)
+            if v is None or (name == "tool_choice" and v == "none") or (name == "tools" and v == []) or \
+                    (name == "response_format" and isinstance(v, dict) and v.get("type") == "text") or \
+                    (name == "parallel_tool_calls" and not self.tools):
+                continue
+            raise RequestLimitError(name, "not supported by this server")
+
+
+class _SamplingFields(_NotSupported):
     """Fields both endpoints share (OpenAI names, plus vLLM-style extensions)."""
 
     model: Text = Field(min_length=1, max_length=256)
@@ -78,14 +125,17 @@ class _SamplingFields(_Strict):
     skip_special_tokens: StrictBool | None = None
     include_stop_str_in_output: StrictBool | None = None
     priority: StrictInt = Field(default=0, ge=-(1 << 31), le=(1 << 31) - 1)
+    prompt_logprobs: StrictInt | None = Field(default=None, ge=0, le=1 << 20)
 
 
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``: one prompt (text or token ids)."""
 
-    prompt: Text | list[TokenId] | list[Text] = Field(
-        description="A string or a list of token ids; a list of strings must hold exactly one string")
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]] = Field(
+        description="A string, a list of token ids, or a list of either (one choice set per prompt)")
     logprobs: StrictInt | None = Field(default=None, ge=0, le=1 << 20)
+    echo: StrictBool = False
+    best_of: StrictInt | None = Field(default=None, ge=1, le=1 << 20)
 
 
 class ChatContentPart(_Strict):
@@ -116,6 +166,23 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: StrictBool = True
 
 
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM): a prompt, or chat messages rendered by the chat template."""
+
+    model: Text | None = Field(default=None, max_length=256)
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=1024)
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` (vLLM)."""
+
+    model: Text | None = Field(default=None, max_length=256)
+    tokens: list[TokenId] = Field(max_length=1 << 20)
+
+
 def _resolve_max_tokens(req: _SamplingFields, default: int) -> tuple[int, str]:
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
@@ -132,6 +199,7 @@ def to_sampling_kwargs(req: CompletionRequest | ChatCompletionRequest, limits: R
 
     Raises :class:`RequestLimitError` (a ValueError) naming the wire field.
     """
+    req.check_supported()
     max_tokens, max_tokens_name = _resolve_max_tokens(req, default_max_tokens)
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs is not None and not req.logprobs:
@@ -145,7 +213,10 @@ def to_sampling_kwargs(req: CompletionRequest | ChatCompletionRequest, limits: R
                  names={"max_tokens": max_tokens_name, "logprobs": logprobs_name})
     if req.stream_options is not None and not req.stream:
         raise RequestLimitError("stream_options", "only allowed when stream is true")
-    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "logprobs": logprobs, "seed": req.seed}
+    if req.prompt_logprobs is not None:
+        limits.check(logprobs=req.prompt_logprobs, names={"logprobs": "prompt_logprobs"})
+    kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "logprobs": logprobs, "seed": req.seed,
+                          "prompt_logprobs": req.prompt_logprobs}
     optional = {
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
         "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,

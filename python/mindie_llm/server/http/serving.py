@@ -24,13 +24,17 @@ from mindie_llm.server.http.middleware import USAGE_STATE_KEY
 from mindie_llm.server.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     to_sampling_kwargs,
 )
-from mindie_llm.server.protocol_limits import RequestLimitError, RequestLimits
+from mindie_llm.server.protocol_limits import ModelNotFoundError, RequestLimitError, RequestLimits
 
 __all__ = ["OpenAIServing"]
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
+_MAX_PROMPTS = 64       # prompts in one completions request (each is admitted as its own request)
+
 
 
 def _lp(x: float | None) -> float | None:
@@ -39,11 +43,14 @@ def _lp(x: float | None) -> float | None:
     return x if math.isfinite(x) else _MIN_LOGPROB
 
 
-def _record_usage(raw: Request | None, out: Any) -> None:
+def _record_usage(raw: Request | None, out: Any, counts: tuple[int, int] | None = None) -> None:
     """Token counts for the access log line."""
-    if raw is not None and out is not None:
-        raw.scope.setdefault("state", {})[USAGE_STATE_KEY] = (
-            len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))
+    if raw is None:
+        return
+    if counts is None and out is not None:
+        counts = (len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))
+    if counts is not None:
+        raw.scope.setdefault("state", {})[USAGE_STATE_KEY] = counts
 
 
 class _Choice:
@@ -150,7 +157,7 @@ class OpenAIServing:
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise RequestLimitError("model", f"unknown model; this server serves {self.model_name!r}")
+            raise ModelNotFoundError(model, self.model_name)
 
     async def _start(self, prompt: Any, params: SamplingParams, rid: str, priority: int
                      ) -> tuple[AsyncIterator[Any], Any]:
@@ -166,12 +173,9 @@ class OpenAIServing:
         return gen, first
 
     @staticmethod
-    async def _collect(gen: AsyncIterator[Any], first: Any, raw: Request) -> Any:
-        """Runs ``gen`` to its end, aborting it if the client disconnects first."""
-        last = first
-
-        async def consume() -> Any:
-            nonlocal last
+    async def _collect(streams: list[tuple[AsyncIterator[Any], Any]], raw: Request) -> list[Any]:
+        """Runs every generator to its end, aborting them all if the client disconnects first."""
+        async def consume(gen: AsyncIterator[Any], last: Any) -> Any:
             if last is not None and last.finished:
                 return last
             async for out in gen:
@@ -184,100 +188,191 @@ class OpenAIServing:
                 if message["type"] == "http.disconnect":
                     return
 
-        task = asyncio.ensure_future(consume())
+        task = asyncio.ensure_future(asyncio.gather(*(consume(g, f) for g, f in streams)))
         watch = asyncio.ensure_future(disconnected())
         try:
             done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
-                return task.result()
+                return list(task.result())
             task.cancel()
             raise asyncio.CancelledError()
         finally:
             watch.cancel()
             if not task.done():
                 task.cancel()
-            # The generator must not be running in ``task`` when it is closed here.
+            # The generators must not be running in ``task`` when they are closed here.
             await asyncio.gather(task, watch, return_exceptions=True)
-            await gen.aclose()
+            for gen, _ in streams:
+                await gen.aclose()
 
     @staticmethod
     def _sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
-    async def _run(self, req: Any, raw: Request, prompt: Any, kind: str) -> Response:
+    def _prompt_logprobs(self, out: Any) -> list[Any] | None:
+        lps = getattr(out, "prompt_logprobs", None)
+        if lps is None:
+            return None
+        return [None if e is None else
+                {str(t): {"logprob": _lp(v.logprob), "rank": v.rank, "decoded_token": self._token_str(t, v)}
+                 for t, v in e.items()} for e in lps]
+
+    async def _run(self, req: Any, raw: Request, prompts: list[list[int]], kind: str,
+                   echo_texts: list[str] | None = None) -> Response:
         default_max_tokens = min(16, self.limits.max_tokens_limit)  # OpenAI's completion default
         if kind == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
             # As OpenAI: without a cap, a chat reply may use the rest of the context window.
-            room = self.llm.max_model_len - len(prompt)   # chat prompts arrive as token ids
+            room = self.llm.max_model_len - len(prompts[0])   # prompts arrive as token ids
             default_max_tokens = max(1, min(self.limits.max_tokens_limit, room))
         kw = to_sampling_kwargs(req, self.limits, default_max_tokens=default_max_tokens)
+        best_of = getattr(req, "best_of", None)
+        want_lp = kw.get("logprobs") is not None
+        if best_of is not None and best_of != req.n:
+            if best_of < req.n:
+                raise RequestLimitError("best_of", f"must be >= n ({req.n}); got {best_of}")
+            if req.stream:
+                raise RequestLimitError("best_of", "cannot be used with stream (as OpenAI)")
+            self.limits.check(n=best_of, names={"n": "best_of"})
+            kw["n"] = best_of   # ranked by cumulative logprob below, which needs logprobs computed
+            kw["logprobs"] = kw.get("logprobs") or 0
+        if echo_texts is not None and want_lp:
+            raise RequestLimitError("echo", "not supported together with logprobs")
         params = SamplingParams(**kw)
         rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        streams: list[tuple[AsyncIterator[Any], Any]] = []
         try:
-            gen, first = await self._start(prompt, params, rid, req.priority)
+            for i, prompt in enumerate(prompts):
+                streams.append(await self._start(prompt, params, rid if len(prompts) == 1 else f"{rid}-{i}",
+                                                 req.priority))
         except (ValueError, RuntimeError) as e:
+            for gen, _ in streams:
+                await gen.aclose()
             status, msg, param, code = error_for_exception(e)
+            if len(prompts) > 1 and param == "prompt":
+                msg = f"prompt[{len(streams)}]: {msg.partition(': ')[2] or msg}"
+                param = f"prompt[{len(streams)}]"
             return error_response(status, msg, param, code)
         created = int(time.time())
         k = int(kw.get("logprobs") or 0)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self._stream(gen, first, rid, created, kind, k, include_usage, params.logprobs is not None, raw)
+            opts = req.stream_options
+            usage_mode = ("continuous" if opts and opts.include_usage and opts.continuous_usage_stats else
+                          "final" if opts and opts.include_usage else None)
+            body = self._stream(streams, rid, created, kind, k, usage_mode, want_lp, raw, params.n, echo_texts)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         try:
-            last = await self._collect(gen, first, raw)
+            lasts = await self._collect(streams, raw)
         except asyncio.CancelledError:
             return Response(status_code=499)
         except (ValueError, RuntimeError) as e:
             status, msg, param, code = error_for_exception(e)
             return error_response(status, msg, param, code)
-        _record_usage(raw, last)
-        return JSONResponse(self._final(last, rid, created, kind, k, params.logprobs is not None))
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        choices: list[dict[str, Any]] = []
+        for i, last in enumerate(lasts):
+            outs = sorted(last.outputs, key=lambda o: o.index)
+            if best_of is not None and best_of != req.n:
+                outs = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[:req.n]
+            for j, o in enumerate(outs):
+                choices.append(self._choice(o, i * req.n + j, kind, k, want_lp,
+                                            echo_texts[i] if echo_texts else "", last))
+            for key, v in self._usage(last).items():
+                usage[key] += v
+        _record_usage(raw, None, (usage["prompt_tokens"], usage["completion_tokens"]))
+        return JSONResponse({"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
+                             "created": created, "model": self.model_name, "choices": choices, "usage": usage,
+                             **({"prompt_logprobs": self._prompt_logprobs(lasts[0])}
+                                if kind == "chat" and params.prompt_logprobs is not None else {})})
 
-    def _final(self, out: Any, rid: str, created: int, kind: str, k: int, want_lp: bool) -> dict[str, Any]:
-        choices = []
-        for o in sorted(out.outputs, key=lambda o: o.index):
-            if kind == "completion":
-                lp = (self._completion_logprobs(o.token_ids, o.logprobs, k, 0) if want_lp and o.logprobs is not None
-                      else None)
-                choices.append({"index": o.index, "text": o.text, "logprobs": lp,
-                                "finish_reason": self._finish_reason(o)})
-            else:
-                lp = self._chat_logprobs(o.token_ids, o.logprobs, k) if want_lp and o.logprobs is not None else None
-                choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                                "logprobs": lp, "finish_reason": self._finish_reason(o)})
-        return {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
-                "created": created, "model": self.model_name, "choices": choices, "usage": self._usage(out)}
+    def _choice(self, o: Any, index: int, kind: str, k: int, want_lp: bool, echo: str, out: Any) -> dict[str, Any]:
+        if kind == "completion":
+            lp = self._completion_logprobs(o.token_ids, o.logprobs, k, 0) if want_lp and o.logprobs is not None else None
+            choice = {"index": index, "text": echo + o.text, "logprobs": lp, "finish_reason": self._finish_reason(o)}
+            if getattr(out, "prompt_logprobs", None) is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs(out)
+            return choice
+        lp = self._chat_logprobs(o.token_ids, o.logprobs, k) if want_lp and o.logprobs is not None else None
+        return {"index": index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
+                "finish_reason": self._finish_reason(o)}
 
-    async def _stream(self, gen: AsyncIterator[Any], first: Any, rid: str, created: int, kind: str, k: int,
-                      include_usage: bool, want_lp: bool, raw: Request | None = None) -> AsyncIterator[str]:
+    async def _merged(self, streams: list[tuple[AsyncIterator[Any], Any]]) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, cumulative output) from every stream as they come; errors propagate."""
+        if len(streams) == 1:
+            gen, first = streams[0]
+            if first is not None:
+                yield 0, first
+            if first is None or not first.finished:
+                async for out in gen:
+                    yield 0, out
+            return
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, gen: AsyncIterator[Any], first: Any) -> None:
+            try:
+                if first is not None:
+                    await q.put((i, first))
+                if first is None or not first.finished:
+                    async for out in gen:
+                        await q.put((i, out))
+                await q.put((i, done))
+            except Exception as e:  # noqa: BLE001 - re-raised on the consumer side
+                await q.put((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, g, f)) for i, (g, f) in enumerate(streams)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await q.get()
+                if item is done:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, streams: list[tuple[AsyncIterator[Any], Any]], rid: str, created: int, kind: str,
+                      k: int, usage_mode: str | None, want_lp: bool, raw: Request | None, n: int,
+                      echo_texts: list[str] | None) -> AsyncIterator[str]:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         state: dict[int, _Choice] = {}
-        last = first
+        lasts: dict[int, Any] = {}
 
-        def chunks(out: Any) -> list[str]:
+        def usage_now() -> dict[str, int]:
+            p = sum(len(o.prompt_token_ids) for o in lasts.values())
+            c = sum(len(x.token_ids) for o in lasts.values() for x in o.outputs)
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+        def chunks(pi: int, out: Any) -> list[str]:
             res = []
             for o in sorted(out.outputs, key=lambda o: o.index):
-                st = state.setdefault(o.index, _Choice())
+                index = pi * n + o.index
+                st = state.setdefault(index, _Choice())
                 if st.finished:
                     continue
                 delta_text = o.text[st.text_len:]
                 new_ids = o.token_ids[st.num_logprobs:]
                 new_lps = o.logprobs[st.num_logprobs:] if (want_lp and o.logprobs is not None) else None
                 done = o.finish_reason is not None
-                if not delta_text and not done and not (kind == "chat" and not st.started) and not new_lps:
+                needs_first = not st.started and (kind == "chat" or bool(echo_texts))
+                if not delta_text and not done and not needs_first and not new_lps:
                     continue
                 if kind == "completion":
                     lp = self._completion_logprobs(new_ids, new_lps, k, st.text_len) if new_lps else None
-                    choice = {"index": o.index, "text": delta_text, "logprobs": lp,
+                    prefix = echo_texts[pi] if (echo_texts and not st.started) else ""
+                    choice = {"index": index, "text": prefix + delta_text, "logprobs": lp,
                               "finish_reason": o.finish_reason if done else None}
                 else:
                     delta: dict[str, Any] = {"content": delta_text}
                     if not st.started:
                         delta["role"] = "assistant"
                     lp = self._chat_logprobs(new_ids, new_lps, k) if new_lps else None
-                    choice = {"index": o.index, "delta": delta, "logprobs": lp,
+                    choice = {"index": index, "delta": delta, "logprobs": lp,
                               "finish_reason": o.finish_reason if done else None}
                 st.started = True
                 st.text_len = len(o.text)
@@ -285,52 +380,88 @@ class OpenAIServing:
                 st.finished = done
                 chunk = {"id": rid, "object": obj, "created": created, "model": self.model_name,
                          "choices": [choice]}
-                if include_usage:
+                if usage_mode == "final":
                     chunk["usage"] = None
+                elif usage_mode == "continuous":
+                    chunk["usage"] = usage_now()
                 res.append(self._sse(chunk))
             return res
 
         try:
-            if first is not None:
-                for c in chunks(first):
+            async for pi, out in self._merged(streams):
+                lasts[pi] = out
+                for c in chunks(pi, out):
                     yield c
-            if first is None or not first.finished:
-                async for out in gen:
-                    last = out
-                    for c in chunks(out):
-                        yield c
-            if include_usage and last is not None:
+            if usage_mode is not None and lasts:
                 yield self._sse({"id": rid, "object": obj, "created": created, "model": self.model_name,
-                                 "choices": [], "usage": self._usage(last)})
-            _record_usage(raw, last)
+                                 "choices": [], "usage": usage_now()})
+            if lasts:
+                u = usage_now()
+                _record_usage(raw, None, (u["prompt_tokens"], u["completion_tokens"]))
             yield "data: [DONE]\n\n"
         except (ValueError, RuntimeError) as e:
             _, msg, param, code = error_for_exception(e)
             yield self._sse({"error": {"message": msg, "type": "server_error", "param": param, "code": code}})
             yield "data: [DONE]\n\n"
         finally:
-            await gen.aclose()
+            for gen, _ in streams:
+                await gen.aclose()
+
+    # ------------------------------------------------------------------ tokenizer routes (vLLM)
+    async def tokenize(self, req: TokenizeRequest) -> Response:
+        if req.model is not None:
+            self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise RequestLimitError("prompt", "send exactly one of prompt and messages")
+        tok = self.llm.tokenizer
+        if req.messages is not None:
+            ids = await self._chat_ids([{"role": m.role, "content": m.text()} for m in req.messages],
+                                       req.add_generation_prompt)
+        else:
+            try:
+                ids = list(await self._off_loop(tok.encode, req.prompt, req.add_special_tokens))
+            except (ValueError, TypeError):
+                ids = await self._tokenize(req.prompt, "prompt")
+        return JSONResponse({"count": len(ids), "max_model_len": self.llm.max_model_len, "tokens": ids})
+
+    async def detokenize(self, req: DetokenizeRequest) -> Response:
+        if req.model is not None:
+            self._check_model(req.model)
+        self._check_ids(req.tokens, "tokens")
+        text = await self._off_loop(self.llm.tokenizer.decode, list(req.tokens))
+        return JSONResponse({"prompt": text})
 
     # ------------------------------------------------------------------ routes
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
-        prompt: Any = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise RequestLimitError("prompt", "a list of strings must hold exactly one prompt")
-            prompt = prompt[0]
-        if (isinstance(prompt, str) and not prompt) or (isinstance(prompt, list) and not prompt):
-            raise RequestLimitError("prompt", "must not be empty")
-        if isinstance(prompt, str):
-            prompt = await self._tokenize(prompt, "prompt")
+        raw_prompts: list[Any]
+        if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
+            raw_prompts = [req.prompt]
         else:
-            self._check_ids(prompt, "prompt")
-        return await self._run(req, raw, prompt, "completion")
+            raw_prompts = list(req.prompt)
+        if not raw_prompts:
+            raise RequestLimitError("prompt", "must not be empty")
+        if len(raw_prompts) > _MAX_PROMPTS:
+            raise RequestLimitError("prompt", f"at most {_MAX_PROMPTS} prompts in one request; got {len(raw_prompts)}")
+        prompts, echo = [], []
+        for i, p in enumerate(raw_prompts):
+            name = "prompt" if len(raw_prompts) == 1 else f"prompt[{i}]"
+            if not p:
+                raise RequestLimitError(name, "must not be empty")
+            if isinstance(p, str):
+                prompts.append(await self._tokenize(p, name))
+                echo.append(p)
+            else:
+                self._check_ids(list(p), name)
+                prompts.append(list(p))
+                echo.append(self.llm.tokenizer.decode(list(p)) if req.echo else "")
+        return await self._run(req, raw, prompts, "completion", echo if req.echo else None)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
+        req.check_supported()   # before the template: tools would otherwise be ignored silently
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt = await self._chat_ids(messages, req.add_generation_prompt)
         if not prompt:
             raise RequestLimitError("messages", "the conversation renders to an empty prompt")
-        return await self._run(req, raw, prompt, "chat")
+        return await self._run(req, raw, [prompt], "chat")

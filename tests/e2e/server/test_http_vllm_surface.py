@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vLLM's HTTP surface over the fake engine (in process): model_not_found, /tokenize, /detokenize,
+/version, several prompts in one completions request, echo, best_of, continuous usage stats and
+"not supported" refusals. Oracle: the fake engine's hand-computable text (expected_text).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from mindie_llm.config import EngineConfig
+from mindie_llm.engine.async_llm import AsyncLLM
+from mindie_llm.server.http.app import build_app
+
+from test_http_fake_engine import FakeEngine, expected_text
+
+pytestmark = pytest.mark.timeout(60)
+M = "fake-model"
+
+
+def run(fn, **server):
+    async def main():
+        eng = FakeEngine()
+        cfg = EngineConfig.from_dict({"server": server})
+        llm = AsyncLLM(eng, cfg)
+        app = build_app(llm, cfg)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+            try:
+                return await fn(c)
+            finally:
+                await llm.shutdown()
+
+    return asyncio.run(main())
+
+
+def sse(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[6:]))
+    assert text.rstrip().endswith("data: [DONE]")
+    return out
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"model": "gpt-x", "prompt": "a"}),
+                                       ("/v1/chat/completions", {"model": "gpt-x", "messages": [
+                                           {"role": "user", "content": "a"}]})])
+def test_unknown_model_is_404_model_not_found(path, body):
+    r = run(lambda c: c.post(path, json=body))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.json()["error"]["param"] == "model"
+
+
+def test_tokenize_detokenize_version():
+    async def fn(c):
+        t = (await c.post("/tokenize", json={"model": M, "prompt": "abc"})).json()
+        m = (await c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})).json()
+        d = (await c.post("/detokenize", json={"model": M, "tokens": t["tokens"]})).json()
+        v = (await c.get("/version")).json()
+        bad = await c.post("/detokenize", json={"tokens": [10 ** 6]})
+        both = await c.post("/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "x"}]})
+        return t, m, d, v, bad, both
+
+    t, m, d, v, bad, both = run(fn)
+    assert t == {"count": 3, "max_model_len": 256, "tokens": [97, 98, 99]}
+    assert m["count"] == len("<user>hi\n<assistant>")
+    assert d == {"prompt": "abc"} and isinstance(v["version"], str)
+    assert bad.status_code == 400 and both.status_code == 400
+
+
+def test_list_of_prompts_gives_one_choice_set_per_prompt():
+    body = {"model": M, "prompt": ["ab", "xy"], "max_tokens": 3, "n": 2}
+
+    async def fn(c):
+        r = await c.post("/v1/completions", json=body)
+        s = await c.post("/v1/completions", json=body | {"stream": True, "stream_options": {"include_usage": True}})
+        ids = await c.post("/v1/completions", json={"model": M, "prompt": [[97], [98, 99]], "max_tokens": 2})
+        return r, s, ids
+
+    r, s, ids = run(fn)
+    j = r.json()
+    assert [c["index"] for c in j["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in j["choices"]] == [expected_text("ab", 3)] * 2 + [expected_text("xy", 3)] * 2
+    assert j["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16}
+    chunks = sse(s.text)
+    texts: dict[int, str] = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {0: expected_text("ab", 3), 1: expected_text("ab", 3), 2: expected_text("xy", 3),
+                     3: expected_text("xy", 3)}
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    assert [c["text"] for c in ids.json()["choices"]] == [expected_text("a", 2), expected_text("bc", 2)]
+
+
+def test_echo_best_of_and_continuous_usage():
+    async def fn(c):
+        echo = await c.post("/v1/completions", json={"model": M, "prompt": "hey", "max_tokens": 2, "echo": True})
+        echo_s = await c.post("/v1/completions", json={"model": M, "prompt": "hey", "max_tokens": 2, "echo": True,
+                                                        "stream": True})
+        best = await c.post("/v1/completions", json={"model": M, "prompt": "a", "max_tokens": 2, "best_of": 3})
+        best_bad = await c.post("/v1/completions", json={"model": M, "prompt": "a", "best_of": 2, "n": 3})
+        best_stream = await c.post("/v1/completions", json={"model": M, "prompt": "a", "best_of": 2,
+                                                             "stream": True})
+        cont = await c.post("/v1/completions", json={"model": M, "prompt": "a", "max_tokens": 3, "stream": True,
+                                                      "stream_options": {"include_usage": True,
+                                                                         "continuous_usage_stats": True}})
+        return echo, echo_s, best, best_bad, best_stream, cont
+
+    echo, echo_s, best, best_bad, best_stream, cont = run(fn)
+    assert echo.json()["choices"][0]["text"] == "hey" + expected_text("hey", 2)
+    assert "".join(c["choices"][0]["text"] for c in sse(echo_s.text) if c["choices"]) == "hey" + expected_text("hey", 2)
+    b = best.json()
+    assert len(b["choices"]) == 1 and b["choices"][0]["logprobs"] is None
+    assert b["usage"]["completion_tokens"] == 6   # all best_of samples are generated (and billed)
+    assert best_bad.status_code == 400 and best_bad.json()["error"]["param"] == "best_of"
+    assert best_stream.status_code == 400 and best_stream.json()["error"]["param"] == "best_of"
+    usages = [c["usage"]["completion_tokens"] for c in sse(cont.text)]
+    assert usages == sorted(usages) and usages[0] >= 1 and usages[-1] == 3
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
+    ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"), ("logit_bias", {"1": 5}),
+    ("suffix", "x"),
+])
+def test_known_but_unsupported_fields_say_not_supported(field, value):
+    async def fn(c):
+        chat = await c.post("/v1/chat/completions", json={"model": M, "messages": [{"role": "user", "content": "a"}],
+                                                           field: value})
+        cmpl = await c.post("/v1/completions", json={"model": M, "prompt": "a", field: value})
+        return chat, cmpl
+
+    for r in run(fn):
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == field and "not supported" in err["message"]
+
+
+def test_null_and_neutral_values_of_unsupported_fields_are_accepted():
+    async def fn(c):
+        return await c.post("/v1/chat/completions", json={
+            "model": M, "messages": [{"role": "user", "content": "a"}], "max_tokens": 2, "logit_bias": None,
+            "tools": [], "tool_choice": "none", "response_format": {"type": "text"}})
+
+    r = run(fn)
+    assert r.status_code == 200, r.text
