@@ -71,6 +71,10 @@ class RequestRecord:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    inter_token_latencies: list[float] = field(default_factory=list)  # seconds, one per token after the first
+    engine_metrics: Any = None      # the last RequestOutput.metrics (queue / prefill / decode spans)
+    n: int = 1
+    max_tokens: int = 0
 
 
 @dataclass
@@ -180,7 +184,9 @@ class AsyncLLM:
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
-        record = RequestRecord(request_id=request_id, outcome="error", arrival_time=time.monotonic())
+        record = RequestRecord(request_id=request_id, outcome="error", arrival_time=time.monotonic(),
+                               n=int(getattr(params, "n", 1) or 1), max_tokens=int(getattr(params, "max_tokens", 0) or 0))
+        last_token_at = 0.0
         if self._state.dead:
             self._notify(record, "error")
             raise EngineDeadError("the engine has stopped")
@@ -215,10 +221,17 @@ class AsyncLLM:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                if record.first_token_time is None and any(o.token_ids for o in item.outputs):
-                    record.first_token_time = time.monotonic()
+                now = time.monotonic()
+                generated = sum(len(o.token_ids) for o in item.outputs)
+                if record.first_token_time is None and generated:
+                    record.first_token_time = last_token_at = now
+                elif generated > record.num_generation_tokens:
+                    new = generated - record.num_generation_tokens
+                    record.inter_token_latencies.extend([(now - last_token_at) / new] * new)
+                    last_token_at = now
                 record.num_prompt_tokens = len(item.prompt_token_ids)
-                record.num_generation_tokens = sum(len(o.token_ids) for o in item.outputs)
+                record.num_generation_tokens = generated
+                record.engine_metrics = item.metrics
                 if item.finished:
                     finished = True
                     reasons = [o.finish_reason for o in item.outputs]

@@ -123,7 +123,8 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------ requests
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
-            raise InvalidRequestError("prompt", "the model has no tokenizer (dummy weights): pass token ids")
+            raise InvalidRequestError("prompt", "the model has no tokenizer (no tokenizer.json beside the weights, "
+                                      "or dummy weights): pass token ids, or set model.tokenizer")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def validate_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
@@ -348,7 +349,8 @@ class LLMEngine:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.tokenizer is None:
-            raise InvalidRequestError("messages", "the model has no tokenizer (dummy weights)")
+            raise InvalidRequestError("messages", "the model has no tokenizer (no tokenizer.json beside the "
+                                      "weights, or dummy weights): set model.tokenizer")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
 

@@ -262,6 +262,9 @@ async def _serve(cfg: Any, make_llm: Callable[[Any], Any] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        if getattr(llm, "tokenizer", None) is None or not hasattr(llm.tokenizer, "encode"):
+            print("mindie-llm: warning: the model has no tokenizer (no tokenizer.json beside the weights); "
+                  "only token-id prompts can be served (set model.tokenizer to add one)", flush=True)
         print(f"mindie-llm ready: http={http_addr} grpc={grpc_addr} model={llm.model_name} "
               f"max_model_len={llm.max_model_len}", flush=True)
         stats_task = (asyncio.ensure_future(run_stats_line(llm, scfg.stats_interval_s))

@@ -83,3 +83,15 @@ def test_oversized_chunked_upload_gets_its_413(shared_server):
             except ConnectionResetError:
                 pass
         assert data.startswith(b"HTTP/1.1 413"), data[:200]
+
+
+def test_engine_spans_feed_the_vllm_histograms(shared_server):
+    from server_harness import metric_value
+
+    before = metric_value(shared_server.metrics_text(), "mindie:request_queue_time_seconds_count")
+    r = _post(shared_server, C, {"model": M, "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200
+    text = shared_server.metrics_text()
+    for name in ("mindie:request_queue_time_seconds_count", "mindie:request_prefill_time_seconds_count",
+                 "mindie:request_decode_time_seconds_count", "mindie:request_inference_time_seconds_count"):
+        assert metric_value(text, name) >= before + 1, name

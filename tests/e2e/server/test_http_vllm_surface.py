@@ -148,3 +148,50 @@ def test_null_and_neutral_values_of_unsupported_fields_are_accepted():
 
     r = run(fn)
     assert r.status_code == 200, r.text
+
+
+VLLM_NAMES = ["mindie:num_requests_running", "mindie:num_requests_waiting", "mindie:kv_cache_usage_perc",
+              "mindie:prefix_cache_queries_total", "mindie:prefix_cache_hits_total", "mindie:num_preemptions_total",
+              "mindie:prompt_tokens_total", "mindie:generation_tokens_total", "mindie:request_success_total",
+              "mindie:time_to_first_token_seconds_count", "mindie:inter_token_latency_seconds_count",
+              "mindie:time_per_output_token_seconds_count", "mindie:e2e_request_latency_seconds_count",
+              "mindie:request_queue_time_seconds_count", "mindie:request_prefill_time_seconds_count",
+              "mindie:request_decode_time_seconds_count", "mindie:request_inference_time_seconds_count",
+              "mindie:request_prompt_tokens_sum", "mindie:request_generation_tokens_sum"]
+
+
+def test_metrics_have_vllm_names_under_the_mindie_prefix():
+    from server_harness import metric_value
+
+    async def fn(c):
+        r = await c.post("/v1/completions", json={"model": M, "prompt": "abcd", "max_tokens": 6})
+        assert r.status_code == 200
+        return (await c.get("/metrics")).text
+
+    text = run(fn)
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    missing = [n for n in VLLM_NAMES if n not in names]
+    assert not missing, missing
+    assert metric_value(text, "mindie:request_success_total", finished_reason="length") == 1
+    assert metric_value(text, "mindie:request_generation_tokens_sum") == 6
+    assert metric_value(text, "mindie:request_prompt_tokens_sum") == 4
+    assert metric_value(text, "mindie:inter_token_latency_seconds_count") == 5   # one per token after the first
+
+
+def test_a_model_without_tokenizer_says_so():
+    async def main():
+        eng = FakeEngine()
+        eng.tokenizer = None
+        cfg = EngineConfig.from_dict({})
+        llm = AsyncLLM(eng, cfg)
+        app = build_app(llm, cfg)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            a = await c.post("/v1/completions", json={"model": M, "prompt": "hi"})
+            b = await c.post("/v1/chat/completions", json={"model": M, "messages": [{"role": "user", "content": "x"}]})
+        await llm.shutdown()
+        return a, b
+
+    for r in asyncio.run(main()):
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert "no tokenizer" in msg and "tokenizer.json" in msg and "dummy" not in msg

@@ -86,14 +86,22 @@ class OpenAIServing:
                 if not 0 <= t < vocab:
                     raise RequestLimitError(f"{name}[{i}]", f"token id {t} is outside the vocabulary [0, {vocab})")
 
+    def _tokenizer(self, name: str) -> Any:
+        tok = self.llm.tokenizer
+        if tok is None or not hasattr(tok, "encode"):
+            raise RequestLimitError(name, "the model has no tokenizer (no tokenizer.json beside the weights): "
+                                    "send token ids, or set model.tokenizer")
+        return tok
+
     async def _tokenize(self, text: str, name: str) -> list[int]:
+        self._tokenizer(name)
         try:
             return list(await self._off_loop(self.llm.tokenizer.encode, text))
         except (ValueError, UnicodeError) as e:
             raise RequestLimitError(name, f"cannot be tokenized ({str(e).splitlines()[0][:200]})") from None
 
     async def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        tok = self.llm.tokenizer
+        tok = self._tokenizer("messages")
         encode_chat = getattr(tok, "encode_chat", None)
 
         def run() -> list[int]:
@@ -413,7 +421,7 @@ class OpenAIServing:
             self._check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise RequestLimitError("prompt", "send exactly one of prompt and messages")
-        tok = self.llm.tokenizer
+        tok = self._tokenizer("prompt")
         if req.messages is not None:
             ids = await self._chat_ids([{"role": m.role, "content": m.text()} for m in req.messages],
                                        req.add_generation_prompt)
