@@ -270,3 +270,25 @@ def test_drain_timeout_aborts_streams_with_a_final_chunk_and_exits_in_time(tmp_p
         final = json.loads(lines[-2][6:])
         assert final["choices"][0]["finish_reason"] == "abort", lines[-2]
     assert "aborted 3 requests" in srv.log()
+
+
+# ------------------------------------------------------------------ bench serve: no server, keep-alive row
+def test_bench_serve_without_a_server_says_so_in_one_line(capsys):
+    from mindie_llm.server.bench_client import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["--port", str(port), "--num-requests", "2"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no server at 127.0.0.1:" in out[0]
+
+
+def test_bench_serve_reports_keep_alive_latency(fake_srv, capsys):
+    from mindie_llm.server.bench_client import main
+
+    host, port = _addr(fake_srv)
+    assert main(["--host", host, "--port", str(port), "--num-requests", "4", "--output-len", "2",
+                 "--input-len", "4"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Keep-alive 1-token latency")]
+    assert row and float(row[0].split()[-1]) < 30.0, row
