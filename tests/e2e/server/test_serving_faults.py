@@ -274,7 +274,7 @@ def test_drain_timeout_aborts_streams_with_a_final_chunk_and_exits_in_time(tmp_p
 
 # ------------------------------------------------------------------ bench serve: no server, keep-alive row
 def test_bench_serve_without_a_server_says_so_in_one_line(capsys):
-    from mindie_llm.server.bench_client import main
+    from mindie_llm.bench.serve_client import main
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -285,7 +285,7 @@ def test_bench_serve_without_a_server_says_so_in_one_line(capsys):
 
 
 def test_bench_serve_reports_keep_alive_latency(fake_srv, capsys):
-    from mindie_llm.server.bench_client import main
+    from mindie_llm.bench.serve_client import main
 
     host, port = _addr(fake_srv)
     assert main(["--host", host, "--port", str(port), "--num-requests", "4", "--output-len", "2",
