@@ -105,12 +105,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured output: exactly one of {"json": schema, "json_object": True, "regex": str,
+    # "choice": [str, ...], "grammar": lark_or_gbnf} (engine/structured_output.py compiles it).
+    guided_decoding: dict | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_ints()
         self._check_floats()
         self._check_stops()
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, dict):
+            raise SamplingParamsError("guided_decoding", "must be a dict such as {'json': schema} or None")
 
     # ------------------------------------------------------------------------------------
     def _check_ints(self) -> None:

@@ -57,11 +57,13 @@ class StreamOptions(_Strict):
 # OpenAI / vLLM fields this server knows but does not implement: accepted when absent or null
 # (clients send some as null), refused with "not supported" otherwise (not "unknown field").
 NOT_SUPPORTED_FIELDS = (
-    "logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call",
-    "parallel_tool_calls", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs", "suffix", "audio",
+    "logit_bias", "tools", "tool_choice", "functions", "function_call",
+    "parallel_tool_calls", "guided_decoding_backend", "guided_whitespace_pattern", "suffix", "audio",
     "modalities", "prediction", "reasoning_effort", "web_search_options", "lora_request",
 )
+# Structured output: wire field -> how it becomes SamplingParams.guided_decoding.
+GUIDED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                 "structured_outputs")
 
 
 class _NotSupported(_Strict):
@@ -93,10 +95,39 @@ class _NotSupported(_Strict):
         for name in NOT_SUPPORTED_FIELDS:
             v = getattr(self, name)
             if v is None or (name == "tool_choice" and v == "none") or (name == "tools" and v == []) or \
-                    (name == "response_format" and isinstance(v, dict) and v.get("type") == "text") or \
                     (name == "parallel_tool_calls" and not self.tools):
                 continue
             raise RequestLimitError(name, "not supported by this server")
+
+    def guided_spec(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(SamplingParams.guided_decoding, the wire field it came from); at most one field may ask."""
+        given = [n for n in GUIDED_FIELDS if getattr(self, n) is not None]
+        rf = self.response_format
+        if rf is not None:
+            if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+                raise RequestLimitError("response_format", "type must be text, json_object or json_schema")
+            if rf["type"] == "text":
+                given.remove("response_format")
+        if not given:
+            return None, None
+        if len(given) > 1:
+            raise RequestLimitError(given[1], f"conflicts with {given[0]}; send one structured-output field")
+        name = given[0]
+        v = getattr(self, name)
+        if name == "response_format":
+            if rf["type"] == "json_object":
+                return {"json_object": True}, name
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise RequestLimitError("response_format.json_schema", "needs a 'schema' object")
+            return {"json": js["schema"]}, "response_format.json_schema.schema"
+        if name == "structured_outputs":
+            if not isinstance(v, dict):
+                raise RequestLimitError(name, "must be an object such as {\"json\": schema}")
+            return dict(v), name
+        key = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+               "guided_grammar": "grammar"}[name]
+        return {key: v}, name
 
 
 class _SamplingFields(_NotSupported):
@@ -217,6 +248,9 @@ def to_sampling_kwargs(req: CompletionRequest | ChatCompletionRequest, limits: R
         limits.check(logprobs=req.prompt_logprobs, names={"logprobs": "prompt_logprobs"})
     kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "logprobs": logprobs, "seed": req.seed,
                           "prompt_logprobs": req.prompt_logprobs}
+    guided, _ = req.guided_spec()
+    if guided is not None:
+        kw["guided_decoding"] = guided
     optional = {
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
         "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,

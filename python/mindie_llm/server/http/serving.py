@@ -79,6 +79,17 @@ class OpenAIServing:
             return await asyncio.to_thread(fn, *args, **kwargs)
         return await run(fn, *args, **kwargs)
 
+    async def _check_guided(self, spec: dict, wire: str | None) -> None:
+        """Compiles a structured-output spec off the event loop (the engine then finds it cached);
+        a bad one is a 400 naming the wire field."""
+        so = getattr(getattr(self.llm, "engine", None), "structured_output", None)
+        if so is None:
+            raise RequestLimitError(wire or "guided_decoding", "structured output is not available on this engine")
+        try:
+            await self._off_loop(so.compile, spec)
+        except ValueError as e:
+            raise RequestLimitError(wire or "guided_decoding", str(e).partition(": ")[2][:300] or str(e)) from None
+
     def _check_ids(self, ids: list[int], name: str) -> None:
         vocab = int(getattr(self.llm.tokenizer, "vocab_size", 0) or 0)
         if vocab:
@@ -246,6 +257,8 @@ class OpenAIServing:
         if echo_texts is not None and want_lp:
             raise RequestLimitError("echo", "not supported together with logprobs")
         params = SamplingParams(**kw)
+        if params.guided_decoding is not None:
+            await self._check_guided(params.guided_decoding, req.guided_spec()[1])
         rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         streams: list[tuple[AsyncIterator[Any], Any]] = []
         try:
