@@ -134,7 +134,8 @@ def test_known_but_unsupported_fields_say_not_supported(field, value):
         cmpl = await c.post("/v1/completions", json={"model": M, "prompt": "a", field: value})
         return chat, cmpl
 
-    for r in run(fn):
+    chat, cmpl = run(fn)
+    for r in (cmpl,) if field in ("tools", "tool_choice") else (chat, cmpl):   # tools are a chat feature
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["param"] == field and "not supported" in err["message"]
@@ -195,3 +196,69 @@ def test_a_model_without_tokenizer_says_so():
         assert r.status_code == 400, r.text
         msg = r.json()["error"]["message"]
         assert "no tokenizer" in msg and "tokenizer.json" in msg and "dummy" not in msg
+
+
+class ScriptedEngine(FakeEngine):
+    """Replies with ``script`` one character per step (the oracle of the tool-call tests)."""
+
+    def __init__(self, script: str) -> None:
+        super().__init__(max_model_len=4096)
+        self.script = script
+
+    def step(self):
+        from mindie_llm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+        outs = []
+        for r in list(self.reqs.values()):
+            s = r.samples[0]
+            s.append(ord(self.script[len(s)]))
+            done = len(s) == len(self.script) or len(s) >= r.params.max_tokens
+            comp = CompletionOutput(0, "".join(chr(t) for t in s), list(s), None, None,
+                                    ("stop" if len(s) == len(self.script) else "length") if done else None)
+            outs.append(RequestOutput(r.rid, None, list(r.prompt_ids), None, [comp], done,
+                                      RequestMetrics(arrival_time=0.0)))
+            if done:
+                del self.reqs[r.rid]
+        return outs
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def _scripted(script: str, body: dict):
+    async def main():
+        eng = ScriptedEngine(script)
+        cfg = EngineConfig.from_dict({"server": {"max_tokens_limit": 4096}})
+        llm = AsyncLLM(eng, cfg)
+        app = build_app(llm, cfg)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+            r = await c.post("/v1/chat/completions", json=body)
+            s = await c.post("/v1/chat/completions", json=body | {"stream": True})
+        await llm.shutdown()
+        return r, s
+
+    return asyncio.run(main())
+
+
+def test_auto_tool_calls_are_parsed_streaming_and_not():
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    body = {"model": M, "messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS, "max_tokens": 500}
+    r, s = _scripted(call, body)
+    ch = r.json()["choices"][0]
+    assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] is None
+    tc = ch["message"]["tool_calls"][0]
+    assert tc["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'} and tc["type"] == "function"
+    chunks = sse(s.text)
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    assert not any(d["delta"].get("content") for d in deltas)          # the call is not leaked as text
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+    assert deltas[-1]["delta"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+
+
+def test_auto_plain_answer_streams_as_content():
+    body = {"model": M, "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "max_tokens": 500}
+    r, s = _scripted("Hello there", body)
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "Hello there"}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in sse(s.text) if c["choices"])
+    assert text == "Hello there"

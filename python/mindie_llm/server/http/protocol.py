@@ -7,6 +7,7 @@ Must not import the engine loop, torch or FastAPI.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -91,8 +92,11 @@ class _NotSupported(_Strict):
     web_search_options: Any = None
     lora_request: Any = None
 
-    def check_supported(self) -> None:
+    def check_supported(self, chat: bool = False) -> None:
+        """``chat``: tools, tool_choice and parallel_tool_calls are chat features (server/http/tools.py)."""
         for name in NOT_SUPPORTED_FIELDS:
+            if chat and name in ("tools", "tool_choice", "parallel_tool_calls"):
+                continue
             v = getattr(self, name)
             if v is None or (name == "tool_choice" and v == "none") or (name == "tools" and v == []) or \
                     (name == "parallel_tool_calls" and not self.tools):
@@ -178,6 +182,29 @@ class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[ChatContentPart] | None = None
     name: Text | None = Field(default=None, max_length=256)
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=128)   # an assistant's earlier calls
+    tool_call_id: Text | None = Field(default=None, max_length=256)                 # a tool message's call
+    # Sent back by the openai client when a reply message is appended to the conversation.
+    refusal: Text | None = None
+    annotations: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the chat template sees it (earlier tool calls also as Hermes text, for
+        templates that only read ``content``)."""
+        d: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            d["tool_calls"] = self.tool_calls
+            calls = "\n".join("<tool_call>\n" + json.dumps({"name": (c.get("function") or {}).get("name"),
+                                                             "arguments": _args((c.get("function") or {}))})
+                              + "\n</tool_call>" for c in self.tool_calls if isinstance(c, dict))
+            d["content"] = f"{d['content']}\n{calls}".strip()
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            d["name"] = self.name
+        return d
 
     def text(self) -> str:
         if self.content is None:
@@ -185,6 +212,16 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+def _args(function: dict[str, Any]) -> Any:
+    args = function.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except ValueError:
+            return args
+    return args
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -230,7 +267,7 @@ def to_sampling_kwargs(req: CompletionRequest | ChatCompletionRequest, limits: R
 
     Raises :class:`RequestLimitError` (a ValueError) naming the wire field.
     """
-    req.check_supported()
+    req.check_supported(chat=isinstance(req, ChatCompletionRequest))
     max_tokens, max_tokens_name = _resolve_max_tokens(req, default_max_tokens)
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs is not None and not req.logprobs:

@@ -21,6 +21,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mindie_llm.sampling_params import SamplingParams
 from mindie_llm.server.http.errors import error_for_exception, error_response
 from mindie_llm.server.http.middleware import USAGE_STATE_KEY
+from mindie_llm.server.http.tools import (
+    ToolPlan,
+    may_be_tool_call,
+    plan_tools,
+    prompt_messages,
+    tool_call_objects,
+    tool_calls_of,
+)
 from mindie_llm.server.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -56,13 +64,14 @@ def _record_usage(raw: Request | None, out: Any, counts: tuple[int, int] | None 
 class _Choice:
     """Streaming state of one sample: what has been sent so far."""
 
-    __slots__ = ("finished", "num_logprobs", "started", "text_len")
+    __slots__ = ("finished", "held", "num_logprobs", "started", "text_len")
 
     def __init__(self) -> None:
         self.text_len = 0
         self.num_logprobs = 0
         self.started = False
         self.finished = False
+        self.held = False      # tools: text held back while it may still be a tool call
 
 
 class OpenAIServing:
@@ -111,15 +120,16 @@ class OpenAIServing:
         except (ValueError, UnicodeError) as e:
             raise RequestLimitError(name, f"cannot be tokenized ({str(e).splitlines()[0][:200]})") from None
 
-    async def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    async def _chat_ids(self, messages: list[dict], add_generation_prompt: bool, **template_vars: Any) -> list[int]:
         tok = self._tokenizer("messages")
         encode_chat = getattr(tok, "encode_chat", None)
 
         def run() -> list[int]:
             if encode_chat is not None:
                 return list(encode_chat(messages, add_generation_prompt,
-                                        content_special_tokens=self.chat_content_special_tokens))
-            return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)))
+                                        content_special_tokens=self.chat_content_special_tokens, **template_vars))
+            return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                           **template_vars)))
 
         try:
             return await self._off_loop(run)
@@ -237,7 +247,7 @@ class OpenAIServing:
                  for t, v in e.items()} for e in lps]
 
     async def _run(self, req: Any, raw: Request, prompts: list[list[int]], kind: str,
-                   echo_texts: list[str] | None = None) -> Response:
+                   echo_texts: list[str] | None = None, plan: ToolPlan | None = None) -> Response:
         default_max_tokens = min(16, self.limits.max_tokens_limit)  # OpenAI's completion default
         if kind == "chat" and req.max_tokens is None and req.max_completion_tokens is None:
             # As OpenAI: without a cap, a chat reply may use the rest of the context window.
@@ -256,9 +266,14 @@ class OpenAIServing:
             kw["logprobs"] = kw.get("logprobs") or 0
         if echo_texts is not None and want_lp:
             raise RequestLimitError("echo", "not supported together with logprobs")
+        if plan is not None and plan.guided is not None:
+            if kw.get("guided_decoding") is not None:
+                raise RequestLimitError("tool_choice", f"{plan.mode} tool choice conflicts with {req.guided_spec()[1]}")
+            kw["guided_decoding"] = plan.guided
         params = SamplingParams(**kw)
         if params.guided_decoding is not None:
-            await self._check_guided(params.guided_decoding, req.guided_spec()[1])
+            await self._check_guided(params.guided_decoding,
+                                     "tools" if plan is not None and plan.guided is not None else req.guided_spec()[1])
         rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         streams: list[tuple[AsyncIterator[Any], Any]] = []
         try:
@@ -279,7 +294,7 @@ class OpenAIServing:
             opts = req.stream_options
             usage_mode = ("continuous" if opts and opts.include_usage and opts.continuous_usage_stats else
                           "final" if opts and opts.include_usage else None)
-            body = self._stream(streams, rid, created, kind, k, usage_mode, want_lp, raw, params.n, echo_texts)
+            body = self._stream(streams, rid, created, kind, k, usage_mode, want_lp, raw, params.n, echo_texts, plan)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         try:
@@ -297,7 +312,7 @@ class OpenAIServing:
                 outs = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[:req.n]
             for j, o in enumerate(outs):
                 choices.append(self._choice(o, i * req.n + j, kind, k, want_lp,
-                                            echo_texts[i] if echo_texts else "", last))
+                                            echo_texts[i] if echo_texts else "", last, plan))
             for key, v in self._usage(last).items():
                 usage[key] += v
         _record_usage(raw, None, (usage["prompt_tokens"], usage["completion_tokens"]))
@@ -306,7 +321,8 @@ class OpenAIServing:
                              **({"prompt_logprobs": self._prompt_logprobs(lasts[0])}
                                 if kind == "chat" and params.prompt_logprobs is not None else {})})
 
-    def _choice(self, o: Any, index: int, kind: str, k: int, want_lp: bool, echo: str, out: Any) -> dict[str, Any]:
+    def _choice(self, o: Any, index: int, kind: str, k: int, want_lp: bool, echo: str, out: Any,
+                plan: ToolPlan | None = None) -> dict[str, Any]:
         if kind == "completion":
             lp = self._completion_logprobs(o.token_ids, o.logprobs, k, 0) if want_lp and o.logprobs is not None else None
             choice = {"index": index, "text": echo + o.text, "logprobs": lp, "finish_reason": self._finish_reason(o)}
@@ -314,8 +330,14 @@ class OpenAIServing:
                 choice["prompt_logprobs"] = self._prompt_logprobs(out)
             return choice
         lp = self._chat_logprobs(o.token_ids, o.logprobs, k) if want_lp and o.logprobs is not None else None
-        return {"index": index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
-                "finish_reason": self._finish_reason(o)}
+        message: dict[str, Any] = {"role": "assistant", "content": o.text}
+        finish = self._finish_reason(o)
+        if plan is not None and plan.active:
+            content, calls = tool_calls_of(o.text, plan)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": tool_call_objects(calls)}
+                finish = "tool_calls" if finish == "stop" else finish
+        return {"index": index, "message": message, "logprobs": lp, "finish_reason": finish}
 
     async def _merged(self, streams: list[tuple[AsyncIterator[Any], Any]]) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, cumulative output) from every stream as they come; errors propagate."""
@@ -359,10 +381,11 @@ class OpenAIServing:
 
     async def _stream(self, streams: list[tuple[AsyncIterator[Any], Any]], rid: str, created: int, kind: str,
                       k: int, usage_mode: str | None, want_lp: bool, raw: Request | None, n: int,
-                      echo_texts: list[str] | None) -> AsyncIterator[str]:
+                      echo_texts: list[str] | None, plan: ToolPlan | None = None) -> AsyncIterator[str]:
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         state: dict[int, _Choice] = {}
         lasts: dict[int, Any] = {}
+        tools = kind == "chat" and plan is not None and plan.active
 
         def usage_now() -> dict[str, int]:
             p = sum(len(o.prompt_token_ids) for o in lasts.values())
@@ -389,12 +412,35 @@ class OpenAIServing:
                     choice = {"index": index, "text": prefix + delta_text, "logprobs": lp,
                               "finish_reason": o.finish_reason if done else None}
                 else:
+                    finish = o.finish_reason if done else None
+                    if tools:
+                        # required / named: the reply is the call; auto: held while it may become one.
+                        hold = plan.mode in ("required", "named") or may_be_tool_call(o.text)
+                        if hold and not done:
+                            st.held = True
+                            if st.started:
+                                continue
+                            delta_text = ""
+                        elif st.held and not done:
+                            delta_text, st.held = o.text, False     # not a call after all: send what was held
+                        elif done and (st.held or plan.mode in ("required", "named")):
+                            content, calls = tool_calls_of(o.text, plan)
+                            if calls:
+                                st.started, st.finished = True, True
+                                delta = {"tool_calls": tool_call_objects(calls, stream=True)}
+                                if content:
+                                    delta["content"] = content
+                                res.append(self._sse({"id": rid, "object": obj, "created": created,
+                                                      "model": self.model_name, "choices": [{
+                                                          "index": index, "delta": delta, "logprobs": None,
+                                                          "finish_reason": "tool_calls" if finish == "stop" else finish}]}))
+                                continue
+                            delta_text = o.text
                     delta: dict[str, Any] = {"content": delta_text}
                     if not st.started:
                         delta["role"] = "assistant"
                     lp = self._chat_logprobs(new_ids, new_lps, k) if new_lps else None
-                    choice = {"index": index, "delta": delta, "logprobs": lp,
-                              "finish_reason": o.finish_reason if done else None}
+                    choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 st.started = True
                 st.text_len = len(o.text)
                 st.num_logprobs = len(o.token_ids)
@@ -480,9 +526,11 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
-        req.check_supported()   # before the template: tools would otherwise be ignored silently
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = await self._chat_ids(messages, req.add_generation_prompt)
+        req.check_supported(chat=True)   # before the template: nothing is ignored silently
+        plan = plan_tools(req.tools, req.tool_choice)
+        messages = [m.as_dict() for m in req.messages]
+        messages, template_vars = prompt_messages(messages, plan, getattr(self.llm.tokenizer, "chat_template", None))
+        prompt = await self._chat_ids(messages, req.add_generation_prompt, **template_vars)
         if not prompt:
             raise RequestLimitError("messages", "the conversation renders to an empty prompt")
-        return await self._run(req, raw, [prompt], "chat")
+        return await self._run(req, raw, [prompt], "chat", plan=plan)
