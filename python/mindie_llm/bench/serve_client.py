@@ -309,6 +309,7 @@ def _print(s: dict[str, Any], args: argparse.Namespace, model: str) -> None:
             ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
             ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
             ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
+            ("Keep-alive /health latency (ms)", f"{s.get('keepalive_health_ms', math.nan):.2f}"),
             ("Keep-alive 1-token latency (ms)", f"{s.get('keepalive_1tok_ms', math.nan):.2f}")]
     for k, v in rows:
         print(f"{k:<36}{v!s:>14}")
@@ -397,11 +398,12 @@ def _unreachable(host: str, port: int, timeout: float = 3.0) -> str | None:
         return e.strerror or type(e).__name__
 
 
-def keepalive_latency_ms(args: argparse.Namespace, model: str, n: int = 10) -> float:
-    """Median latency of a ``max_tokens=1`` completion on one kept-alive HTTP connection (what the
-    openai and httpx clients do); nan for gRPC or when it fails."""
+def keepalive_latency_ms(args: argparse.Namespace, model: str, n: int = 10) -> tuple[float, float]:
+    """Median latency (ms) on one kept-alive HTTP connection (what the openai and httpx clients
+    do) of ``GET /health`` (the transport alone) and of a ``max_tokens=1`` completion; nan for
+    gRPC or when it fails."""
     if args.protocol != "http":
-        return math.nan
+        return math.nan, math.nan
     import httpx
 
     api_key = args.api_key or os.environ.get("MINDIE_API_KEY")
@@ -409,18 +411,22 @@ def keepalive_latency_ms(args: argparse.Namespace, model: str, n: int = 10) -> f
     scheme = "https" if args.tls_ca else "http"
     verify: Any = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else True
     body = {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
-    times = []
+    health, one = [], []
     try:
         with httpx.Client(base_url=f"{scheme}://{args.host}:{args.port}", headers=headers, verify=verify,
                           timeout=args.timeout) as c:
             c.post("/v1/completions", json=body).raise_for_status()   # opens the connection
+            for _ in range(2 * n):
+                t0 = time.perf_counter()
+                c.get("/health").raise_for_status()
+                health.append((time.perf_counter() - t0) * 1000)
             for _ in range(n):
                 t0 = time.perf_counter()
                 c.post("/v1/completions", json=body).raise_for_status()
-                times.append((time.perf_counter() - t0) * 1000)
-    except Exception:  # noqa: BLE001 - a benchmark row, not a failure of the run
-        return math.nan
-    return statistics.median(times)
+                one.append((time.perf_counter() - t0) * 1000)
+    except Exception:  # noqa: BLE001 - benchmark rows, not a failure of the run
+        return math.nan, math.nan
+    return statistics.median(health), statistics.median(one)
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
@@ -442,7 +448,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         return 1
     results, duration, model = run_benchmark(args)
     summary = summarize(results, duration)
-    summary["keepalive_1tok_ms"] = keepalive_latency_ms(args, model)
+    summary["keepalive_health_ms"], summary["keepalive_1tok_ms"] = keepalive_latency_ms(args, model)
     _print(summary, args, model)
     if args.out:
         write_outputs(args.out, results, summary)
