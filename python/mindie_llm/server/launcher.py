@@ -1,9 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """``mindie-llm serve``: one process serving HTTP (OpenAI) and gRPC from a YAML deployment.
 
-Owns start-up order (config -> ports -> model -> servers -> ready line), the one-line start-up
-errors with a non-zero exit, and shutdown: on SIGTERM/SIGINT ``/ready`` turns 503, new requests are
-refused, in-flight ones finish (up to ``server.drain_timeout_s``), then the process exits 0.
+Owns the command line (a positional MODEL and vLLM's flag names, each mapped to one YAML key),
+start-up order (config -> ports -> model -> servers -> ready line), the one-line start-up errors
+with a non-zero exit, the listening sockets (TCP_NODELAY), the periodic stats line, and shutdown:
+on SIGTERM/SIGINT ``/ready`` turns 503, new requests are refused, in-flight ones finish (up to
+``server.drain_timeout_s``); what is left is then aborted by the engine, each stream ending with a
+final chunk (finish_reason "abort") and ``[DONE]``, and the process exits 0 within about a second.
 
 Exit codes: 0 clean shutdown, 2 configuration error, 3 a port cannot be bound, 4 the model cannot
 be loaded, 1 anything else. Must not import torch directly (the engine does).
