@@ -77,3 +77,16 @@ def test_json_schema_walk_is_accepted(mgr):
         assert t in set(_allowed(row, tok.vocab_size).tolist())
         assert mt.accept(t)
     assert mt.done or mt.fill(row)
+
+
+def test_the_grammar_bitmask_survives_the_wire_form():
+    from mindie_llm.contract import ContractError, SchedulerOutput
+
+    out = SchedulerOutput.empty()
+    out.grammar_req_ids = np.array([5, 9], np.int64)
+    out.grammar_bitmask = np.arange(2 * 3, dtype=np.int32) - 3
+    back = SchedulerOutput.decode(*out.encode())
+    assert back.grammar_req_ids.tolist() == [5, 9] and back.grammar_bitmask.tolist() == out.grammar_bitmask.tolist()
+    out.grammar_bitmask = np.arange(5, dtype=np.int32)   # not 2 rows of equal width
+    with pytest.raises(ContractError, match="grammar_bitmask"):
+        SchedulerOutput.decode(*out.encode())
