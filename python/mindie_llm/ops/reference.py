@@ -139,3 +139,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x[T, 2I] = cat(gate, up) -> silu(gate) * up, [T, I]."""
     d = x.shape[-1] // 2
     return (torch.nn.functional.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Structured output: ``logits`` [S, V] with every token whose bit is 0 set to -inf.
+    ``bitmask`` [S, W] int32, W = ceil(V/32): token t is allowed when bit t%32 of word t//32 is set
+    (the layout of llguidance and xgrammar). Out of place; the plain-torch oracle."""
+    S, V = logits.shape
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.to(torch.int32).unsqueeze(-1) >> bits) & 1).reshape(S, -1)[:, :V].bool()   # [S, V]
+    return logits.masked_fill(~allowed, float("-inf"))
