@@ -10,8 +10,19 @@
   ascendc_emu::LoadTiling(&var, ptr)
 #else
 #include "kernel_operator.h"
-// Under CANN the op_host tiling registers a TilingData class with the same field names.
-#define MINDIE_LOAD_TILING(Type, var, ptr) GET_TILING_DATA(var, ptr)
+// Under CANN the host launcher (op_host/) copies the same POD tiling struct to device memory; the
+// kernel reads it back with scalar GM loads (the structs hold 32- and 64-bit fields only).
+#define MINDIE_LOAD_TILING(Type, var, ptr) \
+  Type var;                                \
+  mindie_ascendc::CopyTilingFromGm(&var, ptr)
+namespace mindie_ascendc {
+template <typename T>
+__aicore__ inline void CopyTilingFromGm(T* dst, GM_ADDR src) {
+  auto* d = reinterpret_cast<uint32_t*>(dst);
+  auto* s = reinterpret_cast<__gm__ uint32_t*>(src);
+  for (uint32_t i = 0; i < sizeof(T) / 4; ++i) d[i] = s[i];
+}
+}  // namespace mindie_ascendc
 #endif
 
 namespace mindie_ascendc {
