@@ -49,6 +49,8 @@ test-cpp:
 	cd build/cpp-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure
 
 test-py: $(VENV)/.installed-test build-ext
+	# The one-way imports of the design (contracts in pyproject.toml): a forbidden import fails here.
+	PYTHONPATH=python $(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -5,7 +5,7 @@
 """
 import sys
 
-from mindie_llm.engine.bench_offline import main
+from mindie_llm.bench.offline import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""LLMEngine: the synchronous engine loop over the C++ scheduler and the model runner.
+"""LLMEngine: the synchronous engine loop over the C++ scheduler and the executor.
 
-    step():  out = scheduler.schedule()  ->  res = runner.execute(out)
-             ->  scheduler.update(res.req_ids, res.sampled_token_ids)
+    step():  out = scheduler.schedule(); out.new_requests = the requests workers have not seen
+             ->  res = executor.execute(out)        (every worker, only the step message)
+             ->  scheduler.update(res)              (tokens per request, CSR)
              ->  detokenize, stop strings (scheduler.finish(id, STOP_STRING)), RequestOutputs
 
 Owns request validation (every bad input is a ValueError naming the field, raised before anything
@@ -14,7 +15,6 @@ Single-threaded: call every method from one thread. Must not import the server.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +25,8 @@ import numpy as np
 from mindie_llm.config import EngineConfig
 from mindie_llm.engine.detokenizer import IncrementalDetokenizer
 from mindie_llm.engine.request import FINISH_REASON_NAMES, RequestGroup, Sample
+from mindie_llm.contract import FinishReason, ModelRunnerOutput
+from mindie_llm.engine.new_requests import NewRequestTable
 from mindie_llm.outputs import EngineStats, Logprob, RequestMetrics, RequestOutput
 from mindie_llm.sampling_params import SamplingParams
 
@@ -32,7 +34,7 @@ __all__ = ["LLMEngine", "EngineStats", "InvalidRequestError"]
 
 logger = logging.getLogger(__name__)
 
-_EOS, _STOP_TOKEN, _STOP_STRING, _ABORTED = 1, 2, 3, 6
+_EOS, _STOP_TOKEN, _STOP_STRING = FinishReason.EOS, FinishReason.STOP_TOKEN, FinishReason.STOP_STRING
 _INT64_MASK = (1 << 63) - 1
 
 
@@ -56,69 +58,46 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, loaded_model: Any = None) -> None:
         """``loaded_model``: a ``loader.LoadedModel`` to reuse instead of loading ``config.model``
         (tests and benchmarks that build several engines over the same weights)."""
-        import torch
-
-        from mindie_llm.backends import get_platform, import_qualname
-        from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches
-        from mindie_llm.executor.model_runner import ModelRunner
-        from mindie_llm.loader import load_model, resolve_dtype
+        from mindie_llm.executor.executor import make_executor
         from mindie_llm.scheduler import Scheduler, SchedulerCoreConfig
 
-        platform = get_platform(config.backend.device)
-        config = platform.check_and_update_config(config)
-        self.platform = platform
-        device = platform.device()
-        if config.backend.num_threads and device.type == "cpu":
-            torch.set_num_threads(config.backend.num_threads)
-        loaded = loaded_model or load_model(config.model, device, config.model.dtype)
-        self.model = loaded.model
-        self.arch = loaded.arch
-        self.tokenizer = loaded.tokenizer
-        self.model_name = config.model.served_model_name or loaded.name
-
-        max_len = config.model.max_seq_len or self.arch.max_position_embeddings
-        if not config.scheduler.enable_chunked_prefill:
-            max_len = min(max_len, config.scheduler.max_prefill_tokens)
-        self.config = config.replace(model=dataclasses.replace(config.model, max_seq_len=max_len))
-        self.max_model_len = max_len
-        self.block_size = config.cache.cache_block_size
-        kv_dtype = resolve_dtype(config.cache.cache_dtype if config.cache.cache_dtype != "auto"
-                                 else config.model.dtype, device, self.arch)
-        spec = KVCacheSpec(self.arch.num_hidden_layers, self.arch.num_key_value_heads, self.arch.head_dim,
-                           self.block_size, kv_dtype)
-        if not config.cache.num_blocks and platform.profiles_activation_peak:
-            from mindie_llm.executor.profile_run import max_step   # KV sized from the profiled peak
-            platform.profile_activation_peak(max_step(
-                self.model, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                block_size=self.block_size, kv_dtype=kv_dtype, device=device,
-                max_num_batched_tokens=config.scheduler.max_prefill_tokens,
-                max_num_seqs=config.scheduler.max_batch_size, vocab_size=self.arch.vocab_size))
-        self.num_kv_blocks = int(config.cache.num_blocks or platform.num_kv_blocks(config.cache, spec.bytes_per_block))
-        self.kv_caches = allocate_kv_caches(spec, self.num_kv_blocks, device)
-
-        sc = config.scheduler
+        self.executor = make_executor(config, loaded_model=loaded_model)
+        info = self.executor.info
+        self.arch = info.arch
+        self.tokenizer = info.tokenizer
+        self.model_name = info.model_name
+        self.config = self.executor.config
+        self.max_model_len = info.max_model_len
+        self.block_size = info.block_size
+        self.num_kv_blocks = info.num_kv_blocks
+        sc = self.config.scheduler
         self.max_num_seqs = sc.max_batch_size
         self.max_num_batched_tokens = sc.max_prefill_tokens
         self.scheduler = Scheduler(SchedulerCoreConfig(
             num_blocks=self.num_kv_blocks, block_size=self.block_size,
             max_num_batched_tokens=sc.max_prefill_tokens, max_num_seqs=sc.max_batch_size,
-            max_model_len=max_len, enable_prefix_caching=config.cache.enable_prefix_caching,
+            max_model_len=self.max_model_len, enable_prefix_caching=self.config.cache.enable_prefix_caching,
             enable_chunked_prefill=sc.enable_chunked_prefill, policy=sc.policy, role=sc.role))
         eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()) + tuple(self.arch.eos_token_ids or ())
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
-        runner_cls = platform.model_runner_cls()
-        runner_cls = import_qualname(runner_cls) if runner_cls else ModelRunner
-        self.runner = runner_cls(self.model, self.arch.vocab_size, self.kv_caches, block_size=self.block_size,
-                                  max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
-                                  max_model_len=max_len, eos_token_ids=self.eos_token_ids, device=device,
-                                  **platform.runner_kwargs(config))
-        self._rng = np.random.default_rng(config.model.seed)
+        self._rng = np.random.default_rng(self.config.model.seed)
         self._groups: dict[str, RequestGroup] = {}
         self._samples: dict[int, Sample] = {}
+        self._unsent = NewRequestTable()       # admitted, not yet in a step message
         self._next_id = 1
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._last_step_time = time.monotonic()
+
+    @property
+    def runner(self) -> Any:
+        """The in-process driver worker's runner (benchmarks and tests inspect it)."""
+        return self.executor.driver.runner
+
+    @property
+    def model(self) -> Any:
+        """The in-process driver worker's model."""
+        return self.executor.driver.model
 
     # ------------------------------------------------------------------------------------ requests
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -192,8 +171,8 @@ class LLMEngine:
                     ignore_eos=params.ignore_eos, parent_id=added[0] if added else -1)
                 added.append(int_id)
                 seed = (base_seed + i * 0x9E3779B97F4A7C15) & _INT64_MASK if i else base_seed
-                self.runner.add_request(int_id, ids, params, seed,
-                                        want_prompt_logprobs=(i == 0 and params.prompt_logprobs is not None))
+                self._unsent.add(int_id, ids, params, seed, self._min_tokens_ban(params),
+                                 prompt_logprobs=(i == 0 and params.prompt_logprobs is not None))
                 detok = IncrementalDetokenizer(self.tokenizer or _NULL_DECODER, ids, skip_special_tokens=params.skip_special_tokens,
                                                stop=params.stop_strings, min_tokens=params.min_tokens,
                                                include_stop_str_in_output=params.include_stop_str_in_output)
@@ -205,7 +184,7 @@ class LLMEngine:
         except ValueError as e:
             for int_id in added:
                 self.scheduler.abort(int_id)
-                self.runner.remove_request(int_id)
+                self._unsent.discard(int_id)
                 self._samples.pop(int_id, None)
             if added or not hasattr(e, "field"):
                 raise InvalidRequestError("prompt", f"refused by the scheduler: {e}") from e
@@ -218,8 +197,8 @@ class LLMEngine:
         if group is None:
             return
         for s in group.samples:
-            self.scheduler.abort(s.int_id)
-            self.runner.remove_request(s.int_id)
+            self.scheduler.abort(s.int_id)          # workers drop it through the next finished_ids
+            self._unsent.discard(s.int_id)
             self._samples.pop(s.int_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -229,8 +208,19 @@ class LLMEngine:
         return len(self._groups)
 
     # ------------------------------------------------------------------------------------ step
+    def _min_tokens_ban(self, params: SamplingParams) -> list[int]:
+        """Token ids masked while fewer than ``min_tokens`` are out: the stop ids and, unless
+        ``ignore_eos``, EOS (the one place this rule is written)."""
+        if not params.min_tokens:
+            return []
+        ids = list(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            ids += self.eos_token_ids
+        return list(dict.fromkeys(i for i in ids if 0 <= i < self.arch.vocab_size))
+
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        out.new_requests = self._unsent.take(out.req_ids)
         now = time.time()
         for rid, ncomp in zip(np.asarray(out.req_ids).tolist(), np.asarray(out.num_computed_tokens).tolist()):
             s = self._samples.get(rid)
@@ -238,7 +228,7 @@ class LLMEngine:
                 s.group.metrics.first_scheduled_time = now
                 s.group.metrics.num_cached_tokens = int(ncomp)
         try:
-            res = self.runner.execute(out)
+            res = self.executor.execute(out)
         except Exception:  # the forward failed: the whole batch is lost, the engine lives on
             logger.exception("model runner failed; aborting the %d requests of this step", len(out.req_ids))
             self.scheduler.update(np.zeros(0, np.int64), np.zeros(0, np.int32))
@@ -249,28 +239,37 @@ class LLMEngine:
                     self._finish(s, "abort", None, abort=True)
                     touched[s.group.request_id] = s.group
             return self._emit(touched)
-        upd = self.scheduler.update(res.req_ids, res.sampled_token_ids)
+        upd, num_appended = self._update(res)
         now = time.time()
         finished = dict(zip(np.asarray(upd.finished_ids).tolist(), np.asarray(upd.finish_reasons).tolist()))
         self._last_step_time = time.monotonic()
         touched: dict[str, RequestGroup] = {}
-        for owner, entries in res.prompt_logprobs.items():
+        for owner, plp_step in res.prompt_logprobs.items():
             s = self._samples.get(owner)
             if s is None or s.group.prompt_logprobs is None:
                 continue
             plp = s.group.prompt_logprobs
-            for pos, lp in sorted(entries, key=lambda e: e[0]):
+            for j in np.argsort(plp_step.positions, kind="stable").tolist():
+                pos = int(plp_step.positions[j])
                 if pos < len(plp):      # recomputed after preemption: already have it
                     continue
                 plp.extend([None] * (pos - len(plp)))   # positions served from the prefix cache
-                plp.append(self._logprob_dict(lp))
-        for rid, tok in zip(res.req_ids.tolist(), res.sampled_token_ids.tolist()):
+                plp.append(self._logprob_dict(int(plp_step.token_ids[j]), float(plp_step.logprobs[j]),
+                                              int(plp_step.ranks[j]), plp_step.top_ids[j], plp_step.top_logprobs[j]))
+        offs = res.token_offsets.tolist()
+        for i, rid in enumerate(res.req_ids.tolist()):
             s = self._samples.get(rid)
             if s is None:
                 continue
             touched[s.group.request_id] = s.group
+            n = int(num_appended[i])
+            reason = finished.pop(rid, 0)
             try:
-                self._process_token(s, tok, finished.pop(rid, 0), res.logprobs.get(rid), now)
+                for k in range(offs[i], offs[i] + n):
+                    self._process_token(s, int(res.token_ids[k]), reason if k == offs[i] + n - 1 else 0,
+                                        self._token_logprobs(res, i, k, s), now)
+                    if s.finished:
+                        break
             except Exception:
                 logger.exception("processing the output of request %s failed; aborting it", s.group.request_id)
                 self._finish(s, "abort", None, abort=True)
@@ -281,6 +280,20 @@ class LLMEngine:
                 touched[s.group.request_id] = s.group
         return self._emit(touched)
 
+    def _update(self, res: ModelRunnerOutput) -> tuple[Any, np.ndarray]:
+        """Hands the runner's tokens (CSR) and next-step proposals to the scheduler; returns the
+        UpdateResult and how many tokens of each row it took (fewer when one finished the request)."""
+        upd = self.scheduler.update(res.req_ids, res.token_offsets, res.token_ids, res.draft_offsets,
+                                    res.draft_token_ids)
+        return upd, upd.num_appended
+
+    def _token_logprobs(self, res: ModelRunnerOutput, row: int, k: int, s: Sample):
+        if res.token_logprobs is None or s.logprobs is None or not res.logprob_rows[row]:
+            return None
+        n = s.group.params.logprobs or 0
+        return (int(res.token_ids[k]), float(res.token_logprobs[k]), int(res.token_ranks[k]),
+                res.top_ids[k][:n], res.top_logprobs[k][:n])
+
     def _process_token(self, s: Sample, tok: int, reason: int, lp, now: float) -> None:
         m = s.group.metrics
         if m.first_token_time is None:
@@ -288,9 +301,9 @@ class LLMEngine:
         m.last_token_time = now
         s.token_ids.append(tok)
         self._generation_tokens_total += 1
-        if lp is not None and s.logprobs is not None:
-            s.logprobs.append(self._logprob_dict(lp))
-            s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp.logprob
+        if lp is not None:
+            s.logprobs.append(self._logprob_dict(*lp))
+            s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[1]
         skip_last = reason in (_EOS, _STOP_TOKEN) and not s.group.params.include_stop_str_in_output
         hit = s.detok.update([tok], skip_last=skip_last)
         if hit is not None and not reason:
@@ -308,7 +321,6 @@ class LLMEngine:
         if finish_reason != "stop" or not isinstance(stop_reason, str):
             s.detok.finish()
         s.finish_reason, s.stop_reason = finish_reason, stop_reason
-        self.runner.remove_request(s.int_id)
         self._samples.pop(s.int_id, None)
 
     def _emit(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
@@ -322,12 +334,12 @@ class LLMEngine:
             outs.append(g.to_output())
         return outs
 
-    def _logprob_dict(self, lp) -> dict[int, Logprob]:
+    def _logprob_dict(self, token_id: int, logprob: float, rank: int, top_ids, top_logprobs) -> dict[int, Logprob]:
         d: dict[int, Logprob] = {}
-        for r, (t, v) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
+        for r, (t, v) in enumerate(zip(np.asarray(top_ids).tolist(), np.asarray(top_logprobs).tolist()), start=1):
             d[t] = Logprob(v, r, self._decode_one(t))
-        if lp.token_id not in d:
-            d[lp.token_id] = Logprob(lp.logprob, lp.rank, self._decode_one(lp.token_id))
+        if token_id not in d:
+            d[token_id] = Logprob(logprob, rank, self._decode_one(token_id))
         return d
 
     def _decode_one(self, t: int) -> str | None:

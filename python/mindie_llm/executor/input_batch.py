@@ -1,34 +1,57 @@
 # SPDX-License-Identifier: Apache-2.0
 """The runner's persistent per-request state and the flat batch of one step.
 
-``InputBatch`` keeps, for every request the engine has added, its prompt, its output tokens so far,
-its sampling parameters and seed, and (while it holds KV blocks) a row of a persistent block table
-updated from the scheduler's diffs (``block_table_reset`` / ``new_block_ids`` CSR). ``build``
-turns a SchedulerOutput into the flat arrays of docs/architecture.md with vectorized numpy: no
-per-token Python loops, one short loop per request for block-table diffs.
+``InputBatch`` keeps, for every request the step messages have introduced, its prompt, its output
+tokens so far, its sampling row and seed, and (while it holds KV blocks) a row of a persistent
+block table. ``apply(out)`` applies one SchedulerOutput (contract 2): new requests in, finished and
+aborted requests out, preempted rows freed, block-table diffs (``block_table_reset`` /
+``new_block_ids`` CSR) applied. ``build(out)`` turns it into the flat arrays of
+docs/architecture.md with vectorized numpy: no per-token Python loops.
 
-Must not import torch, the engine or the scheduler extension (it reads SchedulerOutput by duck
-typing: the fields of contract 2).
+Sampling positions: a row that samples gets one logits row per proposed (speculative) token plus
+one after its last token, so the runner can verify k proposals in one forward.
+
+Everything a request needs arrives in the step message; nothing reaches it through a side
+channel. Must not import torch, the engine or the scheduler extension.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from mindie_llm.sampling_params import SamplingParams
+from mindie_llm.contract import NewRequests, SchedulerOutput
 
-__all__ = ["RequestState", "FlatBatch", "InputBatch"]
+__all__ = ["SamplingRow", "RequestState", "FlatBatch", "InputBatch"]
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One request's sampling parameters, as the step message carries them."""
+
+    temperature: float = 1.0
+    top_k: int = 0                  # <= 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int = -1              # -1: none
+    prompt_logprobs: int = -1       # -1: none
+    banned: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # ids banned below min_tokens
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass
 class RequestState:
     req_id: int
     prompt_token_ids: np.ndarray            # [P] int32
-    params: SamplingParams
-    seed: int                               # int64, the request's or drawn by the engine
-    want_prompt_logprobs: bool = False
+    sampling: SamplingRow
+    seed: int                               # int64
     output_token_ids: list[int] = field(default_factory=list)
     row: int = -1                           # block-table row while it holds blocks, else -1
 
@@ -36,10 +59,14 @@ class RequestState:
     def num_prompt(self) -> int:
         return int(self.prompt_token_ids.shape[0])
 
+    @property
+    def want_prompt_logprobs(self) -> bool:
+        return self.sampling.prompt_logprobs >= 0
+
 
 @dataclass
 class FlatBatch:
-    """numpy arrays of one step (T tokens, B requests, S sampling rows)."""
+    """numpy arrays of one step (T tokens, B requests, S sampling rows, L logits rows >= S)."""
 
     input_ids: np.ndarray        # [T] int64
     positions: np.ndarray        # [T] int64
@@ -47,10 +74,12 @@ class FlatBatch:
     query_start_loc: np.ndarray  # [B+1] int32
     seq_lens: np.ndarray         # [B] int32
     block_tables: np.ndarray     # [B, max_blocks_per_seq] int32 (0-padded)
-    num_decodes: int
+    num_decodes: int             # leading rows with exactly one token
     max_query_len: int
     max_seq_len: int
-    logits_indices: np.ndarray   # [S] int64: last token row of each sampling request
+    logits_indices: np.ndarray   # [L] int64 token rows whose logits are sampled
+    logits_offsets: np.ndarray   # [S+1] int32: sampling row i owns logits rows [off[i], off[i+1])
+    spec_token_ids: np.ndarray   # [L - S] int32 the proposals the logits rows verify, in order
     sample_req_ids: np.ndarray   # [S] int64
     sample_states: list[RequestState]
     # prompt_logprobs: extra token rows whose next prompt token is scored.
@@ -58,6 +87,19 @@ class FlatBatch:
     prompt_targets: np.ndarray   # [P'] int64 the prompt token at position + 1
     prompt_owner: np.ndarray     # [P'] int64 req id
     prompt_pos: np.ndarray       # [P'] int64 position of the scored token (position + 1)
+
+    @property
+    def num_decodes_only(self) -> bool:
+        return self.num_decodes == self.seq_lens.shape[0]
+
+
+def _sampling_row(new: NewRequests, i: int) -> SamplingRow:
+    return SamplingRow(
+        temperature=float(new.temperature[i]), top_k=int(new.top_k[i]), top_p=float(new.top_p[i]),
+        min_p=float(new.min_p[i]), presence_penalty=float(new.presence_penalty[i]),
+        frequency_penalty=float(new.frequency_penalty[i]), repetition_penalty=float(new.repetition_penalty[i]),
+        min_tokens=int(new.min_tokens[i]), logprobs=int(new.logprobs[i]),
+        prompt_logprobs=int(new.prompt_logprobs[i]), banned=np.array(new.banned(i), np.int32))
 
 
 class InputBatch:
@@ -95,8 +137,20 @@ class InputBatch:
         return self._free_rows.pop()
 
     # ------------------------------------------------------------------------------------
-    def apply_diffs(self, out: Any) -> None:
-        """Drops finished requests, frees preempted rows, applies block-table diffs."""
+    def add_new(self, new: NewRequests) -> None:
+        """Introduces the requests of a step message."""
+        for i, rid in enumerate(new.req_ids.tolist()):
+            self.add(RequestState(req_id=rid, prompt_token_ids=np.array(new.prompt(i), np.int32),
+                                  sampling=_sampling_row(new, i), seed=int(new.seeds[i]),
+                                  output_token_ids=new.outputs(i).tolist()))
+
+    def apply(self, out: SchedulerOutput) -> None:
+        """Applies one step message: new requests added, then ``apply_diffs``."""
+        self.add_new(out.new_requests)
+        self.apply_diffs(out)
+
+    def apply_diffs(self, out: SchedulerOutput) -> None:
+        """Drops finished and aborted requests, frees preempted rows, applies block-table diffs."""
         for rid in np.asarray(out.finished_ids).tolist():
             self.remove(rid)
         for rid in np.asarray(out.preempted_ids).tolist():
@@ -120,12 +174,14 @@ class InputBatch:
                 self.block_table[st.row, n0:n0 + hi - lo] = new_ids[lo:hi]
                 self.num_blocks[st.row] = n0 + hi - lo
 
-    def build(self, out: Any) -> FlatBatch:
-        """The flat batch of ``out`` (call after ``apply_diffs``)."""
+    def build(self, out: SchedulerOutput) -> FlatBatch:
+        """The flat batch of ``out`` (call after ``apply``)."""
         req_ids = np.asarray(out.req_ids, dtype=np.int64)                # [B]
         nsched = np.asarray(out.num_scheduled_tokens, dtype=np.int64)    # [B]
         ncomp = np.asarray(out.num_computed_tokens, dtype=np.int64)      # [B]
         smask = np.asarray(out.sample_mask, dtype=bool)                  # [B]
+        spec_offs = np.asarray(out.spec_offsets, dtype=np.int64)         # [B+1]
+        nspec = np.diff(spec_offs)                                       # [B]
         B = req_ids.shape[0]
         states = [self.requests[r] for r in req_ids.tolist()]
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=B)
@@ -139,8 +195,21 @@ class InputBatch:
         slot_mapping = blk * self.block_size + positions % self.block_size
         seq_lens = (ncomp + nsched).astype(np.int32)
         num_decodes = int(np.argmax(nsched != 1)) if (nsched != 1).any() else B
-        logits_indices = qsl[1:][smask] - 1
+        # Logits rows: the last 1 + k tokens of each sampling row (k = its proposals).
+        per_row = (nspec + 1)[smask]                                     # [S]
+        logits_offsets = np.zeros(per_row.shape[0] + 1, np.int32)
+        np.cumsum(per_row, out=logits_offsets[1:])
+        L = int(logits_offsets[-1])
+        owner = np.repeat(np.arange(per_row.shape[0]), per_row)          # [L]
+        within = np.arange(L) - logits_offsets[owner]                     # [L] 0..k
+        ends = qsl[1:][smask]                                            # [S] one past each row's last token
+        logits_indices = (ends[owner] - per_row[owner] + within).astype(np.int64)
         sample_states = [s for s, m in zip(states, smask.tolist()) if m]
+        if nspec[smask].any():
+            spec = np.asarray(out.spec_token_ids, np.int32)
+            spec_tokens = np.concatenate([spec[spec_offs[i]:spec_offs[i + 1]] for i in np.flatnonzero(smask)])
+        else:
+            spec_tokens = np.zeros(0, np.int32)
         # prompt_logprobs: score prompt tokens at positions p+1 < P for every computed row p.
         pr_rows, pr_tgt, pr_owner, pr_pos = [], [], [], []
         for i, st in enumerate(states):
@@ -162,5 +231,6 @@ class InputBatch:
             query_start_loc=qsl.astype(np.int32), seq_lens=seq_lens,
             block_tables=bt, num_decodes=num_decodes,
             max_query_len=int(nsched.max()) if B else 0, max_seq_len=int(seq_lens.max()) if B else 0,
-            logits_indices=logits_indices, sample_req_ids=req_ids[smask], sample_states=sample_states,
+            logits_indices=logits_indices, logits_offsets=logits_offsets, spec_token_ids=spec_tokens,
+            sample_req_ids=req_ids[smask], sample_states=sample_states,
             prompt_rows=cat(pr_rows), prompt_targets=cat(pr_tgt), prompt_owner=cat(pr_owner), prompt_pos=cat(pr_pos))

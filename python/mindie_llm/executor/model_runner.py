@@ -1,63 +1,74 @@
 # SPDX-License-Identifier: Apache-2.0
-"""ModelRunner: SchedulerOutput -> flat batch tensors -> forward -> logits of the sampling rows
-(plus prompt rows for prompt_logprobs) -> Sampler -> one token per sampling request.
+"""ModelRunner: SchedulerOutput (contract 2) -> flat batch tensors -> forward -> logits of the
+sampling positions (plus prompt rows for prompt_logprobs) -> Sampler -> ModelRunnerOutput
+(contract 3): a variable number of tokens per sampling row.
 
-Batch building happens in one place (``_prepare``): the numpy arrays of ``InputBatch.build`` are
-copied into persistent device buffers sized ``max_num_batched_tokens`` / ``max_num_seqs`` and the
-model sees slices of them, so that a graph-capturing backend can replay a captured graph on the
-same storage. The only host sync is the final copy of sampled tokens (and of logprobs when asked).
+Everything the runner knows about a request comes from the step message (``new_requests`` adds
+it, ``finished_ids`` drops it). Batch building happens in one place (``_prepare``): the numpy
+arrays of ``InputBatch.build`` are copied into persistent device buffers sized
+``max_num_batched_tokens`` / ``max_num_seqs`` and the model sees slices of them, so that a
+graph-capturing runner can replay a captured graph on the same storage.
+
+Verification of proposed tokens: a row with k proposals gets k + 1 logits rows; every position is
+sampled with the seed of its output position (greedy or seeded draws alike), and the proposals are
+accepted up to the first that differs from the sampled token, which is kept as the correction.
+Because each draw depends only on (seed, position) and the logits, this yields exactly the tokens
+decoding without proposals would produce; for a proposer that puts all its mass on one token it is
+the standard accept/resample rule (accept with p(draft), else draw from p without the draft).
 
 Must not import the engine, the scheduler extension or the server.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
-
 import numpy as np
 import torch
 from torch import nn
 
+from mindie_llm.contract import ModelRunnerOutput, PromptLogprobs, SchedulerOutput
 from mindie_llm.executor.input_batch import FlatBatch, InputBatch, RequestState
-from mindie_llm.layers.attention import AttentionMetadata
 from mindie_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
-from mindie_llm.sampling_params import SamplingParams
+from mindie_llm.ops.attention_metadata import AttentionMetadata
 
-__all__ = ["ModelRunner", "RunnerOutput", "TokenLogprobs"]
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs of one token: its own (and rank) and the top-N of the raw distribution."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top_ids: list[int]
-    top_logprobs: list[float]
+__all__ = ["ModelRunner", "SamplingPositions"]
 
 
-@dataclass
-class RunnerOutput:
-    req_ids: np.ndarray                      # [S] int64, batch order
-    sampled_token_ids: np.ndarray            # [S] int32
-    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)      # req id -> sampled token's
-    prompt_logprobs: dict[int, list[tuple[int, TokenLogprobs]]] = field(default_factory=dict)  # (pos, lp)
+class SamplingPositions:
+    """The logits rows of one step, each tied to a request state and to the proposals before it.
+
+    Row r belongs to sampling row ``owner[r]`` and samples output position
+    ``len(outputs) + within[r]``, after the first ``within[r]`` proposals of its row."""
+
+    def __init__(self, fb: FlatBatch) -> None:
+        offs = fb.logits_offsets
+        self.num_rows = int(offs[-1])                                   # L
+        counts = np.diff(offs)                                          # [S]
+        self.owner = np.repeat(np.arange(counts.shape[0]), counts)      # [L]
+        self.within = np.arange(self.num_rows) - offs[self.owner]       # [L]
+        self.states = [fb.sample_states[i] for i in self.owner.tolist()]
+        self.spec_offsets = offs - np.arange(offs.shape[0])             # [S+1] proposals per row (CSR)
+        self.spec = fb.spec_token_ids                                   # [L - S]
+        self.has_spec = bool(self.spec.shape[0])
+
+    def preceding(self, r: int) -> np.ndarray:
+        """Proposals that come before logits row r in its request (int32)."""
+        i = int(self.owner[r])
+        lo = int(self.spec_offsets[i])
+        return self.spec[lo:lo + int(self.within[r])]
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, vocab_size: int, kv_caches: list[torch.Tensor], *, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: Sequence[int], device: torch.device) -> None:
+                 device: torch.device) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
-        self.eos_token_ids = list(eos_token_ids)
+        self.max_model_len = max_model_len
         self.batch = InputBatch(max_num_seqs, max_model_len, block_size)
         self.sampler = Sampler()
-        # Persistent device buffers (a graph backend replays on their storage).
+        # Persistent device buffers (a graph runner replays on their storage).
         T, B = max_num_batched_tokens, max_num_seqs
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
@@ -68,44 +79,68 @@ class ModelRunner:
         self.seq_lens_buf = torch.zeros(B, **i32)
         self.block_tables_buf = torch.zeros(B, self.batch.max_blocks_per_seq, **i32)
 
-    # ------------------------------------------------------------------------------------
-    def add_request(self, req_id: int, prompt_token_ids: Sequence[int], params: SamplingParams, seed: int,
-                    want_prompt_logprobs: bool = False) -> None:
-        self.batch.add(RequestState(req_id=req_id, prompt_token_ids=np.asarray(prompt_token_ids, dtype=np.int32),
-                                    params=params, seed=seed, want_prompt_logprobs=want_prompt_logprobs))
-
-    def remove_request(self, req_id: int) -> None:
-        self.batch.remove(req_id)
-
     def has_request(self, req_id: int) -> bool:
         return req_id in self.batch.requests
 
     # ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: Any) -> RunnerOutput:
-        self.batch.apply_diffs(out)
-        if len(out.req_ids) == 0:
-            return RunnerOutput(np.zeros(0, np.int64), np.zeros(0, np.int32))
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self.batch.apply(out)
+        if out.num_reqs == 0:
+            return ModelRunnerOutput.empty()
         fb = self.batch.build(out)
         input_ids, positions, md = self._prepare(fb)
         hidden = self.model(input_ids, positions, self.kv_caches, md)        # [T, H]
-        S = fb.logits_indices.shape[0]
-        rows = np.concatenate([fb.logits_indices, fb.prompt_rows]) if fb.prompt_rows.size else fb.logits_indices
-        if rows.size == 0:
-            return RunnerOutput(np.zeros(0, np.int64), np.zeros(0, np.int32))
-        logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)])  # [S+P', V]
-        result = RunnerOutput(fb.sample_req_ids, np.zeros(0, np.int32))
-        if S:
-            smd = self._sampling_metadata(fb.sample_states)
-            so = self.sampler(logits[:S], smd)
-            sampled = so.sampled.to("cpu", torch.int32).numpy()               # the host sync
-            result.sampled_token_ids = sampled
-            self._collect_logprobs(fb.sample_states, so, sampled, result)
-            for st, t in zip(fb.sample_states, sampled.tolist()):
-                st.output_token_ids.append(t)
+        return self.sample_and_verify(fb, hidden)
+
+    def sample_and_verify(self, fb: FlatBatch, hidden: torch.Tensor, logits: torch.Tensor | None = None
+                          ) -> ModelRunnerOutput:
+        """Logits of the sampling positions (unless given) -> tokens per row, verified against the
+        proposals -> the runner's output; appends the accepted tokens to each request's state."""
+        L = fb.logits_indices.shape[0]
+        if logits is None:
+            rows = np.concatenate([fb.logits_indices, fb.prompt_rows]) if fb.prompt_rows.size else fb.logits_indices
+            if rows.size == 0:
+                return ModelRunnerOutput.empty()
+            logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)])  # [L+P', V]
+        result = ModelRunnerOutput(fb.sample_req_ids, np.zeros(fb.sample_req_ids.shape[0] + 1, np.int32),
+                                   np.zeros(0, np.int32))
+        if L:
+            pos = SamplingPositions(fb)
+            so = self.sampler(logits[:L], self._sampling_metadata(pos))
+            sampled = so.sampled.to("cpu", torch.int32).numpy()               # [L] the host sync
+            keep = self._accept(pos, sampled, result)
+            self._collect_logprobs(pos, so, keep, result)
+            for st, lo, hi in zip(fb.sample_states, result.token_offsets[:-1].tolist(),
+                                  result.token_offsets[1:].tolist()):
+                st.output_token_ids.extend(result.token_ids[lo:hi].tolist())
         if fb.prompt_rows.size:
-            self._prompt_logprobs(fb, logits[S:], result)
+            self._prompt_logprobs(fb, logits[L:], result)
         return result
+
+    @staticmethod
+    def _accept(pos: SamplingPositions, sampled: np.ndarray, result: ModelRunnerOutput) -> np.ndarray:
+        """Fills the token CSR of ``result``: per row, the sampled tokens up to and including the
+        first that differs from its proposal. Returns the logits rows kept ([*] int64)."""
+        if not pos.has_spec:
+            result.token_offsets = np.arange(sampled.shape[0] + 1, dtype=np.int32)
+            result.token_ids = sampled.astype(np.int32)
+            return np.arange(sampled.shape[0])
+        keep: list[int] = []
+        offs = [0]
+        so = pos.spec_offsets
+        for i in range(so.shape[0] - 1):
+            first = int(so[i]) + i                                      # row i's first logits row
+            spec = pos.spec[so[i]:so[i + 1]]
+            n = 0
+            while n < spec.shape[0] and sampled[first + n] == spec[n]:
+                n += 1
+            keep.extend(range(first, first + n + 1))
+            offs.append(offs[-1] + n + 1)
+        kept = np.asarray(keep, np.int64)
+        result.token_offsets = np.asarray(offs, np.int32)
+        result.token_ids = sampled[kept].astype(np.int32)
+        return kept
 
     def _prepare(self, fb: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         T, B = fb.input_ids.shape[0], fb.seq_lens.shape[0]
@@ -122,78 +157,82 @@ class ModelRunner:
             num_decodes=fb.num_decodes, max_query_len=fb.max_query_len, max_seq_len=fb.max_seq_len)
         return self.input_ids_buf[:T], self.positions_buf[:T], md
 
-    def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
-        S, V, dev = len(states), self.vocab_size, self.device
-        ps = [s.params for s in states]
-        temp = np.fromiter((p.temperature for p in ps), np.float32, S)
-        top_k = np.fromiter((p.top_k for p in ps), np.int64, S)
-        top_p = np.fromiter((p.top_p for p in ps), np.float32, S)
-        min_p = np.fromiter((p.min_p for p in ps), np.float32, S)
+    # ------------------------------------------------------------------------------------ sampling
+    def _sampling_metadata(self, pos: SamplingPositions) -> SamplingMetadata:
+        states = pos.states
+        L, dev = len(states), self.device
+        sp = [s.sampling for s in states]
+        temp = np.fromiter((p.temperature for p in sp), np.float32, L)
+        top_k = np.fromiter((p.top_k for p in sp), np.int64, L)
+        top_p = np.fromiter((p.top_p for p in sp), np.float32, L)
+        min_p = np.fromiter((p.min_p for p in sp), np.float32, L)
+        out_pos = [len(s.output_token_ids) + int(w) for s, w in zip(states, pos.within.tolist())]
         t = (lambda a: torch.from_numpy(a).to(dev))
         md = SamplingMetadata(
             temperature=t(temp), top_k=t(top_k), top_p=t(top_p), min_p=t(min_p),
-            seeds=[s.seed for s in states], output_positions=[len(s.output_token_ids) for s in states],
+            seeds=[s.seed for s in states], output_positions=out_pos,
             all_greedy=bool((temp == 0).all()), random_rows=np.flatnonzero(temp > 0).tolist(),
             need_top_k_top_p=bool(((top_k > 0) & (temp > 0)).any() or ((top_p < 1) & (temp > 0)).any()),
             need_min_p=bool(((min_p > 0) & (temp > 0)).any()),
         )
-        lp = [p.logprobs for p in ps if p.logprobs is not None]
+        lp = [p.logprobs for p in sp if p.logprobs >= 0]
         md.max_num_logprobs = max(lp) if lp else -1
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in ps):
-            md.presence = t(np.fromiter((p.presence_penalty for p in ps), np.float32, S))
-            md.frequency = t(np.fromiter((p.frequency_penalty for p in ps), np.float32, S))
-            md.repetition = t(np.fromiter((p.repetition_penalty for p in ps), np.float32, S))
-            md.prompt_mask, md.output_counts = self._token_stats(states)
+        if any(p.has_penalties for p in sp):
+            md.presence = t(np.fromiter((p.presence_penalty for p in sp), np.float32, L))
+            md.frequency = t(np.fromiter((p.frequency_penalty for p in sp), np.float32, L))
+            md.repetition = t(np.fromiter((p.repetition_penalty for p in sp), np.float32, L))
+            md.prompt_mask, md.output_counts = self._token_stats(pos)
         banned_r, banned_t = [], []
-        for i, s in enumerate(states):
-            if len(s.output_token_ids) < s.params.min_tokens:
-                ids = list(s.params.stop_token_ids or ())
-                if not s.params.ignore_eos:
-                    ids += self.eos_token_ids
-                ids = [x for x in ids if 0 <= x < V]
-                banned_r += [i] * len(ids)
-                banned_t += ids
+        for r, (s, p, n) in enumerate(zip(states, sp, out_pos)):
+            if n < p.min_tokens and p.banned.size:
+                ids = p.banned[(p.banned >= 0) & (p.banned < self.vocab_size)]
+                banned_r += [r] * int(ids.size)
+                banned_t += ids.tolist()
         if banned_r:
             md.banned_rows = torch.tensor(banned_r, dtype=torch.int64, device=dev)
             md.banned_tokens = torch.tensor(banned_t, dtype=torch.int64, device=dev)
         return md
 
-    def _token_stats(self, states: list[RequestState]) -> tuple[torch.Tensor, torch.Tensor]:
-        S, V, dev = len(states), self.vocab_size, self.device
-        prompt_mask = torch.zeros(S, V, dtype=torch.bool, device=dev)
-        counts = torch.zeros(S, V, dtype=torch.int32, device=dev)
-        for i, s in enumerate(states):  # one vectorized scatter per request
-            prompt_mask[i, torch.from_numpy(s.prompt_token_ids.astype(np.int64)).to(dev)] = True
-            if s.output_token_ids:
-                out = torch.tensor(s.output_token_ids, dtype=torch.int64, device=dev)
-                counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
+    def _token_stats(self, pos: SamplingPositions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-token mask and output-token counts [L, V] of each logits row (its request's
+        outputs so far plus the proposals before that row)."""
+        L, V, dev = len(pos.states), self.vocab_size, self.device
+        prompt_mask = torch.zeros(L, V, dtype=torch.bool, device=dev)
+        counts = torch.zeros(L, V, dtype=torch.int32, device=dev)
+        for r, s in enumerate(pos.states):  # one vectorized scatter per row
+            prompt_mask[r, torch.from_numpy(s.prompt_token_ids.astype(np.int64)).to(dev)] = True
+            seen = s.output_token_ids + (pos.preceding(r).tolist() if pos.has_spec else [])
+            if seen:
+                out = torch.tensor(seen, dtype=torch.int64, device=dev)
+                counts[r].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
         return prompt_mask, counts
 
-    def _collect_logprobs(self, states: list[RequestState], so: SamplerOutput, sampled: np.ndarray,
-                          result: RunnerOutput) -> None:
+    def _collect_logprobs(self, pos: SamplingPositions, so: SamplerOutput, keep: np.ndarray,
+                          result: ModelRunnerOutput) -> None:
+        """Logprob arrays aligned with ``result.token_ids`` (rows that did not ask hold zeros)."""
         if so.token_logprob is None:
             return
-        want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if not want:
-            return
-        top_ids, top_lp = so.top_ids.cpu().tolist(), so.top_logprobs.cpu().tolist()
-        tok_lp, rank = so.token_logprob.cpu().tolist(), so.token_rank.cpu().tolist()
-        for i in want:
-            n = states[i].params.logprobs
-            result.logprobs[states[i].req_id] = TokenLogprobs(int(sampled[i]), tok_lp[i], int(rank[i]),
-                                                              top_ids[i][:n], top_lp[i][:n])
+        idx = torch.from_numpy(keep).to(so.token_logprob.device)
+        result.token_logprobs = so.token_logprob[idx].cpu().numpy()
+        result.token_ranks = so.token_rank[idx].cpu().numpy()
+        result.top_ids = so.top_ids[idx].cpu().numpy()
+        result.top_logprobs = so.top_logprobs[idx].cpu().numpy()
+        first_rows = (pos.spec_offsets[:-1] + np.arange(pos.spec_offsets.shape[0] - 1)).tolist()
+        result.logprob_rows = np.array([pos.states[r].sampling.logprobs >= 0 for r in first_rows], bool)
 
-    def _prompt_logprobs(self, fb: FlatBatch, logits: torch.Tensor, result: RunnerOutput) -> None:
+    def _prompt_logprobs(self, fb: FlatBatch, logits: torch.Tensor, result: ModelRunnerOutput) -> None:
         lp = torch.log_softmax(logits.to(torch.float32), dim=-1)            # [P', V]
         tgt = torch.from_numpy(fb.prompt_targets).to(lp.device)
         tok_lp = lp.gather(-1, tgt[:, None]).squeeze(-1)                    # [P']
-        rank = (lp > tok_lp[:, None]).sum(-1) + 1
-        n_max = max(self.batch.requests[int(r)].params.prompt_logprobs or 0 for r in set(fb.prompt_owner.tolist()))
-        top_lp, top_ids = torch.topk(lp, n_max, dim=-1) if n_max else (lp[:, :0], lp[:, :0].long())
-        top_lp, top_ids = top_lp.cpu().tolist(), top_ids.cpu().tolist()
-        tok_lp, rank = tok_lp.cpu().tolist(), rank.cpu().tolist()
-        for j, (owner, pos, target) in enumerate(zip(fb.prompt_owner.tolist(), fb.prompt_pos.tolist(),
-                                                     fb.prompt_targets.tolist())):
-            n = self.batch.requests[owner].params.prompt_logprobs or 0
-            result.prompt_logprobs.setdefault(owner, []).append(
-                (pos, TokenLogprobs(target, tok_lp[j], int(rank[j]), top_ids[j][:n], top_lp[j][:n])))
+        rank = (lp > tok_lp[:, None]).sum(-1) + 1                           # [P']
+        owners = fb.prompt_owner
+        n_max = max(self.batch.requests[int(r)].sampling.prompt_logprobs for r in set(owners.tolist()))
+        top_lp, top_ids = torch.topk(lp, n_max, dim=-1) if n_max > 0 else (lp[:, :0], lp[:, :0].long())
+        tok_lp, rank = tok_lp.cpu().numpy(), rank.cpu().numpy()
+        top_lp, top_ids = top_lp.cpu().numpy(), top_ids.cpu().numpy()
+        for owner in dict.fromkeys(owners.tolist()):
+            sel = owners == owner
+            n = self.batch.requests[owner].sampling.prompt_logprobs
+            result.prompt_logprobs[owner] = PromptLogprobs(
+                positions=fb.prompt_pos[sel], token_ids=fb.prompt_targets[sel], logprobs=tok_lp[sel],
+                ranks=rank[sel], top_ids=top_ids[sel, :n], top_logprobs=top_lp[sel, :n])

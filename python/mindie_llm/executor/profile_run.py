@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mindie_llm.layers.attention import AttentionMetadata
+from mindie_llm.ops.attention_metadata import AttentionMetadata
 
 __all__ = ["max_step"]
 

@@ -215,7 +215,10 @@ def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any
         quantize_int8(model)
     tok_path = getattr(model_config, "tokenizer", None)
     if tok_path:
-        tok = Tokenizer.from_gguf(tok_path) if tok_path.endswith(".gguf") else Tokenizer.from_hf_dir(tok_path)
+        from mindie_llm.loader.gguf_loader import read_gguf_metadata
+
+        tok = (Tokenizer.from_gguf_fields(read_gguf_metadata(tok_path), name=tok_path) if tok_path.endswith(".gguf")
+               else Tokenizer.from_hf_dir(tok_path))
     name = getattr(model_config, "served_model_name", None) or _default_name(fmt, path, arch)
     return LoadedModel(model=model, arch=arch, tokenizer=tok, name=name)
 

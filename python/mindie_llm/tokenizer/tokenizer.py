@@ -211,12 +211,6 @@ class Tokenizer:
                    chat_template=fields.get("tokenizer.chat_template"), add_bos_token=bool(add_bos),
                    byte_level=(kind == "gpt2"), name=name)
 
-    @classmethod
-    def from_gguf(cls, path: str) -> "Tokenizer":
-        from mindie_llm.loader.gguf_loader import read_gguf_metadata  # lazy: gguf only when needed
-
-        return cls.from_gguf_fields(read_gguf_metadata(path), name=path)
-
 
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):

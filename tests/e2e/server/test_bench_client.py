@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``mindie-llm bench serve`` (server/bench_client.py): a smoke run over gRPC against a server
+"""``mindie-llm bench serve`` (bench/serve_client.py): a smoke run over gRPC against a server
 process (the fake-engine server of tests/unit/server/test_grpc_server.py, so it takes seconds),
 checking the printed table, requests.csv, summary.json and plot.png; and the statistics against
 numpy's percentiles (the oracle).
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mindie_llm.server import bench_client
-from mindie_llm.server.bench_client import RequestResult, add_arguments, summarize
+from mindie_llm.bench import serve_client as bench_client
+from mindie_llm.bench.serve_client import RequestResult, add_arguments, summarize
 
 pytestmark = pytest.mark.timeout(120)
 

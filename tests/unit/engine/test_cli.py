@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mindie_llm import cli
-from mindie_llm.engine.bench_offline import Row, format_table
+from mindie_llm.bench.offline import Row, format_table
 
 
 def test_parser_generate_and_chat_options():
@@ -27,7 +27,7 @@ def test_serve_delegates_with_raw_argv(monkeypatch, capsys):
 
 
 def test_missing_server_module_is_a_clear_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "mindie_llm.server.bench_client", None)
+    monkeypatch.setitem(sys.modules, "mindie_llm.bench.serve_client", None)
     assert cli.main(["bench", "serve"]) == 2
     assert "not available" in capsys.readouterr().err
 

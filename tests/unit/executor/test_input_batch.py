@@ -1,12 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """InputBatch: block-table diffs and flat batch building from a fake SchedulerOutput (contract 2).
 Oracle: a per-token Python loop over the same scheduler output, written in this test."""
-from types import SimpleNamespace
-
 import numpy as np
 
-from mindie_llm.executor.input_batch import InputBatch, RequestState
-from mindie_llm.sampling_params import SamplingParams
+from mindie_llm.contract import SchedulerOutput
+from mindie_llm.executor.input_batch import InputBatch, RequestState, SamplingRow
 
 BS = 4
 
@@ -14,13 +12,13 @@ BS = 4
 def _out(req_ids, nsched, ncomp, tokens, smask, reset, new_blocks, preempted=(), finished=()):
     offs = np.zeros(len(req_ids) + 1, np.int32)
     np.cumsum([len(b) for b in new_blocks], out=offs[1:])
-    return SimpleNamespace(
+    return SchedulerOutput(
         req_ids=np.array(req_ids, np.int64), num_scheduled_tokens=np.array(nsched, np.int32),
         num_computed_tokens=np.array(ncomp, np.int32), input_token_ids=np.array(tokens, np.int32),
         sample_mask=np.array(smask, bool), block_table_reset=np.array(reset, bool), new_block_offsets=offs,
         new_block_ids=np.array([b for bl in new_blocks for b in bl], np.int32),
         preempted_ids=np.array(preempted, np.int64), finished_ids=np.array(finished, np.int64),
-        num_batched_tokens=len(tokens))
+        finish_reasons=np.zeros(len(finished), np.int32), num_batched_tokens=len(tokens))
 
 
 def _reference(out, tables):
@@ -35,8 +33,7 @@ def _reference(out, tables):
 
 
 def _add(ib, rid, prompt, plp=False):
-    ib.add(RequestState(rid, np.array(prompt, np.int32), SamplingParams(prompt_logprobs=1 if plp else None), 0,
-                        want_prompt_logprobs=plp))
+    ib.add(RequestState(rid, np.array(prompt, np.int32), SamplingRow(prompt_logprobs=1 if plp else -1), 0))
 
 
 def test_mixed_batch_positions_slots_and_logits_rows():

@@ -81,9 +81,11 @@ def gemv_linear(layer: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_linears(model: nn.Module) -> list[nn.Module]:
-    from mindie_llm.layers.linear import LinearBase, dense_linear
-
-    return [m for m in model.modules() if isinstance(m, LinearBase) and m.linear_method is dense_linear
+    """Linears computed by the plain dense method (recognised by their ``linear_method`` name, so
+    that this backend needs no import of the layers above it)."""
+    return [m for m in model.modules()
+            if getattr(getattr(m, "linear_method", None), "__name__", None) == "dense_linear"
+            and isinstance(getattr(m, "weight", None), torch.Tensor)
             and m.weight.dim() == 2 and m.weight.is_cuda and m.weight.dtype in (torch.bfloat16, torch.float16)]
 
 

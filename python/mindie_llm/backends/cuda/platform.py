@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """CudaPlatform: what the CUDA backend tells the engine (device, NCCL, dtypes, KV-cache size, the
-runner class with CUDA graphs) and the registration of its Triton ops with ``mindie_llm.ops``.
+graph runner's device pieces) and the registration of its Triton ops with ``mindie_llm.ops``.
 
 KV-cache size (vLLM's rule): ``total * cache.gpu_memory_utilization`` minus what the process
 already holds (weights, CUDA context, other tensors) minus the activation peak of the largest step,
@@ -29,7 +29,7 @@ class CudaPlatform(Platform):
     device_type = "cuda"
     dist_backend = "nccl"
     ops_module = "mindie_llm.backends.cuda.ops"
-    model_runner = "mindie_llm.backends.cuda.model_runner.CudaModelRunner"
+    model_runner = "mindie_llm.executor.graph_runner.GraphModelRunner"   # given the pieces below
     profiles_activation_peak = True
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     activation_peak_bytes: int | None = None
@@ -52,19 +52,24 @@ class CudaPlatform(Platform):
 
     @classmethod
     def graph_wrapper_cls(cls) -> type | None:
-        from mindie_llm.backends.cuda.model_runner import CudaGraphDecodeModel
+        from mindie_llm.backends.cuda.graph import CudaGraphDecodeModel
 
         return CudaGraphDecodeModel
 
     @classmethod
     def runner_kwargs(cls, config: Any) -> dict[str, Any]:
-        """The keyword arguments the engine passes to ``CudaModelRunner`` from the deployment's
-        ``backend`` section (CUDA graphs on/off and the largest graphed decode batch)."""
+        """The pieces the executor's GraphModelRunner takes from this platform (graph wrapper,
+        events, synchronization, the start-up GEMV choice) and, from the deployment's ``backend``
+        section, CUDA graphs on/off and the largest graphed decode batch."""
+        from mindie_llm.backends.cuda.gemv import select_gemv_linears
+
+        kwargs: dict[str, Any] = {"graph_wrapper_cls": cls.graph_wrapper_cls(), "event_cls": torch.cuda.Event,
+                                  "synchronize": torch.cuda.synchronize, "select_kernels": select_gemv_linears}
         backend = getattr(config, "backend", None)
-        if backend is None:
-            return {}
-        return {"enable_cuda_graph": bool(backend.enable_cuda_graph),
-                "cuda_graph_max_batch_size": int(backend.cuda_graph_max_batch_size)}
+        if backend is not None:
+            kwargs.update(enable_cuda_graph=bool(backend.enable_cuda_graph),
+                          cuda_graph_max_batch_size=int(backend.cuda_graph_max_batch_size))
+        return kwargs
 
     # ------------------------------------------------------------------ KV-cache sizing
     @classmethod

@@ -51,7 +51,8 @@ enum class Role : std::int32_t
     kDECODE = 2,
 };
 
-/// @brief Plain configuration of the scheduler core (validated by the Scheduler constructor).
+/// @brief Plain configuration of the scheduler core: the one struct the Python facade fills field by
+/// field (bound with def_readwrite). validate() is the single place its rules live.
 struct SchedulerConfig
 {
     SizeType32 numBlocks{0};             ///< includes the null block 0
@@ -63,6 +64,9 @@ struct SchedulerConfig
     bool enableChunkedPrefill{true};
     Policy policy{Policy::kFCFS};
     Role role{Role::kCOLOCATED};
+
+    /// @brief Throws ConfigError naming the first invalid field (snake_case, as in the YAML keys).
+    void validate() const;
 };
 
 /// @brief Base of every error the scheduler raises; nothing in the core aborts the process.

@@ -70,13 +70,19 @@ struct alignas(64) Request
     bool awaitingSample{false};        ///< scheduled with sample_mask=true, update() pending
     std::int64_t scheduledAtStep{-1};  ///< the step that last scheduled it (no per-step reset pass)
     std::int64_t preemptedAtStep{-1};  ///< not re-admitted in the step that preempted it
+    std::vector<TokenId> drafts;       ///< proposals for the tokens after tokens.back() (from update());
+                                       ///< begin/end stay in cache line 1 (read for every decode)
+    SizeType32 lastNumSpec{0};         ///< proposed tokens (the row's last ones) of the last schedule()
+    SizeType32 blocksWithoutSpec{0};   ///< blocks held before the lookahead blocks of the last schedule()
     RequestParams params;
     SortKey key{};
     std::vector<BlockHash> hashes;     ///< chained hashes of full blocks (content-based, kept across preemption)
 
     [[nodiscard]] SizeType32 numTokens() const noexcept { return static_cast<SizeType32>(tokens.size()); }
     [[nodiscard]] SizeType32 numOutputTokens() const noexcept { return numTokens() - numPromptTokens; }
-    /// @brief A decode computes exactly the last sampled token of a complete prompt.
+    /// @brief A decode computes exactly the last sampled token of a complete prompt (plus, with
+    /// speculation, its proposed tokens; between schedule() and update() numComputedTokens then
+    /// counts them and may exceed numTokens()).
     [[nodiscard]] bool isDecode() const noexcept
     {
         return numComputedTokens >= numPromptTokens && numTokens() - numComputedTokens == 1;

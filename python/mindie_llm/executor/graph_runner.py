@@ -1,163 +1,42 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CudaModelRunner: the executor's ModelRunner with CUDA graphs for decode batches, pinned host
-staging for the per-step host-to-device copies, and the next greedy decode overlapped with the
-host's work on the current one.
+"""GraphModelRunner: the ModelRunner with device graphs for decode batches, pinned host staging of
+the per-step host-to-device copies, and the next greedy decode overlapped with the host's work on
+the current one. The device pieces come from the platform (``Platform.runner_kwargs``): the graph
+wrapper class (CUDA: ``backends/cuda/graph.py``), the event class, whether host memory can be
+pinned, and the start-up kernel choice (CUDA: the Triton GEMV where it beats cuBLAS per shape).
 
-Decode-only steps (every request computes one token) of up to ``cuda_graph_max_batch_size``
-requests replay a graph captured at start-up for the smallest bucket that holds them; the rows past
-the real batch are padding (slot -1: no KV write; one-token context; outputs ignored). The graphs
-run on the runner's persistent device buffers, so a replay needs no copy beyond ``_prepare``'s.
-Prefill and mixed steps run eagerly through the same Triton kernels. At start-up, one-row linears
-switch to the Triton GEMV (``gemv.py``) on the weight shapes where it beats cuBLAS on this card.
+Decode-only steps (every request computes one token) of up to ``graph_max_batch_size`` requests
+replay a graph captured at start-up for the smallest bucket that holds them. Prefill, mixed and
+speculative steps run eagerly.
 
 Overlap: after queueing a greedy decode replay, the runner queues the *next* decode of the same
-batch with its inputs advanced on the GPU (``_speculate``), then waits only for the first. When
+batch with its inputs advanced on the device (``_speculate``), then waits only for the first. When
 the engine's next SchedulerOutput is exactly that step (same requests, positions, tokens, no new
-blocks) its tokens are already on the way; otherwise it is dropped (its K/V writes land in slots
-the requests own and are rewritten before any read) and the step runs normally.
+blocks, no new requests) its tokens are already on the way; otherwise it is dropped (its K/V writes
+land in slots the requests own and are rewritten before any read) and the step runs normally.
 
-Must not import the engine or the scheduler; imports the executor's runner (one layer down from
-the engine) and the model-facing AttentionMetadata.
+Must not import the engine, the scheduler extension or a backend module (the platform hands the
+pieces in).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from mindie_llm.backends.cuda.sampling import argmax as gpu_argmax
+from mindie_llm.contract import ModelRunnerOutput, SchedulerOutput
 from mindie_llm.executor.input_batch import FlatBatch
-from mindie_llm.executor.model_runner import ModelRunner, RunnerOutput
-from mindie_llm.layers.attention import AttentionMetadata
+from mindie_llm.executor.model_runner import ModelRunner
+from mindie_llm.ops.attention_metadata import AttentionMetadata
 
-__all__ = ["CudaModelRunner", "CudaGraphDecodeModel", "graph_batch_sizes"]
+__all__ = ["GraphModelRunner"]
 
 logger = logging.getLogger(__name__)
-
-
-def graph_batch_sizes(max_batch_size: int) -> list[int]:
-    """Buckets 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, capped at ``max_batch_size``."""
-    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 1025, 16))
-    out = [s for s in sizes if s < max_batch_size] + [max_batch_size]
-    return sorted(set(out))
-
-
-def eager_token_buckets(max_tokens: int) -> list[int]:
-    """Token counts eager steps are padded to (16, 32, 64, every 64 to 1024, every 256 beyond): a
-    few GEMM shapes, each warmed at start-up, instead of one new shape per step."""
-    sizes = [16, 32] + list(range(64, 1025, 64)) + list(range(1280, max_tokens + 256, 256))
-    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
-
-
-class CudaGraphDecodeModel(nn.Module):
-    """Wraps the model: ``forward`` replays a captured graph for decode-only batches, else runs the
-    model eagerly. A graph holds the forward, the logits of every row and their argmax (greedy
-    tokens), so that a greedy decode step is one replay and one copy to the host."""
-
-    def __init__(self, model: nn.Module, runner: "CudaModelRunner", batch_sizes: Sequence[int],
-                 num_kv_heads: int, max_model_len: int) -> None:
-        super().__init__()
-        self.inner = model
-        self.runner = runner
-        self.batch_sizes = sorted(batch_sizes)
-        self.num_kv_heads = num_kv_heads
-        self.max_model_len = max_model_len
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}     # [bs, H] hidden states
-        self.logits: dict[int, torch.Tensor] = {}      # [bs, V] float32
-        self.greedy: dict[int, torch.Tensor] = {}      # [bs] int64 argmax of the logits
-        self.num_replays = 0
-        dev = runner.device
-        self._arange = torch.arange(max(self.batch_sizes) + 1, dtype=torch.int32, device=dev)
-        sm = torch.cuda.get_device_properties(dev).multi_processor_count
-        self._split_below = 2 * sm                   # split-KV while B * Hk programs underfill the GPU
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.inner.compute_logits(hidden)
-
-    def _metadata(self, bs: int) -> AttentionMetadata:
-        r = self.runner
-        return AttentionMetadata(
-            slot_mapping=r.slot_mapping_buf[:bs], query_start_loc=r.query_start_loc_buf[:bs + 1],
-            seq_lens=r.seq_lens_buf[:bs], block_tables=r.block_tables_buf[:bs], num_decodes=bs, max_query_len=1,
-            max_seq_len=self.max_model_len,
-            backend_state={"cuda_split_kv": bs * self.num_kv_heads < self._split_below})
-
-    def _pad(self, num_real: int, bs: int) -> None:
-        r = self.runner
-        r.query_start_loc_buf[:bs + 1].copy_(self._arange[:bs + 1])   # decode-only: one token each
-        if bs > num_real:
-            r.slot_mapping_buf[num_real:bs].fill_(-1)                   # padding rows write no KV
-            r.seq_lens_buf[num_real:bs].fill_(1)
-            r.positions_buf[num_real:bs].zero_()
-            r.input_ids_buf[num_real:bs].zero_()
-
-    @torch.inference_mode()
-    def capture(self, kv_caches: list[torch.Tensor]) -> float:
-        """Captures one graph per bucket, largest first, sharing one memory pool. Returns seconds."""
-        t0 = time.perf_counter()
-        r = self.runner
-        pool = torch.cuda.graph_pool_handle()
-        r.block_tables_buf.zero_()
-        for bs in sorted(self.batch_sizes, reverse=True):
-            self._pad(0, bs)
-            md = self._metadata(bs)
-            args = (r.input_ids_buf[:bs], r.positions_buf[:bs], kv_caches, md)
-            for _ in range(2):                   # compiles the kernels, creates cuBLAS workspaces
-                self.inner(*args)
-            torch.cuda.synchronize(r.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.inner(*args)                       # [bs, H]
-                logits = self.inner.compute_logits(hidden)       # [bs, V] float32
-                greedy = gpu_argmax(logits)                      # [bs] int64, as torch.argmax
-            self.graphs[bs] = graph
-            self.outputs[bs] = hidden
-            self.logits[bs] = logits
-            self.greedy[bs] = greedy
-        torch.cuda.synchronize(r.device)
-        return time.perf_counter() - t0
-
-    def _bucket(self, n: int) -> int | None:
-        for bs in self.batch_sizes:
-            if bs >= n:
-                return bs if bs in self.graphs else None
-        return None
-
-    def replay(self, n: int) -> int:
-        """Replays the bucket of a decode batch of ``n`` whose inputs the runner has staged (padded)."""
-        bs = self._bucket(n)
-        assert bs is not None and self.runner.padded_batch_size == bs, (n, bs, self.runner.padded_batch_size)
-        self.runner.padded_batch_size = 0
-        self.graphs[bs].replay()
-        self.num_replays += 1
-        return bs
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        n = input_ids.shape[0]
-        bs = self._bucket(n) if (attn_metadata.num_decodes == n == attn_metadata.num_reqs and n > 0) else None
-        if bs is None or torch.cuda.is_current_stream_capturing():
-            return self.inner(input_ids, positions, kv_caches, attn_metadata)
-        r = self.runner
-        for src, buf in ((input_ids, r.input_ids_buf), (positions, r.positions_buf),
-                         (attn_metadata.slot_mapping, r.slot_mapping_buf), (attn_metadata.seq_lens, r.seq_lens_buf)):
-            if src.data_ptr() != buf.data_ptr():
-                buf[:n].copy_(src)
-        bt = attn_metadata.block_tables
-        if bt.data_ptr() != r.block_tables_buf.data_ptr() or bt.stride(0) != r.block_tables_buf.stride(0):
-            r.block_tables_buf[:n, :bt.shape[1]].copy_(bt)
-        if r.padded_batch_size != bs:
-            self._pad(n, bs)
-        r.padded_batch_size = 0
-        self.graphs[bs].replay()
-        self.num_replays += 1
-        return self.outputs[bs][:n]
 
 
 @dataclass
@@ -170,17 +49,19 @@ class _InFlight:
     n: int
     bs: int                      # graph bucket
     host: torch.Tensor           # [n] int64 pinned, valid once ``event`` has completed
-    event: torch.cuda.Event
+    event: Any                   # the platform's event, recorded after the copy
 
 
-class CudaModelRunner(ModelRunner):
-    """ModelRunner + CUDA graphs for decode batches + pinned staging of the step's host arrays."""
+class GraphModelRunner(ModelRunner):
+    """ModelRunner + device graphs for decode batches + pinned staging of the step's host arrays."""
 
     def __init__(self, model: nn.Module, vocab_size: int, kv_caches: list[torch.Tensor], *, block_size: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: Sequence[int], device: torch.device, enable_cuda_graph: bool | None = None,
-                 cuda_graph_max_batch_size: int | None = None, select_gemv: bool = True, **kwargs: Any) -> None:
-        # The engine passes the deployment's backend section (CudaPlatform.runner_kwargs).
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, device: torch.device,
+                 graph_wrapper_cls: type, event_cls: type, synchronize: Callable[[torch.device], None],
+                 select_kernels: Callable[[nn.Module], dict] | None = None, pin_memory: bool = True,
+                 enable_cuda_graph: bool | None = None, cuda_graph_max_batch_size: int | None = None) -> None:
+        # The engine passes the platform's pieces and the deployment's backend section
+        # (Platform.runner_kwargs).
         if enable_cuda_graph is None:
             enable_cuda_graph = True
         if cuda_graph_max_batch_size is None:
@@ -189,36 +70,35 @@ class CudaModelRunner(ModelRunner):
             raise ValueError(f"cuda_graph_max_batch_size: must be >= 1; got {cuda_graph_max_batch_size}")
         super().__init__(model, vocab_size, kv_caches, block_size=block_size, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                         eos_token_ids=eos_token_ids, device=device, **kwargs)
+                         device=device)
+        self._event_cls = event_cls
+        self._synchronize = synchronize
         T, B, W = max_num_batched_tokens, max_num_seqs, self.block_tables_buf.shape[1]
         # One pinned buffer per dtype; the numpy views are filled on the host, then copied async.
         T = max(T, min(cuda_graph_max_batch_size, B))                  # room for a padded decode batch
-        self._pin64 = torch.empty(3 * T, dtype=torch.int64, pin_memory=True)
-        self._pin32 = torch.empty(2 * T + 1 + B * W, dtype=torch.int32, pin_memory=True)
+        self._pin64 = torch.empty(3 * T, dtype=torch.int64, pin_memory=pin_memory)
+        self._pin32 = torch.empty(2 * T + 1 + B * W, dtype=torch.int32, pin_memory=pin_memory)
         self._np64, self._np32 = self._pin64.numpy(), self._pin32.numpy()
-        self._staged: torch.cuda.Event | None = None
+        self._staged: Any = None
         self.padded_batch_size = 0
         self.max_model_len = max_model_len
         self.enable_overlap = enable_cuda_graph     # speculative next decode (needs the graphs)
         self.num_overlapped_steps = 0
         self._inflight: _InFlight | None = None
         self._last_sampled: np.ndarray | None = None
-        self._tok_pin = torch.empty((2, max(max_num_seqs, 1)), dtype=torch.int64, pin_memory=True)
+        self._tok_pin = torch.empty((2, max(max_num_seqs, 1)), dtype=torch.int64, pin_memory=pin_memory)
         self._tok_slot = 0
-        self.graph_model: CudaGraphDecodeModel | None = None
+        self.graph_model: Any = None
         self.graph_capture_s = 0.0
-        self.eager_buckets: list[int] = eager_token_buckets(max_num_batched_tokens) if enable_cuda_graph else []
-        # One-row linears: a Triton GEMV where it beats cuBLAS on this card (timed per shape).
-        self.gemv_report: dict = {}
-        if select_gemv:
-            from mindie_llm.backends.cuda.gemv import select_gemv_linears
-
-            self.gemv_report = select_gemv_linears(model)
+        self.eager_buckets: list[int] = graph_wrapper_cls.eager_token_buckets(max_num_batched_tokens) \
+            if enable_cuda_graph else []
+        # Start-up kernel choice of the platform (CUDA: a Triton GEMV where it beats cuBLAS per shape).
+        self.gemv_report: dict = select_kernels(model) if select_kernels is not None else {}
         if enable_cuda_graph:
             max_bs = min(cuda_graph_max_batch_size, max_num_seqs, max_num_batched_tokens)
             num_kv_heads = kv_caches[0].shape[3] if kv_caches else 1
-            self.graph_model = CudaGraphDecodeModel(model, self, graph_batch_sizes(max_bs), num_kv_heads,
-                                                    max_model_len)
+            self.graph_model = graph_wrapper_cls(model, self, graph_wrapper_cls.batch_sizes_for(max_bs),
+                                                 num_kv_heads, max_model_len)
             self.graph_capture_s = self.graph_model.capture(kv_caches)
             self.model = self.graph_model
             logger.info("captured %d decode CUDA graphs in %.1f s", len(self.graph_model.graphs),
@@ -227,9 +107,9 @@ class CudaModelRunner(ModelRunner):
             self._warm_eager_shapes(kv_caches)
             self.graph_capture_s += time.perf_counter() - t0
 
-    def _graph_step_kind(self, out: Any) -> str | None:
+    def _graph_step_kind(self, out: SchedulerOutput) -> str | None:
         """"greedy" (one replay, argmax in the graph), "sample" (replay, then the Sampler on the
-        graph's logits) or None (the eager path) for a SchedulerOutput, judged before its diffs."""
+        graph's logits) or None (the eager path) for a SchedulerOutput already applied."""
         gm = self.graph_model
         n = len(out.req_ids)
         if gm is None or n == 0 or gm._bucket(n) is None:
@@ -243,39 +123,33 @@ class CudaModelRunner(ModelRunner):
             st = self.batch.requests.get(rid)
             if st is None or (st.want_prompt_logprobs and nc < st.num_prompt - 1):
                 return None
-            p = st.params
-            if greedy and (p.temperature > 0 or p.logprobs is not None or p.presence_penalty
-                           or p.frequency_penalty or p.repetition_penalty != 1.0
-                           or (len(st.output_token_ids) < p.min_tokens
-                               and (p.stop_token_ids or not p.ignore_eos))):
+            p = st.sampling
+            if greedy and (p.temperature > 0 or p.logprobs >= 0 or p.has_penalties
+                           or (len(st.output_token_ids) < p.min_tokens and p.banned.size)):
                 greedy = False
         return "greedy" if greedy else "sample"
 
     @torch.inference_mode()
-    def execute(self, out: Any) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         spec, self._inflight = self._inflight, None
         if spec is not None and self._matches(spec, out):
-            self.batch.apply_diffs(out)                 # no block changes: finished ids of others only
+            self.batch.apply(out)                       # no block changes: finished ids of others only
             cur = spec
             self.num_overlapped_steps += 1
         else:
+            self.batch.apply(out)
+            if out.num_reqs == 0:
+                return ModelRunnerOutput.empty()
             kind = self._graph_step_kind(out)
-            if kind is None:
-                return super().execute(out)
-            self.batch.apply_diffs(out)
             fb = self.batch.build(out)
+            if kind is None:
+                input_ids, positions, md = self._prepare(fb)
+                return self.sample_and_verify(fb, self.model(input_ids, positions, self.kv_caches, md))
             self._prepare(fb)
             n = fb.input_ids.shape[0]
             if kind == "sample":
                 bs = self.graph_model.replay(n)
-                result = RunnerOutput(fb.sample_req_ids, np.zeros(0, np.int32))
-                so = self.sampler(self.graph_model.logits[bs][:n], self._sampling_metadata(fb.sample_states))
-                sampled = so.sampled.to("cpu", torch.int32).numpy()                      # the host sync
-                self._collect_logprobs(fb.sample_states, so, sampled, result)
-                result.sampled_token_ids = sampled
-                for st, t in zip(fb.sample_states, sampled.tolist()):
-                    st.output_token_ids.append(t)
-                return result
+                return self.sample_and_verify(fb, None, logits=self.graph_model.logits[bs][:n])
             bs = self.graph_model.replay(n)
             cur = self._greedy_launched(fb.sample_req_ids, np.asarray(out.num_computed_tokens, np.int64),
                                         fb.sample_states, n, bs)
@@ -287,7 +161,7 @@ class CudaModelRunner(ModelRunner):
         self._last_sampled = sampled
         for st, t in zip(cur.states, sampled.tolist()):
             st.output_token_ids.append(t)
-        return RunnerOutput(cur.req_ids, sampled)
+        return ModelRunnerOutput.one_token_each(cur.req_ids, sampled)
 
     def _greedy_launched(self, req_ids: np.ndarray, ncomp: np.ndarray, states: list, n: int,
                          bs: int) -> "_InFlight":
@@ -295,7 +169,7 @@ class CudaModelRunner(ModelRunner):
         host = self._tok_pin[self._tok_slot, :n]
         self._tok_slot ^= 1                             # two steps can be in flight
         host.copy_(self.graph_model.greedy[bs][:n], non_blocking=True)
-        event = torch.cuda.Event()
+        event = self._event_cls()
         event.record()
         return _InFlight(req_ids, ncomp, states, n, bs, host, event)
 
@@ -308,8 +182,8 @@ class CudaModelRunner(ModelRunner):
         if not self.enable_overlap or ((nxt % self.block_size) == 0).any() or (nxt + 1 > self.max_model_len).any():
             return None
         for st in cur.states:
-            p = st.params
-            if len(st.output_token_ids) + 1 < p.min_tokens and (p.stop_token_ids or not p.ignore_eos):
+            p = st.sampling
+            if len(st.output_token_ids) + 1 < p.min_tokens and p.banned.size:
                 return None
         n, bs = cur.n, cur.bs
         self.input_ids_buf[:n].copy_(self.graph_model.greedy[bs][:n])
@@ -320,13 +194,13 @@ class CudaModelRunner(ModelRunner):
         self.graph_model.replay(n)
         return self._greedy_launched(cur.req_ids, nxt, cur.states, n, bs)
 
-    def _matches(self, spec: "_InFlight", out: Any) -> bool:
+    def _matches(self, spec: "_InFlight", out: SchedulerOutput) -> bool:
         """Is ``out`` exactly the step that ``spec`` computes?"""
         return (len(out.req_ids) == spec.n and np.array_equal(np.asarray(out.req_ids), spec.req_ids)
                 and np.array_equal(np.asarray(out.num_computed_tokens, np.int64), spec.ncomp)
                 and (np.asarray(out.num_scheduled_tokens) == 1).all() and np.asarray(out.sample_mask).all()
                 and len(out.new_block_ids) == 0 and not np.asarray(out.block_table_reset).any()
-                and self._last_sampled is not None
+                and out.new_requests.num_reqs == 0 and self._last_sampled is not None
                 and np.array_equal(np.asarray(out.input_token_ids, np.int64), self._last_sampled.astype(np.int64))
                 and all(int(r) in self.batch.requests for r in spec.req_ids))
 
@@ -359,7 +233,7 @@ class CudaModelRunner(ModelRunner):
                                    block_tables=self.block_tables_buf[:B, :width], num_decodes=0,
                                    max_query_len=max(lens), max_seq_len=max(lens))
             inner(self.input_ids_buf[:T], self.positions_buf[:T], kv_caches, md)
-        torch.cuda.synchronize(self.device)
+        self._synchronize(self.device)
 
     def _prepare(self, fb: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         T, B = fb.input_ids.shape[0], fb.seq_lens.shape[0]
@@ -393,7 +267,7 @@ class CudaModelRunner(ModelRunner):
         self.query_start_loc_buf[:Bp + 1].copy_(p32[:Bp + 1], **nb)
         self.seq_lens_buf[:Bp].copy_(p32[Bp + 1:2 * Bp + 1], **nb)
         self.block_tables_buf[:B, :width].copy_(p32[off:off + B * width].view(B, width), **nb)
-        self._staged = torch.cuda.Event()
+        self._staged = self._event_cls()
         self._staged.record()
         self.padded_batch_size = bs if pad_reqs or bs == T else 0
         Tm = T if pad_reqs else bs                      # tokens the model sees

@@ -1,0 +1,87 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Worker: one rank's device, model shard, KV cache and model runner.
+
+A worker is built from the deployment config alone (plus, for tests and benchmarks, weights that
+are already loaded); after construction it only ever receives step messages (``execute``). What the
+engine needs to configure the scheduler (block count, model shape, tokenizer) is in ``info``.
+
+Must not import the engine, the scheduler extension or the server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mindie_llm.config import EngineConfig
+from mindie_llm.contract import ModelRunnerOutput, SchedulerOutput
+
+__all__ = ["Worker", "WorkerInfo"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker tells the engine once it is ready."""
+
+    arch: Any                    # models.config.ModelArchConfig of the loaded model
+    tokenizer: Any               # tokenizer.Tokenizer or None (dummy weights)
+    model_name: str
+    num_kv_blocks: int           # KV blocks this rank holds (block 0 = the null block)
+    max_model_len: int
+    block_size: int
+
+
+class Worker:
+    """Loads the model on this rank's device, sizes and allocates the KV cache, builds the runner."""
+
+    def __init__(self, config: EngineConfig, *, rank: int = 0, loaded_model: Any = None) -> None:
+        from mindie_llm.backends import get_platform, import_qualname
+        from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches
+        from mindie_llm.executor.model_runner import ModelRunner
+        from mindie_llm.loader import load_model, resolve_dtype
+
+        platform = get_platform(config.backend.device)
+        config = platform.check_and_update_config(config)
+        self.rank = rank
+        self.platform = platform
+        self.device = device = platform.device(rank if platform.device_type != "cpu" else 0)
+        if config.backend.num_threads and device.type == "cpu":
+            torch.set_num_threads(config.backend.num_threads)
+        loaded = loaded_model or load_model(config.model, device, config.model.dtype)
+        self.model = loaded.model
+        arch = loaded.arch
+
+        max_len = config.model.max_seq_len or arch.max_position_embeddings
+        if not config.scheduler.enable_chunked_prefill:
+            max_len = min(max_len, config.scheduler.max_prefill_tokens)
+        self.config = config.replace(model=dataclasses.replace(config.model, max_seq_len=max_len))
+        block_size = config.cache.cache_block_size
+        kv_dtype = resolve_dtype(config.cache.cache_dtype if config.cache.cache_dtype != "auto"
+                                 else config.model.dtype, device, arch)
+        spec = KVCacheSpec(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, block_size, kv_dtype)
+        sc = config.scheduler
+        if not config.cache.num_blocks and platform.profiles_activation_peak:
+            from mindie_llm.executor.profile_run import max_step   # KV sized from the profiled peak
+            platform.profile_activation_peak(max_step(
+                self.model, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                block_size=block_size, kv_dtype=kv_dtype, device=device,
+                max_num_batched_tokens=sc.max_prefill_tokens, max_num_seqs=sc.max_batch_size,
+                vocab_size=arch.vocab_size))
+        num_blocks = int(config.cache.num_blocks or platform.num_kv_blocks(config.cache, spec.bytes_per_block))
+        self.kv_caches = allocate_kv_caches(spec, num_blocks, device)
+        runner_cls = platform.model_runner_cls()
+        runner_cls = import_qualname(runner_cls) if runner_cls else ModelRunner
+        self.runner = runner_cls(self.model, arch.vocab_size, self.kv_caches, block_size=block_size,
+                                 max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
+                                 max_model_len=max_len, device=device, **platform.runner_kwargs(config))
+        self.info = WorkerInfo(arch=arch, tokenizer=loaded.tokenizer,
+                               model_name=config.model.served_model_name or loaded.name,
+                               num_kv_blocks=num_blocks, max_model_len=max_len, block_size=block_size)
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(out)
