@@ -54,7 +54,7 @@ class NpuAttentionPlan:
 def build_plan(md: Any) -> NpuAttentionPlan:
     """Host-side index work of one step (one device-to-host copy of seq_lens / query_start_loc)."""
     nd = int(md.num_decodes)
-    seq_lens = md.seq_lens.to("cpu", torch.int32)                        # [B]
+    seq_lens = md.seq_lens.to("cpu", torch.int32, copy=True)             # [B], a host copy
     qsl = md.query_start_loc.to("cpu").tolist()                          # [B + 1]
     b = seq_lens.shape[0]
     tables = md.block_tables
@@ -111,11 +111,14 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: 
             tnpu.npu.graph_task_group_begin(stream)
             tnpu._npu_paged_attention(**kwargs)
             tasks.append({"handle": tnpu.npu.graph_task_group_end(stream), "kwargs": kwargs})
-    if t > nd:
+    end = nd + plan.num_prefill_tokens          # rows past it pad the step to a token bucket
+    if end > nd:
         o, _lse = tnpu.npu_fused_infer_attention_score(
-            query[nd:].contiguous(), kv_cache[0].view(n, bs, hk * d), kv_cache[1].view(n, bs, hk * d),
+            query[nd:end].contiguous(), kv_cache[0].view(n, bs, hk * d), kv_cache[1].view(n, bs, hk * d),
             atten_mask=plan.attn_mask, block_table=plan.prefill_block_tables, input_layout="TND", block_size=bs,
             actual_seq_lengths=plan.actual_seq_lengths, actual_seq_lengths_kv=plan.actual_seq_lengths_kv,
             num_key_value_heads=hk, num_heads=hq, scale=float(scale), sparse_mode=3)
-        out[nd:] = o
+        out[nd:end] = o
+    if end < t:
+        out[end:] = 0
     return out

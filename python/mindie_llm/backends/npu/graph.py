@@ -1,17 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """NPUGraphDecodeModel: decode-only steps replayed from ACL graphs (``torch.npu.NPUGraph``), with
-the interface of the CUDA backend's CudaGraphDecodeModel (``capture(kv_caches)``, ``replay(n)``,
-``forward(...)``, ``compute_logits``, buckets of batch sizes, padding rows with slot -1).
+the interface of the CUDA backend's CudaGraphDecodeModel (the executor's GraphModelRunner drives
+either): ``capture(kv_caches)``, ``replay(n)``, ``forward(...)``, ``compute_logits``, buckets of
+batch sizes, padding rows with slot -1, the runner's persistent buffers.
 
-ATB PagedAttention reads the context lengths on the host when it is launched, so a captured graph
-would replay the lengths of capture time. As in vllm-ascend, each captured ``_npu_paged_attention``
-is wrapped in ``graph_task_group_begin`` / ``graph_task_group_end`` (attention.py does this when
-``backend_state["npu_graph_tasks"]`` is a list), and before each replay its task is re-issued
-with the step's lengths between ``graph_task_update_begin`` / ``graph_task_update_end``.
+Two NPU specifics, as in vllm-ascend:
+- the step's attention plan (host lists, int32 tables) is built before capture, never inside it;
+- ATB PagedAttention reads the context lengths on the host when it is launched, so each captured
+  ``_npu_paged_attention`` is wrapped in ``graph_task_group_begin`` / ``graph_task_group_end``
+  (attention.py does this when ``backend_state["npu_graph_tasks"]`` is a list) and, before every
+  replay, re-issued with the step's lengths between ``graph_task_update_begin`` / ``_end``.
 
-The runner supplies the persistent buffers (input_ids_buf, positions_buf, slot_mapping_buf,
-query_start_loc_buf, seq_lens_buf, block_tables_buf) and ``metadata_cls`` builds the model-facing
-metadata (this module may not import layers). Must not import anything above ``mindie_llm.ops``.
+Imports torch, ops and this backend only: nothing above ``ops``.
 """
 from __future__ import annotations
 
@@ -22,20 +22,39 @@ import torch
 from torch import nn
 
 from mindie_llm.backends.npu import runtime
+from mindie_llm.backends.npu.attention import build_plan
+from mindie_llm.ops.attention_metadata import AttentionMetadata
 
-__all__ = ["NPUGraphDecodeModel"]
+__all__ = ["NPUGraphDecodeModel", "graph_batch_sizes", "eager_token_buckets"]
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """Buckets 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, capped at ``max_batch_size``."""
+    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 1025, 16))
+    return sorted({s for s in sizes if s < max_batch_size} | {max_batch_size})
+
+
+def eager_token_buckets(max_tokens: int) -> list[int]:
+    """Token counts eager steps are padded to (as on CUDA: a few shapes warmed at start-up)."""
+    sizes = [16, 32] + list(range(64, 1025, 64)) + list(range(1280, max_tokens + 256, 256))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
 class NPUGraphDecodeModel(nn.Module):
+    """Wraps the model: ``forward`` replays a captured graph for decode-only batches, else runs the
+    model eagerly; a graph holds the forward, the logits and their argmax."""
+
+    batch_sizes_for = staticmethod(lambda max_batch_size: graph_batch_sizes(max_batch_size))
+    eager_token_buckets = staticmethod(lambda max_tokens: eager_token_buckets(max_tokens))
+
     def __init__(self, model: nn.Module, runner: Any, batch_sizes: Sequence[int], num_kv_heads: int,
-                 max_model_len: int, *, metadata_cls: Any) -> None:
+                 max_model_len: int) -> None:
         super().__init__()
         self.inner = model
         self.runner = runner
         self.batch_sizes = sorted(batch_sizes)
         self.num_kv_heads = num_kv_heads
         self.max_model_len = max_model_len
-        self.metadata_cls = metadata_cls
         self.graphs: dict[int, Any] = {}
         self.outputs: dict[int, torch.Tensor] = {}     # [bs, H]
         self.logits: dict[int, torch.Tensor] = {}      # [bs, V] float32
@@ -47,15 +66,16 @@ class NPUGraphDecodeModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.inner.compute_logits(hidden)
 
-    def _metadata(self, bs: int, tasks: list | None = None) -> Any:
+    def _metadata(self, bs: int, tasks: list | None = None) -> AttentionMetadata:
         r = self.runner
-        state: dict[str, Any] = {}
-        if tasks is not None:
-            state["npu_graph_tasks"] = tasks
-        return self.metadata_cls(
+        md = AttentionMetadata(
             slot_mapping=r.slot_mapping_buf[:bs], query_start_loc=r.query_start_loc_buf[:bs + 1],
             seq_lens=r.seq_lens_buf[:bs], block_tables=r.block_tables_buf[:bs], num_decodes=bs, max_query_len=1,
-            max_seq_len=self.max_model_len, backend_state=state)
+            max_seq_len=self.max_model_len)
+        md.backend_state["npu_plan"] = build_plan(md)       # host work outside the graph
+        if tasks is not None:
+            md.backend_state["npu_graph_tasks"] = tasks
+        return md
 
     def _pad(self, num_real: int, bs: int) -> None:
         r = self.runner
@@ -80,8 +100,9 @@ class NPUGraphDecodeModel(nn.Module):
             self.inner(*args, self._metadata(bs))          # warm-up (workspaces, tiling caches)
             npu.synchronize()
             graph, tasks = npu.NPUGraph(), []
+            md = self._metadata(bs, tasks)
             with npu.graph(graph, pool=pool):
-                hidden = self.inner(*args, self._metadata(bs, tasks))
+                hidden = self.inner(*args, md)
                 logits = self.inner.compute_logits(hidden)
                 greedy = torch.argmax(logits, dim=-1)
             self.graphs[bs], self.tasks[bs] = graph, tasks
@@ -98,7 +119,7 @@ class NPUGraphDecodeModel(nn.Module):
     def _update_tasks(self, bs: int) -> None:
         """Re-issues each captured paged-attention task with the step's context lengths."""
         tnpu = runtime.load()
-        lens = self.runner.seq_lens_buf[:bs].to("cpu", torch.int32)
+        lens = self.runner.seq_lens_buf[:bs].to("cpu", torch.int32, copy=True)     # host, as ATB reads it
         stream = tnpu.npu.current_stream()
         for task in self.tasks[bs]:
             tnpu.npu.graph_task_update_begin(stream, task["handle"])
@@ -107,10 +128,10 @@ class NPUGraphDecodeModel(nn.Module):
             tnpu.npu.graph_task_update_end(stream)
 
     def replay(self, n: int) -> int:
-        """Replays the bucket of a decode batch of ``n`` staged (and padded) in the runner's buffers."""
+        """Replays the bucket of a decode batch of ``n`` whose inputs the runner has staged (padded)."""
         bs = self._bucket(n)
-        if bs is None:
-            raise ValueError(f"no captured NPU graph holds a decode batch of {n}")
+        assert bs is not None and self.runner.padded_batch_size == bs, (n, bs, self.runner.padded_batch_size)
+        self.runner.padded_batch_size = 0
         self._update_tasks(bs)
         self.graphs[bs].replay()
         self.num_replays += 1
@@ -120,7 +141,7 @@ class NPUGraphDecodeModel(nn.Module):
                 attn_metadata: Any) -> torch.Tensor:
         n = input_ids.shape[0]
         bs = self._bucket(n) if (attn_metadata.num_decodes == n == attn_metadata.num_reqs and n > 0) else None
-        if bs is None:
+        if bs is None or runtime.load().npu.is_current_stream_capturing():
             return self.inner(input_ids, positions, kv_caches, attn_metadata)
         r = self.runner
         for src, buf in ((input_ids, r.input_ids_buf), (positions, r.positions_buf),
@@ -130,6 +151,10 @@ class NPUGraphDecodeModel(nn.Module):
         bt = attn_metadata.block_tables
         if bt.data_ptr() != r.block_tables_buf.data_ptr() or bt.stride(0) != r.block_tables_buf.stride(0):
             r.block_tables_buf[:n, :bt.shape[1]].copy_(bt)
-        self._pad(n, bs)
-        self.replay(n)
+        if r.padded_batch_size != bs:
+            self._pad(n, bs)
+        r.padded_batch_size = 0
+        self._update_tasks(bs)
+        self.graphs[bs].replay()
+        self.num_replays += 1
         return self.outputs[bs][:n]

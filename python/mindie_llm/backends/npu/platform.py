@@ -38,7 +38,7 @@ class NpuPlatform(Platform):
     device_control_env_var = "ASCEND_RT_VISIBLE_DEVICES"
     dist_backend = "hccl"
     ops_module = "mindie_llm.backends.npu.ops"
-    model_runner = None            # the executor's runner; NPUGraph decode is graph.NPUGraphDecodeModel
+    model_runner = "mindie_llm.executor.graph_runner.GraphModelRunner"   # given the pieces below
     profiles_activation_peak = True
     supported_dtypes = (torch.bfloat16, torch.float16)
     activation_peak_bytes: int | None = None
@@ -72,6 +72,22 @@ class NpuPlatform(Platform):
         from mindie_llm.backends.npu.graph import NPUGraphDecodeModel
 
         return NPUGraphDecodeModel
+
+    @classmethod
+    def runner_kwargs(cls, config: Any) -> dict[str, Any]:
+        """The pieces the executor's GraphModelRunner takes from this platform: the NPUGraph decode
+        wrapper, torch.npu events and synchronization, pinned staging; ACL graphs on/off and the
+        largest graphed batch come from ``backend.enable_cuda_graph`` / ``cuda_graph_max_batch_size``
+        (the device-graph keys, shared with CUDA)."""
+        tnpu = runtime.load()
+        kwargs: dict[str, Any] = {"graph_wrapper_cls": cls.graph_wrapper_cls(), "event_cls": tnpu.npu.Event,
+                                  "synchronize": lambda device=None: tnpu.npu.synchronize(),
+                                  "pin_memory": not runtime.is_cpu_double(tnpu)}
+        backend = getattr(config, "backend", None)
+        if backend is not None:
+            kwargs.update(enable_cuda_graph=bool(backend.enable_cuda_graph),
+                          cuda_graph_max_batch_size=int(backend.cuda_graph_max_batch_size))
+        return kwargs
 
     @classmethod
     def register_ops(cls) -> None:

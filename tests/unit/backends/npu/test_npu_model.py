@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The whole model on the CPU through the NPU code path (NpuPlatform + its op table, every
 torch_npu call bound and checked by the double) against the CPU backend on the same weights in
-float16: greedy tokens identical and logits within tolerance, on a tiny random Llama (fast) and
-on the embedded SmolLM2-135M-Instruct (slow: loads the real model)."""
+float16: greedy tokens identical and logits within tolerance, eager and with decode steps replayed
+from (emulated) ACL graphs whose paged-attention tasks get the step's context lengths, on a tiny
+random Llama (fast) and on the embedded SmolLM2-135M-Instruct (slow: loads the real model)."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,11 +20,14 @@ NPU_OPS = {"npu_rms_norm", "npu_add_rms_norm", "_npu_rotary_embedding", "npu_sca
            "_npu_paged_attention", "npu_fused_infer_attention_score", "npu_swiglu"}
 
 
-def _generate(weights, device: str, prompts, max_tokens: int, **kw):
+def _generate(weights, device: str, prompts, max_tokens: int, runner_out: list | None = None, **kw):
+    kw.setdefault("max_num_seqs", 4)
     llm = LLM(device=device, dtype="float16", block_size=128, num_blocks=32, max_model_len=1024,
               loaded_model=weights, **kw)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                         use_tqdm=False)
+    if runner_out is not None:
+        runner_out.append(llm.engine.runner)
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -70,12 +74,31 @@ def tiny_cpu(tiny):
 def test_tiny_model_greedy_and_logits_match_cpu_backend(tiny, tiny_cpu, npu_double):
     prompts, cpu_tokens, cpu_logits = tiny_cpu
     # max_num_batched_tokens=64 splits the 140-token prompt: chunked prefill mixed with decodes
-    npu_tokens = _generate(tiny, "npu", prompts, 6, max_num_batched_tokens=64)
+    npu_tokens = _generate(tiny, "npu", prompts, 6, max_num_batched_tokens=64, enforce_eager=True)
     assert npu_tokens == cpu_tokens
     assert NPU_OPS <= set(npu_double.names())
     npu_logits = _logits(tiny, (5, 17))
     err = float((npu_logits - cpu_logits).norm() / cpu_logits.norm())
     assert err < 1e-2, err
+
+
+def test_tiny_model_with_npu_graphs_matches_cpu_backend(tiny, tiny_cpu, npu_double):
+    prompts, cpu_tokens, _ = tiny_cpu
+    runners: list = []
+    assert _generate(tiny, "npu", prompts, 6, runners, max_num_batched_tokens=64) == cpu_tokens
+    gm = runners[0].graph_model
+    assert sorted(gm.graphs) == [1, 2, 4] and gm.num_replays > 0
+    assert npu_double.graphs.num_updates >= gm.num_replays * TINY["num_hidden_layers"]
+
+
+def test_npu_graphs_without_the_task_update_replay_stale_lengths(tiny, tiny_cpu, npu_double, monkeypatch):
+    """The emulated graph keeps capture-time host values, as the device does: skipping the
+    paged-attention task update (graph.py) must change the tokens."""
+    from mindie_llm.backends.npu.graph import NPUGraphDecodeModel
+
+    prompts, cpu_tokens, _ = tiny_cpu
+    monkeypatch.setattr(NPUGraphDecodeModel, "_update_tasks", lambda self, bs: None)
+    assert _generate(tiny, "npu", prompts, 6, max_num_batched_tokens=64) != cpu_tokens
 
 
 @pytest.fixture(scope="module")
@@ -97,5 +120,5 @@ def smollm_cpu(smollm):
 @pytest.mark.slow
 def test_smollm2_greedy_identical_to_cpu_backend(smollm, smollm_cpu, npu_double):
     prompts, cpu_tokens = smollm_cpu
-    assert _generate(smollm, "npu", prompts, 6) == cpu_tokens
+    assert _generate(smollm, "npu", prompts, 6, cuda_graph_max_batch_size=2) == cpu_tokens
     assert NPU_OPS - {"npu_fused_infer_attention_score"} <= set(npu_double.names())

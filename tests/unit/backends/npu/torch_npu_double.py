@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from mindie_llm.ops import reference
+from npu_graph_double import GraphEmulation
 from npu_signatures import ATB, DOCS, META, SCHEMAS
 
 __all__ = ["DoubleCallError", "Double", "install", "uninstall"]
@@ -326,6 +327,22 @@ def _mm_all_reduce(double: "Double") -> Callable[[dict], torch.Tensor]:
     return npu_mm_all_reduce_base
 
 
+class _Event:
+    """torch.npu.Event on the CPU: work is synchronous, so an event is complete once recorded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 _IMPLS: dict[str, Callable[[dict], Any]] = {
     "npu_rms_norm": npu_rms_norm, "npu_add_rms_norm": npu_add_rms_norm, "_npu_rotary_embedding": _rotary_embedding,
     "npu_scatter_pa_kv_cache": npu_scatter_pa_kv_cache, "_npu_reshape_and_cache": _reshape_and_cache,
@@ -344,6 +361,7 @@ class Double:
         self.calls: list[tuple[str, dict]] = []
         self.comms = Communicators()
         self.soc, self.total_memory, self.in_use, self.peak = soc, total_memory, in_use, peak
+        self.graphs = GraphEmulation()
         self.module = types.ModuleType("torch_npu")
         self.module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
         self.module.__mindie_cpu_double__ = True
@@ -372,7 +390,7 @@ class Double:
             for pname, value in bound.arguments.items():
                 _check_type(name, pname, schema.types[pname], value)
             self.calls.append((name, dict(bound.arguments)))
-            return impl(dict(bound.arguments))
+            return self.graphs.call(lambda **kw: impl(kw), (), dict(bound.arguments))
 
         call.__name__ = name
         return call
@@ -392,6 +410,8 @@ class Double:
         npu.max_memory_allocated = lambda *a: d.in_use + d.peak
         npu.reset_peak_memory_stats = lambda *a: None
         npu.current_stream = lambda *a: "stream0"
+        npu.Event = _Event
+        self.graphs.attach(npu)
         return npu
 
     def install(self) -> "Double":
