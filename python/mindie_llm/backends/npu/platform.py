@@ -92,11 +92,17 @@ class NpuPlatform(Platform):
     @classmethod
     def register_ops(cls) -> None:
         """Routes mindie_llm.ops calls on this platform's tensors (``device().type``: "npu", or
-        "cpu" under the test double) to the op table for this SoC."""
+        "cpu" under the test double) to the op table for this SoC, with the project's Ascend C ops
+        (custom_ops) where their torch extension is loaded."""
         from mindie_llm import ops
+        from mindie_llm.backends.npu import custom_ops
         from mindie_llm.backends.npu.ops import op_table
 
-        ops.register_backend(cls.device().type, op_table(is_310p=runtime.is_310p()))
+        table = op_table(is_310p=runtime.is_310p())
+        custom_ops.load_from_env()
+        if custom_ops.available():      # the project's Ascend C kernels (ops/ascendc)
+            table = custom_ops.custom_op_table(table)
+        ops.register_backend(cls.device().type, table)
 
     @classmethod
     def check_and_update_config(cls, config: Any) -> Any:

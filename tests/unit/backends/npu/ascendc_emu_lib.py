@@ -97,13 +97,14 @@ def rotary_kv_write(lib, positions, query, key, value, kv_cache, slot_mapping, h
     return qo, ko
 
 
-def paged_decode(lib, query, kv_cache, block_tables, seq_lens, scale, forced_splits: int = 0) -> torch.Tensor:
-    """Decode attention of query [B, Hq, D] (one token each) over kv_cache [2, N, Bs, Hk, D]."""
+def paged_decode(lib, query, key_cache, value_cache, block_tables, seq_lens, scale,
+                 forced_splits: int = 0) -> torch.Tensor:
+    """Decode attention of query [B, Hq, D] (one token each) over caches [N, Bs, Hk, D]."""
     q = query.contiguous()
     out = torch.empty_like(q)
     bt, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
-    _, n, bs, hk, d = kv_cache.shape
-    _call(lib.mindie_emu_paged_decode, _p(q), _p(kv_cache[0]), _p(kv_cache[1]), _p(bt), _p(lens), _p(out),
+    n, bs, hk, d = key_cache.shape
+    _call(lib.mindie_emu_paged_decode, _p(q), _p(key_cache), _p(value_cache), _p(bt), _p(lens), _p(out),
           u32(q.shape[0]), u32(q.shape[1]), u32(hk), u32(d), u32(bs), u32(bt.shape[1]), u64(n), u32(_db(q)),
           f32(scale), u32(forced_splits))
     return out

@@ -87,7 +87,7 @@ def test_paged_decode_attention(lib, dtype, forced_splits):
     cache = torch.randn(2, n, bs, hk, d, generator=g).to(dtype)
     q = torch.randn(len(lens), hq, d, generator=g).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    out = emu.paged_decode(lib, q, cache, tables, seq_lens, d ** -0.5, forced_splits)
+    out = emu.paged_decode(lib, q, cache[0], cache[1], tables, seq_lens, d ** -0.5, forced_splits)
     md = SimpleNamespace(query_start_loc=torch.arange(len(lens) + 1, dtype=torch.int32), seq_lens=seq_lens,
                          block_tables=tables)
     assert rel_err(out, reference.paged_attention(q, cache, md, d ** -0.5)) < TOL[dtype]
