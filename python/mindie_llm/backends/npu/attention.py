@@ -26,7 +26,8 @@ import torch
 
 from mindie_llm.backends.npu import runtime
 
-__all__ = ["AttentionState", "NpuAttentionPlan", "build_plan", "plan_for", "paged_attention", "FIA_MASK_SIZE"]
+__all__ = ["AttentionState", "NpuAttentionPlan", "build_plan", "plan_for", "paged_attention", "decode_attention",
+           "prefill_attention", "FIA_MASK_SIZE"]
 
 FIA_MASK_SIZE = 2048   # sparse_mode 2/3/4 take a fixed (2048, 2048) mask (torch_npu docs)
 
@@ -88,32 +89,34 @@ def plan_for(md: Any) -> NpuAttentionPlan:
     return plan
 
 
-def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
-    # query: [T, Hq, D]; kv_cache: [2, N, Bs, Hk, D] -> [T, Hq, D]
-    if sliding_window is not None:
-        raise ValueError("sliding_window: sliding-window attention is not mapped on the npu backend")
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, plan: NpuAttentionPlan,
+                     scale: float, out: torch.Tensor) -> None:
+    """out[:nd] = attention of the decode rows (ATB PagedAttention; a graph task group in capture)."""
     tnpu = runtime.load()
-    plan = plan_for(attn_metadata)
+    nd, hq, hk = plan.num_decodes, query.shape[1], kv_cache.shape[3]
+    kwargs = dict(query=query[:nd].contiguous(), key_cache=kv_cache[0], value_cache=kv_cache[1],
+                  num_kv_heads=hk, num_heads=hq, scale_value=float(scale),
+                  block_table=plan.decode_block_tables, context_lens=plan.decode_context_lens, out=out[:nd])
+    tasks = attn_metadata.backend_state.get("npu_graph_tasks")
+    if tasks is None:
+        tnpu._npu_paged_attention(**kwargs)
+    else:  # graph capture: a task group whose context lengths graph.py updates per replay
+        stream = tnpu.npu.current_stream()
+        tnpu.npu.graph_task_group_begin(stream)
+        tnpu._npu_paged_attention(**kwargs)
+        tasks.append({"handle": tnpu.npu.graph_task_group_end(stream), "kwargs": kwargs})
+
+
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, plan: NpuAttentionPlan, scale: float,
+                      out: torch.Tensor) -> None:
+    """out[nd:] = attention of the prefill / chunked rows (FIA, TND, page attention); rows past the
+    last request (padding to a token bucket) are zeroed."""
     t, hq, d = query.shape
     _, n, bs, hk, _ = kv_cache.shape
-    out = torch.empty_like(query)
     nd = plan.num_decodes
-    if nd:
-        kwargs = dict(query=query[:nd].contiguous(), key_cache=kv_cache[0], value_cache=kv_cache[1],
-                      num_kv_heads=hk, num_heads=hq, scale_value=float(scale),
-                      block_table=plan.decode_block_tables, context_lens=plan.decode_context_lens, out=out[:nd])
-        tasks = attn_metadata.backend_state.get("npu_graph_tasks")
-        if tasks is None:
-            tnpu._npu_paged_attention(**kwargs)
-        else:  # graph capture: a task group whose context lengths graph.py updates per replay
-            stream = tnpu.npu.current_stream()
-            tnpu.npu.graph_task_group_begin(stream)
-            tnpu._npu_paged_attention(**kwargs)
-            tasks.append({"handle": tnpu.npu.graph_task_group_end(stream), "kwargs": kwargs})
-    end = nd + plan.num_prefill_tokens          # rows past it pad the step to a token bucket
+    end = nd + plan.num_prefill_tokens
     if end > nd:
-        o, _lse = tnpu.npu_fused_infer_attention_score(
+        o, _lse = runtime.load().npu_fused_infer_attention_score(
             query[nd:end].contiguous(), kv_cache[0].view(n, bs, hk * d), kv_cache[1].view(n, bs, hk * d),
             atten_mask=plan.attn_mask, block_table=plan.prefill_block_tables, input_layout="TND", block_size=bs,
             actual_seq_lengths=plan.actual_seq_lengths, actual_seq_lengths_kv=plan.actual_seq_lengths_kv,
@@ -121,4 +124,16 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: 
         out[nd:end] = o
     if end < t:
         out[end:] = 0
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    # query: [T, Hq, D]; kv_cache: [2, N, Bs, Hk, D] -> [T, Hq, D]
+    if sliding_window is not None:
+        raise ValueError("sliding_window: sliding-window attention is not mapped on the npu backend")
+    plan = plan_for(attn_metadata)
+    out = torch.empty_like(query)
+    if plan.num_decodes:
+        decode_attention(query, kv_cache, attn_metadata, plan, scale, out)
+    prefill_attention(query, kv_cache, plan, scale, out)
     return out

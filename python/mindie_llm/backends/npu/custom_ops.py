@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mindie_llm.backends.npu.attention import plan_for
+from mindie_llm.backends.npu.attention import plan_for, prefill_attention
 
 __all__ = ["available", "load_from_env", "custom_op_table", "OPS", "ENV"]
 
@@ -72,19 +72,17 @@ def custom_op_table(base: SimpleNamespace) -> SimpleNamespace:
 
     def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: Any, scale: float,
                         sliding_window: int | None = None) -> torch.Tensor:
+        # decode rows: FlashDecoding (device tables and lengths); prefill rows: FIA as in attention.py
         nd = int(attn_metadata.num_decodes)
         if query.dtype not in _DTYPES or nd == 0 or sliding_window is not None:
             return base.paged_attention(query, kv_cache, attn_metadata, scale, sliding_window)
         plan = plan_for(attn_metadata)
-        dec = ns.paged_decode_attention(query[:nd].contiguous(), kv_cache[0], kv_cache[1],
-                                        attn_metadata.block_tables[:nd].to(torch.int32).contiguous(),
-                                        attn_metadata.seq_lens[:nd].to(torch.int32), float(scale))
-        if nd == query.shape[0] or plan.num_prefill_tokens == 0:
-            out = dec if nd == query.shape[0] else torch.cat((dec, torch.zeros_like(query[nd:])))
-            return out
-        rest = base.paged_attention(query, kv_cache, attn_metadata, scale, sliding_window)  # FIA for prefill rows
-        rest[:nd] = dec
-        return rest
+        out = torch.empty_like(query)
+        out[:nd] = ns.paged_decode_attention(query[:nd].contiguous(), kv_cache[0], kv_cache[1],
+                                             attn_metadata.block_tables[:nd].to(torch.int32).contiguous(),
+                                             attn_metadata.seq_lens[:nd].to(torch.int32), float(scale))
+        prefill_attention(query, kv_cache, plan, scale, out)
+        return out
 
     return SimpleNamespace(**dict(vars(base), fused_add_rms_norm=fused_add_rms_norm, silu_and_mul=silu_and_mul,
                                   rotary_embedding_write_kv=rotary_embedding_write_kv,
