@@ -187,7 +187,7 @@ class PagedDecodeCombineKernel {
     DataCopy(recs, ws_[bh * S * R], S * R);
     recQ_.EnQue(recs);
     recs = recQ_.DeQue<float>();
-    WaitEvent<HardEvent::V_S>();
+    WaitEvent<HardEvent::MTE2_S>();  // scalar reads of what MTE2 just loaded
     float M = -INFINITY;
     for (uint32_t s = 0; s < S; ++s) {
       const float ms = recs.GetValue(s * R + D);

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,7 +40,7 @@ def load() -> ctypes.CDLL:
     out = REPO / "build" / "ascendc-capi" / f"libascendc_emu_{digest}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp.so")
+        tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.so")   # concurrent test processes each build
         subprocess.run([cxx, "-std=c++17", "-O1", "-DASCENDC_EMU", "-shared", "-fPIC", "-o", str(tmp),
                         *map(str, _sources())], check=True, capture_output=True, timeout=600)
         tmp.replace(out)
