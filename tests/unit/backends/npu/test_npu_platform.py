@@ -18,12 +18,16 @@ from mindie_llm.config import EngineConfig
 REPO = Path(__file__).resolve().parents[4]
 
 
-def _cli(extra_path: str | None = None) -> subprocess.CompletedProcess:
+GENERATE = ["generate", "hi", "--max-tokens", "1"]
+SERVE = ["serve", "--set", "server.http_port=0", "--set", "server.grpc_port=0"]
+
+
+def _cli(extra_path: str | None = None, command: list[str] = GENERATE) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     paths = [str(REPO / "python")] + ([extra_path] if extra_path else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "mindie_llm.cli", "generate", "hi", "--set", "backend.device=npu",
-                           "--max-tokens", "1"], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "mindie_llm.cli", *command, "--set", "backend.device=npu"],
+                          capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("torch_npu") is not None, reason="torch_npu is installed")
@@ -33,6 +37,10 @@ def test_cli_without_torch_npu_is_one_line_exit_2():
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("mindie-llm: error: backend.device: npu needs torch_npu") and "[npu]" in lines[0]
+    r = _cli(command=SERVE)        # the server launcher reports a model-load failure (its exit code 4)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 4 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "backend.device: npu needs torch_npu" in lines[0]
 
 
 def test_cli_with_torch_npu_but_no_cann_names_the_library(tmp_path):
