@@ -251,6 +251,18 @@ PYBIND11_MODULE(_scheduler, m)
             py::arg("priority"), py::arg("arrival_time"), py::arg("eos_token_ids"), py::arg("stop_token_ids"),
             py::arg("ignore_eos"), py::arg("parent_id"))
         .def(
+            "check_request",
+            [](ms::Scheduler const& self, Int32Array const& prompt, std::int32_t maxTokens, std::int32_t minTokens,
+                std::int32_t priority, double arrivalTime, Int32Array const& eos, Int32Array const& stop,
+                bool ignoreEos, std::int64_t parentId)
+            {
+                self.checkRequest(toVector(prompt),
+                    makeParams(maxTokens, minTokens, priority, arrivalTime, eos, stop, ignoreEos, parentId));
+            },
+            py::arg("prompt_token_ids"), py::arg("max_tokens"), py::arg("min_tokens"), py::arg("priority"),
+            py::arg("arrival_time"), py::arg("eos_token_ids"), py::arg("stop_token_ids"), py::arg("ignore_eos"),
+            py::arg("parent_id"))
+        .def(
             "add_prefilled",
             [](ms::Scheduler& self, std::int64_t id, Int32Array const& prompt, Int32Array const& outputs,
                 std::int32_t maxTokens, std::int32_t minTokens, std::int32_t priority, double arrivalTime,

@@ -28,6 +28,17 @@ Request& Scheduler::lookup(ReqId id) const
 void Scheduler::validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const
 {
     MINDIE_CHECK(mRequests.find(id) == mRequests.end(), RequestRejectedError, "req_id " << id << " is already live");
+    validateRequest(id, prompt, params);
+}
+
+void Scheduler::checkRequest(std::vector<TokenId> const& prompt, RequestParams const& params) const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    validateRequest(-1, prompt, params);
+}
+
+void Scheduler::validateRequest(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const
+{
     MINDIE_CHECK(!prompt.empty(), RequestRejectedError, "prompt_token_ids of request " << id << " is empty");
     for (TokenId t : prompt)
     {

@@ -128,14 +128,7 @@ class LLMEngine:
             i = int(bad[0])
             raise InvalidRequestError("prompt_token_ids", f"token id {ids[i]} at index {i} is outside the "
                                       f"vocabulary [0, {self.arch.vocab_size})")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            field = "prompt" if len(ids) >= self.max_model_len else "max_tokens"
-            raise InvalidRequestError(field, f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} "
-                                      f"exceeds max_model_len {self.max_model_len}")
-        blocks = -(-(len(ids) + params.max_tokens) // self.block_size)
-        if blocks > self.num_kv_blocks - 1:
-            raise InvalidRequestError("max_tokens", f"the request needs {blocks} KV blocks but the pool has "
-                                      f"{self.num_kv_blocks - 1}")
+        self._check_admission(ids, params)
         if params.n > self.config.scheduler.max_n:
             raise InvalidRequestError("n", f"{params.n} is above the configured cap scheduler.max_n="
                                       f"{self.config.scheduler.max_n}")
@@ -144,6 +137,24 @@ class LLMEngine:
             if v is not None and v > self.arch.vocab_size:
                 raise InvalidRequestError(name, f"{v} is above the vocabulary size {self.arch.vocab_size}")
         return ids
+
+    def _check_admission(self, ids: list[int], params: SamplingParams) -> None:
+        """The scheduler's own admission rules (length, KV pool, chunking), asked without side
+        effects so that they are written once, in C++; the error names the field to change."""
+        from mindie_llm.scheduler import RequestRejectedError
+
+        try:
+            self.scheduler.check_request(np.asarray(ids, np.int32), params.max_tokens, min_tokens=params.min_tokens,
+                                         stop_token_ids=tuple(params.stop_token_ids or ()),
+                                         ignore_eos=params.ignore_eos)
+        except RequestRejectedError as e:
+            msg = str(e)
+            named = msg.split(" ", 1)[0].rstrip(":")
+            if named in ("min_tokens", "max_tokens", "stop_token_ids"):
+                field = named
+            else:   # the length rules: the prompt alone too long, else the room asked for
+                field = "prompt" if named == "prompt_token_ids" or len(ids) >= self.max_model_len else "max_tokens"
+            raise InvalidRequestError(field, msg) from None
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *,
                     arrival_time: float | None = None, priority: int = 0) -> None:

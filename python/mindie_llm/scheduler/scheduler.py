@@ -123,6 +123,16 @@ class Scheduler:
             req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
             stop_token_ids, ignore_eos, parent_id))
 
+    def check_request(self, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *, min_tokens: int = 0,
+                      priority: int = 0, eos_token_ids: Sequence[int] = (), stop_token_ids: Sequence[int] = (),
+                      ignore_eos: bool = False) -> None:
+        """The admission checks of add_request that do not depend on the id, with no side effect
+        (RequestRejectedError naming the field); thread-safe, so a front end can refuse a request
+        before queueing it."""
+        args = self._request_args(0, prompt_token_ids, max_tokens, min_tokens, priority, 0.0, eos_token_ids,
+                                  stop_token_ids, ignore_eos, -1)
+        self._core.check_request(*args[1:])
+
     @staticmethod
     def _request_args(req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
                       stop_token_ids, ignore_eos, parent_id) -> tuple:

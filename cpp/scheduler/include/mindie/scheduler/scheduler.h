@@ -99,6 +99,9 @@ public:
 
     /// @brief Admits a request to the waiting queue (throws RequestRejectedError if it can never run).
     void addRequest(ReqId id, std::vector<TokenId> promptTokenIds, RequestParams params);
+    /// @brief The admission checks of addRequest that do not depend on the id, with no side effect
+    /// (throws RequestRejectedError naming the field): front ends refuse a request before queueing it.
+    void checkRequest(std::vector<TokenId> const& promptTokenIds, RequestParams const& params) const;
     /// @brief Plans one step. Advances num_computed_tokens of every scheduled request.
     std::shared_ptr<SchedulerOutput> schedule();
     /// @brief Takes the step's result (see the file comment): appends each row's tokens with stop
@@ -163,6 +166,7 @@ private:
     Admit tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     bool chunkAllowed(Request const& r) const;
     void validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const;
+    void validateRequest(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const;
     void admitWaiting(SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     void priorityPreempt();
     bool isDeferredChild(Request const& r) const;
