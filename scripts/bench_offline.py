@@ -12,7 +12,7 @@ Cases, each run ``--repeats`` times in this one run (median and min-max spread p
 Peers on the same file and thread count: llama.cpp through llama-cpp-python (``scripts/
 llamacpp_peer.py``, run by ``--llama-python`` or this interpreter; skipped with one line when it
 is not installed), and optionally mindie-llm's fp32 reference (``--fp32``) and transformers
-(``--transformers``, through ``mindie_llm.engine.bench_offline``). The floor column is the
+(``--transformers``, through ``mindie_llm.bench.offline``). The floor column is the
 memory-bandwidth bound: weight bytes read per decode step / ``--bandwidth-gbs``.
 
 A benchmark, not a test: nothing here asserts timings. Figures on a shared machine are noisy:
@@ -182,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\nllama.cpp peer skipped: {skip or 'it failed (see above)'}")
     if args.transformers:
-        from mindie_llm.engine import bench_offline as hf_bench
+        from mindie_llm.bench import offline as hf_bench
 
         ns = argparse.Namespace(num_requests=args.num_requests, output_len=args.output_len,
                                 batch1_tokens=args.batch1_tokens, bandwidth_gbs=args.bandwidth_gbs)
-        print(hf_bench.format_table(hf_bench._bench_hf(ns, path)))
+        hf_rows: list = []
+        hf_bench._bench_hf(ns, path, hf_rows)
+        print(hf_bench.format_table(hf_rows))
     print(f"platform: {platform.platform()}")
     return 0
 

@@ -6,9 +6,12 @@ system-prompt prefixes, outputs 16-1024 tokens, block 16, prefix caching on, Spl
 token budget) and times ``schedule()`` + ``update()`` of every step once the running set is full,
 for the C++ scheduler (through its Python facade) and for the reference
 (tests/unit/scheduler/reference_scheduler.py) driven by the same trace. Prints p50 / p99 in
-microseconds per step and the speed-up as a Markdown table.
+microseconds per step and the speed-up as a Markdown table. ``--drafts K``: every sampling row
+proposes K tokens for the next step and accepts a pseudo-random 0..K of them (the speculative path:
+lookahead slots, multi-token update, rollback).
 
     python scripts/bench_scheduler.py [--running 256 1024] [--steps 200] [--budget 8192] [--clock wall|cpu]
+                                      [--drafts K]
 """
 from __future__ import annotations
 
@@ -52,7 +55,21 @@ def next_tokens(n: int, step: int) -> np.ndarray:
     return (np.arange(n, dtype=np.int32) * 7 + step) % (VOCAB - 1) + 1
 
 
-def run(sched, trace, running: int, steps: int, is_ref: bool, clock) -> tuple[list[float], float]:
+def step_result(ids: list[int], spec: list[list[int]], step: int, drafts: int):
+    """Accepted tokens per row (a pseudo-random prefix of its proposals plus one new token) and the
+    next proposals, as lists."""
+    toks = next_tokens(len(ids), step).tolist()
+    rows = [p[:(i * 5 + step) % (len(p) + 1)] + [t] for i, (p, t) in enumerate(zip(spec, toks))]
+    return rows, [[(t * 3 + j) % (VOCAB - 1) + 1 for j in range(drafts)] for t in toks]
+
+
+def csr(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    offsets[1:] = np.cumsum([len(r) for r in rows])
+    return offsets, np.asarray([t for r in rows for t in r], np.int32)
+
+
+def run(sched, trace, running: int, steps: int, is_ref: bool, clock, drafts: int = 0) -> tuple[list[float], float]:
     """Adds the whole trace, steps until `running` requests run (warm-up, untimed), then times the
     next `steps` steps. Returns the per-step times and the mean number running while timed."""
     for rid, (prompt, max_tokens) in enumerate(trace, start=1):
@@ -69,14 +86,23 @@ def run(sched, trace, running: int, steps: int, is_ref: bool, clock) -> tuple[li
         t0 = clock()
         out = sched.schedule()
         t1 = clock()
-        if is_ref:
+        if drafts:
+            offs = out["spec_offsets"] if is_ref else out.spec_offsets.tolist()
+            spec_ids = out["spec_token_ids"] if is_ref else out.spec_token_ids.tolist()
+            mask = out["sample_mask"] if is_ref else out.sample_mask.tolist()
+            rids = out["req_ids"] if is_ref else out.req_ids.tolist()
+            ids = [r for r, m in zip(rids, mask) if m]
+            spec = [spec_ids[offs[i]:offs[i + 1]] for i, m in enumerate(mask) if m]
+            rows, props = step_result(ids, spec, step, drafts)
+            args = (ids, rows, props) if is_ref else (np.asarray(ids, np.int64), *csr(rows), *csr(props))
+        elif is_ref:
             ids = [r for r, m in zip(out["req_ids"], out["sample_mask"]) if m]
-            toks = next_tokens(len(ids), step).tolist()
+            args = (ids, next_tokens(len(ids), step).tolist())
         else:
             ids = out.req_ids[out.sample_mask]
-            toks = next_tokens(len(ids), step)
+            args = (ids, next_tokens(len(ids), step))
         t2 = clock()
-        sched.update(ids, toks)
+        sched.update(*args)
         t3 = clock()
         num_running = len(sched.running) if is_ref else sched.num_running
         num_waiting = len(sched.waiting) if is_ref else sched.num_waiting
@@ -97,6 +123,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-reference", action="store_true", help="time the C++ scheduler only")
+    ap.add_argument("--drafts", type=int, default=0, help="proposed tokens per sampling row (0: no speculation)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: perf_counter; cpu: this thread's CPU time (less noisy on a shared machine)")
     args = ap.parse_args()
@@ -105,7 +132,7 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"block {BLOCK}, max_num_batched_tokens {args.budget}, prefix caching on, {args.steps} timed steps, "
-          f"{args.clock} clock, load average {load}\n")
+          f"{args.clock} clock, {args.drafts} proposed tokens per row, load average {load}\n")
     print("running: max_num_seqs (mean running while timed)\n")
     print("| running | C++ p50 us | C++ p99 us | Python ref p50 us | Python ref p99 us | speed-up (p50) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -114,13 +141,14 @@ def main() -> None:
         num_blocks = running * (2048 + 1024) // BLOCK + 1
         cfg = dict(num_blocks=num_blocks, block_size=BLOCK, max_num_batched_tokens=args.budget,
                    max_num_seqs=running, max_model_len=2048 + 1024)
-        cpp_times, mean_running = run(Scheduler(SchedulerCoreConfig(**cfg)), trace, running, args.steps, False, clock)
+        cpp_times, mean_running = run(Scheduler(SchedulerCoreConfig(**cfg)), trace, running, args.steps, False, clock,
+                                      args.drafts)
         cpp = np.asarray(cpp_times) * 1e6
         c50, c99 = np.percentile(cpp, 50), np.percentile(cpp, 99)
         if args.no_reference:
             print(f"| {running} ({mean_running:.0f}) | {c50:.1f} | {c99:.1f} | - | - | - |")
             continue
-        ref = np.asarray(run(RefScheduler(**cfg), trace, running, args.steps, True, clock)[0]) * 1e6
+        ref = np.asarray(run(RefScheduler(**cfg), trace, running, args.steps, True, clock, args.drafts)[0]) * 1e6
         r50, r99 = np.percentile(ref, 50), np.percentile(ref, 99)
         print(f"| {running} ({mean_running:.0f}) | {c50:.1f} | {c99:.1f} | {r50:.0f} | {r99:.0f} | {r50 / c50:.0f}x |")
         sys.stdout.flush()

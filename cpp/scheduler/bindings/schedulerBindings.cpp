@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // pybind11 module mindie_llm._scheduler: the Scheduler core over ids and numpy arrays only.
 // schedule() releases the GIL and returns numpy views over a C++-owned SchedulerOutput; typed C++
-// exceptions become the Python exception classes defined here (re-exported by the facade).
+// exceptions become the Python exception classes defined here (re-exported by the facade). The
+// enums FinishReason, Policy and Role and the SchedulerConfig struct (fields bound one by one) are
+// exported so that the Python side derives its copies from them.
 #include "mindie/scheduler/scheduler.h"
 
 #include <pybind11/numpy.h>
@@ -34,6 +36,34 @@ PyObject* newException(py::module_& m, char const* name, py::tuple const& bases)
     }
     m.add_object(name, py::handle(cls)); // the module keeps a reference for the process lifetime
     return cls;
+}
+
+/// Raises `type(msg)` with the attribute `field` (the request field at fault, or None).
+void setRejected(PyObject* type, ms::RequestRejectedError const& e)
+{
+    PyObject* exc = PyObject_CallFunction(type, "s", e.what());
+    if (exc == nullptr)
+    {
+        return; // the call's own error stays set
+    }
+    PyObject* field = Py_None;
+    if (e.field().empty())
+    {
+        Py_INCREF(field);
+    }
+    else
+    {
+        field = PyUnicode_FromString(e.field().c_str());
+    }
+    if (field == nullptr || PyObject_SetAttrString(exc, "field", field) != 0)
+    {
+        Py_XDECREF(field);
+        Py_DECREF(exc);
+        return;
+    }
+    Py_DECREF(field);
+    PyErr_SetObject(type, exc);
+    Py_DECREF(exc);
 }
 
 std::vector<std::int32_t> toVector(Int32Array const& a)
@@ -76,11 +106,79 @@ py::tuple schedule(ms::Scheduler& self)
     auto const i32 = py::dtype::of<std::int32_t>();
     auto const i64 = py::dtype::of<std::int64_t>();
     auto const b8 = py::dtype::of<bool>();
+    // The order of mindie_llm.contract.SchedulerOutput's fields (SCHEDULE_FIELDS in scheduler/outputs.py).
     return py::make_tuple(view(out->reqIds, owner, i64), view(out->numScheduledTokens, owner, i32),
         view(out->numComputedTokens, owner, i32), view(out->inputTokenIds, owner, i32),
         view(out->sampleMask, owner, b8), view(out->blockTableReset, owner, b8), view(out->newBlockOffsets, owner, i32),
         view(out->newBlockIds, owner, i32), view(out->preemptedIds, owner, i64), view(out->finishedIds, owner, i64),
-        view(out->finishReasons, owner, i32), out->numBatchedTokens);
+        view(out->finishReasons, owner, i32), out->numBatchedTokens, view(out->specOffsets, owner, i32),
+        view(out->specTokenIds, owner, i32));
+}
+
+/// A 1-D int32 array, or nullptr for None; `name` goes into the error.
+Int32Array const* optionalArray(py::object const& obj, Int32Array& holder, char const* name)
+{
+    if (obj.is_none())
+    {
+        return nullptr;
+    }
+    holder = Int32Array::ensure(obj);
+    if (!holder || holder.ndim() != 1)
+    {
+        PyErr_Clear();
+        throw ms::ContractError(std::string("update(): ") + name + " must be a 1-D int32 array");
+    }
+    return &holder;
+}
+
+py::tuple update(ms::Scheduler& self, Int64Array const& ids, py::object const& tokenOffsets,
+    py::object const& tokenIds, py::object const& draftOffsets, py::object const& draftTokenIds)
+{
+    Int32Array offsetsHolder, tokensHolder, draftOffsetsHolder, draftTokensHolder;
+    Int32Array const* offsets = optionalArray(tokenOffsets, offsetsHolder, "token_offsets");
+    Int32Array const* tokens = optionalArray(tokenIds, tokensHolder, "token_ids");
+    Int32Array const* dOffsets = optionalArray(draftOffsets, draftOffsetsHolder, "draft_offsets");
+    Int32Array const* dTokens = optionalArray(draftTokenIds, draftTokensHolder, "draft_token_ids");
+    if (ids.ndim() != 1 || tokens == nullptr)
+    {
+        throw ms::ContractError("update(): req_ids must be 1-D and token_ids given");
+    }
+    auto const n = static_cast<size_t>(ids.size());
+    ms::UpdateInput in;
+    in.reqIds = ids.data();
+    in.numRows = n;
+    if (offsets != nullptr && !(n == 0 && offsets->size() == 0)) // an empty step may send [] for [0]
+    {
+        if (static_cast<size_t>(offsets->size()) != n + 1)
+        {
+            throw ms::ContractError("update(): token_offsets must have len(req_ids) + 1 entries");
+        }
+        in.tokenOffsets = offsets->data();
+    }
+    in.tokenIds = tokens->data();
+    in.numTokenIds = static_cast<size_t>(tokens->size());
+    if (dOffsets != nullptr && !(n == 0 && dOffsets->size() == 0))
+    {
+        if (static_cast<size_t>(dOffsets->size()) != n + 1)
+        {
+            throw ms::ContractError("update(): draft_offsets must have len(req_ids) + 1 entries");
+        }
+        in.draftOffsets = dOffsets->data();
+    }
+    if (dTokens != nullptr)
+    {
+        in.draftTokenIds = dTokens->data();
+        in.numDraftTokenIds = static_cast<size_t>(dTokens->size());
+    }
+    ms::UpdateResult r;
+    {
+        py::gil_scoped_release release; // the arrays are held by this frame
+        r = self.update(in);
+    }
+    return py::make_tuple(
+        py::array_t<std::int64_t>(static_cast<py::ssize_t>(r.finishedIds.size()), r.finishedIds.data()),
+        py::array_t<std::int32_t>(static_cast<py::ssize_t>(r.finishReasons.size()), r.finishReasons.data()),
+        py::array_t<std::int32_t>(static_cast<py::ssize_t>(r.numAppended.size()), r.numAppended.data()));
 }
 
 } // namespace
@@ -110,11 +208,11 @@ PYBIND11_MODULE(_scheduler, m)
             }
             catch (ms::NoFreeBlocksError const& e)
             {
-                PyErr_SetString(gNoFreeBlocksError, e.what());
+                setRejected(gNoFreeBlocksError, e);
             }
             catch (ms::RequestRejectedError const& e)
             {
-                PyErr_SetString(gRequestRejectedError, e.what());
+                setRejected(gRequestRejectedError, e);
             }
             catch (ms::UnknownRequestError const& e)
             {
@@ -136,27 +234,40 @@ PYBIND11_MODULE(_scheduler, m)
 
     py::class_<ms::SchedulerOutput, std::shared_ptr<ms::SchedulerOutput>>(m, "_OutputBuffer");
 
+    py::enum_<ms::FinishReason>(m, "FinishReason", "Why a request stopped (the source of the Python FinishReason)")
+        .value("NONE", ms::FinishReason::kNONE)
+        .value("EOS", ms::FinishReason::kEOS)
+        .value("STOP_TOKEN", ms::FinishReason::kSTOP_TOKEN)
+        .value("STOP_STRING", ms::FinishReason::kSTOP_STRING)
+        .value("LENGTH", ms::FinishReason::kLENGTH)
+        .value("MAX_MODEL_LEN", ms::FinishReason::kMAX_MODEL_LEN)
+        .value("ABORTED", ms::FinishReason::kABORTED)
+        .value("PREFILL_DONE", ms::FinishReason::kPREFILL_DONE);
+    py::enum_<ms::Policy>(m, "Policy", "Scheduling policy (YAML scheduler.policy is the lower-case name)")
+        .value("FCFS", ms::Policy::kFCFS)
+        .value("PRIORITY", ms::Policy::kPRIORITY)
+        .value("STATIC", ms::Policy::kSTATIC)
+        .value("PREFILL_FIRST", ms::Policy::kPREFILL_FIRST);
+    py::enum_<ms::Role>(m, "Role", "PD-disaggregation role (YAML scheduler.role is the lower-case name)")
+        .value("COLOCATED", ms::Role::kCOLOCATED)
+        .value("PREFILL", ms::Role::kPREFILL)
+        .value("DECODE", ms::Role::kDECODE);
+
+    py::class_<ms::SchedulerConfig>(m, "SchedulerConfig", "Configuration of the scheduler core; validate() checks it")
+        .def(py::init<>())
+        .def_readwrite("num_blocks", &ms::SchedulerConfig::numBlocks)
+        .def_readwrite("block_size", &ms::SchedulerConfig::blockSize)
+        .def_readwrite("max_num_batched_tokens", &ms::SchedulerConfig::maxNumBatchedTokens)
+        .def_readwrite("max_num_seqs", &ms::SchedulerConfig::maxNumSeqs)
+        .def_readwrite("max_model_len", &ms::SchedulerConfig::maxModelLen)
+        .def_readwrite("enable_prefix_caching", &ms::SchedulerConfig::enablePrefixCaching)
+        .def_readwrite("enable_chunked_prefill", &ms::SchedulerConfig::enableChunkedPrefill)
+        .def_readwrite("policy", &ms::SchedulerConfig::policy)
+        .def_readwrite("role", &ms::SchedulerConfig::role)
+        .def("validate", &ms::SchedulerConfig::validate);
+
     py::class_<ms::Scheduler>(m, "SchedulerCore")
-        .def(py::init(
-                 [](std::int32_t numBlocks, std::int32_t blockSize, std::int32_t maxNumBatchedTokens,
-                     std::int32_t maxNumSeqs, std::int32_t maxModelLen, bool enablePrefixCaching,
-                     bool enableChunkedPrefill, std::int32_t policy, std::int32_t role)
-                 {
-                     ms::SchedulerConfig c;
-                     c.numBlocks = numBlocks;
-                     c.blockSize = blockSize;
-                     c.maxNumBatchedTokens = maxNumBatchedTokens;
-                     c.maxNumSeqs = maxNumSeqs;
-                     c.maxModelLen = maxModelLen;
-                     c.enablePrefixCaching = enablePrefixCaching;
-                     c.enableChunkedPrefill = enableChunkedPrefill;
-                     c.policy = static_cast<ms::Policy>(policy);
-                     c.role = static_cast<ms::Role>(role);
-                     return std::make_unique<ms::Scheduler>(c);
-                 }),
-            py::arg("num_blocks"), py::arg("block_size"), py::arg("max_num_batched_tokens"), py::arg("max_num_seqs"),
-            py::arg("max_model_len"), py::arg("enable_prefix_caching"), py::arg("enable_chunked_prefill"),
-            py::arg("policy"), py::arg("role"))
+        .def(py::init<ms::SchedulerConfig const&>(), py::arg("config"))
         .def(
             "add_request",
             [](ms::Scheduler& self, std::int64_t id, Int32Array const& prompt, std::int32_t maxTokens,
@@ -169,6 +280,18 @@ PYBIND11_MODULE(_scheduler, m)
             py::arg("req_id"), py::arg("prompt_token_ids"), py::arg("max_tokens"), py::arg("min_tokens"),
             py::arg("priority"), py::arg("arrival_time"), py::arg("eos_token_ids"), py::arg("stop_token_ids"),
             py::arg("ignore_eos"), py::arg("parent_id"))
+        .def(
+            "check_request",
+            [](ms::Scheduler const& self, Int32Array const& prompt, std::int32_t maxTokens, std::int32_t minTokens,
+                std::int32_t priority, double arrivalTime, Int32Array const& eos, Int32Array const& stop,
+                bool ignoreEos, std::int64_t parentId)
+            {
+                self.checkRequest(toVector(prompt),
+                    makeParams(maxTokens, minTokens, priority, arrivalTime, eos, stop, ignoreEos, parentId));
+            },
+            py::arg("prompt_token_ids"), py::arg("max_tokens"), py::arg("min_tokens"), py::arg("priority"),
+            py::arg("arrival_time"), py::arg("eos_token_ids"), py::arg("stop_token_ids"), py::arg("ignore_eos"),
+            py::arg("parent_id"))
         .def(
             "add_prefilled",
             [](ms::Scheduler& self, std::int64_t id, Int32Array const& prompt, Int32Array const& outputs,
@@ -183,21 +306,8 @@ PYBIND11_MODULE(_scheduler, m)
             py::arg("min_tokens"), py::arg("priority"), py::arg("arrival_time"), py::arg("eos_token_ids"),
             py::arg("stop_token_ids"), py::arg("ignore_eos"), py::arg("parent_id"))
         .def("schedule", &schedule)
-        .def(
-            "update",
-            [](ms::Scheduler& self, Int64Array const& ids, Int32Array const& tokens)
-            {
-                if (ids.ndim() != 1 || tokens.ndim() != 1 || ids.size() != tokens.size())
-                {
-                    throw ms::ContractError("update(): req_ids and sampled_token_ids must be 1-D of equal length");
-                }
-                ms::UpdateResult r = self.update(ids.data(), tokens.data(), static_cast<size_t>(ids.size()));
-                return py::make_tuple(
-                    py::array_t<std::int64_t>(static_cast<py::ssize_t>(r.finishedIds.size()), r.finishedIds.data()),
-                    py::array_t<std::int32_t>(
-                        static_cast<py::ssize_t>(r.finishReasons.size()), r.finishReasons.data()));
-            },
-            py::arg("req_ids"), py::arg("sampled_token_ids"))
+        .def("update", &update, py::arg("req_ids"), py::arg("token_offsets"), py::arg("token_ids"),
+            py::arg("draft_offsets") = py::none(), py::arg("draft_token_ids") = py::none())
         .def("abort", &ms::Scheduler::abort, py::arg("req_id"))
         .def(
             "finish",

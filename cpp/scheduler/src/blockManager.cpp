@@ -130,10 +130,11 @@ BlockId BlockManager::allocate()
     return block;
 }
 
-void BlockManager::freeBlocks(std::vector<BlockId> const& blocks)
+void BlockManager::freeBlocks(BlockId const* blocks, size_t n)
 {
-    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it)
+    for (BlockId const* it = blocks + n; it != blocks;)
     {
+        --it;
         Block& blk = mBlocks[*it];
         MINDIE_CHECK(blk.refCount > 0, ContractError, "double free of block " << *it);
         if (--blk.refCount == 0)

@@ -27,27 +27,50 @@ Request& Scheduler::lookup(ReqId id) const
 
 void Scheduler::validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const
 {
-    MINDIE_CHECK(mRequests.find(id) == mRequests.end(), RequestRejectedError, "req_id " << id << " is already live");
-    MINDIE_CHECK(!prompt.empty(), RequestRejectedError, "prompt_token_ids of request " << id << " is empty");
+    MINDIE_REJECT(mRequests.find(id) == mRequests.end(), "req_id", id << " is already live");
+    validateFields(prompt, params);
+}
+
+void Scheduler::validateFields(std::vector<TokenId> const& prompt, RequestParams const& params) const
+{
+    MINDIE_REJECT(!prompt.empty(), "prompt_token_ids", "is empty");
     for (TokenId t : prompt)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "prompt_token_ids of request " << id << " has a negative id " << t);
+        MINDIE_REJECT(t >= 0, "prompt_token_ids", "has a negative id " << t);
     }
-    MINDIE_CHECK(params.maxTokens >= 1, RequestRejectedError, "max_tokens must be >= 1, got " << params.maxTokens);
-    MINDIE_CHECK(params.minTokens >= 0 && params.minTokens <= params.maxTokens, RequestRejectedError,
-        "min_tokens must be in [0, max_tokens], got " << params.minTokens);
-    MINDIE_CHECK(std::isfinite(params.arrivalTime), RequestRejectedError, "arrival_time must be finite");
-    std::int64_t const total = static_cast<std::int64_t>(prompt.size()) + params.maxTokens;
-    MINDIE_CHECK(total <= mConfig.maxModelLen, RequestRejectedError,
-        "len(prompt_token_ids) + max_tokens = " << total << " exceeds max_model_len = " << mConfig.maxModelLen);
-    MINDIE_CHECK(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, RequestRejectedError,
-        "request " << id << " needs " << mBlocks.blocksFor(static_cast<SizeType32>(total)) << " blocks, the pool has "
-                   << mBlocks.numBlocks() - 1);
-    bool const chunking = mConfig.enableChunkedPrefill && mConfig.policy != Policy::kPREFILL_FIRST;
-    MINDIE_CHECK(chunking || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
-        RequestRejectedError,
-        "without chunked prefill a prompt of " << prompt.size() << " tokens exceeds max_num_batched_tokens = "
-                                               << mConfig.maxNumBatchedTokens);
+    MINDIE_REJECT(params.maxTokens >= 1, "max_tokens", "must be >= 1, got " << params.maxTokens);
+    MINDIE_REJECT(params.minTokens >= 0 && params.minTokens <= params.maxTokens, "min_tokens",
+        "must be in [0, max_tokens], got " << params.minTokens);
+    MINDIE_REJECT(std::isfinite(params.arrivalTime), "arrival_time", "must be finite");
+    for (TokenId t : params.eosTokenIds)
+    {
+        MINDIE_REJECT(t >= 0, "eos_token_ids", "has a negative id " << t);
+    }
+    for (TokenId t : params.stopTokenIds)
+    {
+        MINDIE_REJECT(t >= 0, "stop_token_ids", "has a negative id " << t);
+    }
+    auto const numPrompt = static_cast<std::int64_t>(prompt.size());
+    std::int64_t const total = numPrompt + params.maxTokens;
+    // The prompt is at fault when it alone leaves no room for one output token.
+    char const* const lengthField = numPrompt >= mConfig.maxModelLen ? "prompt_token_ids" : "max_tokens";
+    MINDIE_REJECT(total <= mConfig.maxModelLen, lengthField,
+        "is too large: len(prompt_token_ids) + max_tokens = " << numPrompt << " + " << params.maxTokens
+                                                   << " exceeds max_model_len = " << mConfig.maxModelLen);
+    MINDIE_REJECT(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, lengthField,
+        "is too large: len(prompt_token_ids) + max_tokens = " << total << " needs "
+                                                   << mBlocks.blocksFor(static_cast<SizeType32>(total))
+                                                   << " KV blocks, the pool has " << mBlocks.numBlocks() - 1);
+    MINDIE_REJECT(chunkingOn() || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
+        "prompt_token_ids",
+        "has " << prompt.size() << " tokens; without chunked prefill a prompt must fit max_num_batched_tokens = "
+               << mConfig.maxNumBatchedTokens);
+}
+
+void Scheduler::checkRequest(std::vector<TokenId> const& promptTokenIds, RequestParams const& params) const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    validateFields(promptTokenIds, params);
 }
 
 Request& Scheduler::makeRequest(
@@ -56,7 +79,7 @@ Request& Scheduler::makeRequest(
     RequestPool::Ptr req = mPool.acquire();
     req->id = id;
     req->params = std::move(params);
-    std::int32_t const prio = mConfig.policy == Policy::kPRIORITY ? req->params.priority : 0;
+    std::int32_t const prio = mPolicy->sortPriority(req->params);
     req->key = SortKey{prio, req->params.arrivalTime, id};
     req->tokens = std::move(tokens);
     req->lastToken = req->tokens.back();
@@ -104,25 +127,91 @@ FinishReason Scheduler::checkStop(Request const& r, TokenId token) const
 
 UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenIds, size_t n)
 {
-    std::lock_guard<std::mutex> lock(mMutex);
-    MINDIE_CHECK(mAwaitingUpdate, ContractError, "update() called without a preceding schedule()");
-    // Validate before changing anything: req_ids must be a subsequence, in batch order, of the
-    // requests that sampled in the last schedule().
+    UpdateInput in;
+    in.reqIds = reqIds;
+    in.numRows = n;
+    in.tokenIds = sampledTokenIds;
+    in.numTokenIds = n;
+    return update(in);
+}
+
+void Scheduler::validateUpdate(UpdateInput const& in)
+{
+    size_t const n = in.numRows;
+    if (in.tokenOffsets != nullptr)
+    {
+        MINDIE_CHECK(in.tokenOffsets[0] == 0, ContractError, "token_offsets[0] must be 0, got " << in.tokenOffsets[0]);
+        for (size_t j = 0; j < n; ++j)
+        {
+            MINDIE_CHECK(in.tokenOffsets[j + 1] > in.tokenOffsets[j], ContractError,
+                "token_offsets must increase: row " << j << " (req_id " << in.reqIds[j] << ") has no token");
+        }
+        MINDIE_CHECK(static_cast<size_t>(in.tokenOffsets[n]) == in.numTokenIds, ContractError,
+            "token_offsets[S] = " << in.tokenOffsets[n] << " but len(token_ids) = " << in.numTokenIds);
+    }
+    else
+    {
+        MINDIE_CHECK(in.numTokenIds == n, ContractError,
+            "update(): " << in.numTokenIds << " token ids for " << n << " rows (one each without token_offsets)");
+    }
+    TokenId smallest = 0; // a reduction the compiler vectorizes; the error path finds the index
+    for (size_t i = 0; i < in.numTokenIds; ++i)
+    {
+        smallest = std::min(smallest, in.tokenIds[i]);
+    }
+    for (size_t i = 0; smallest < 0 && i < in.numTokenIds; ++i)
+    {
+        MINDIE_CHECK(in.tokenIds[i] >= 0, ContractError, "token_ids[" << i << "] = " << in.tokenIds[i] << " is negative");
+    }
+    if (in.draftOffsets != nullptr)
+    {
+        MINDIE_CHECK(in.draftOffsets[0] == 0, ContractError, "draft_offsets[0] must be 0, got " << in.draftOffsets[0]);
+        for (size_t j = 0; j < n; ++j)
+        {
+            MINDIE_CHECK(in.draftOffsets[j + 1] >= in.draftOffsets[j], ContractError,
+                "draft_offsets must not decrease (row " << j << ")");
+        }
+        MINDIE_CHECK(static_cast<size_t>(in.draftOffsets[n]) == in.numDraftTokenIds, ContractError,
+            "draft_offsets[S] = " << in.draftOffsets[n] << " but len(draft_token_ids) = " << in.numDraftTokenIds);
+        for (size_t i = 0; i < in.numDraftTokenIds; ++i)
+        {
+            MINDIE_CHECK(in.draftTokenIds[i] >= 0, ContractError,
+                "draft_token_ids[" << i << "] = " << in.draftTokenIds[i] << " is negative");
+        }
+    }
+    else
+    {
+        MINDIE_CHECK(in.numDraftTokenIds == 0, ContractError, "draft_token_ids given without draft_offsets");
+    }
+    // req_ids must be a subsequence, in batch order, of the requests that sampled in the last
+    // schedule(); a row takes at most 1 + (its proposals) tokens.
     size_t const numExpected = mLastSampleReqs.size();
     mScratchMatch.assign(numExpected, -1);
     size_t j = 0;
     for (size_t k = 0; k < numExpected && j < n; ++k)
     {
-        if (reqIds[j] == mLastSampleIds[k])
+        if (in.reqIds[j] == mLastSampleIds[k])
         {
-            MINDIE_CHECK(sampledTokenIds[j] >= 0, ContractError,
-                "sampled_token_ids[" << j << "] = " << sampledTokenIds[j] << " is negative");
+            std::int64_t const count = in.tokenOffsets ? in.tokenOffsets[j + 1] - in.tokenOffsets[j] : 1;
+            SizeType32 const numSpec = count > 1 ? mLastSampleReqs[k]->lastNumSpec : 0; // one token always fits
+            MINDIE_CHECK(count <= 1 + numSpec, ContractError,
+                "update(): row " << j << " (req_id " << in.reqIds[j] << ") has " << count << " tokens; it was scheduled "
+                                 << "with " << numSpec << " proposed tokens, so at most " << 1 + numSpec);
             mScratchMatch[k] = static_cast<std::int64_t>(j++);
         }
     }
     MINDIE_CHECK(j == n, ContractError,
-        "update(): req_ids[" << j << "] = " << (j < n ? reqIds[j] : -1)
+        "update(): req_ids[" << j << "] = " << (j < n ? in.reqIds[j] : -1)
                              << " did not sample in the last schedule() or is out of batch order");
+}
+
+UpdateResult Scheduler::update(UpdateInput const& in)
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    MINDIE_CHECK(mAwaitingUpdate, ContractError, "update() called without a preceding schedule()");
+    validateUpdate(in); // nothing changes before the whole message is known to be well-formed
+    size_t const n = in.numRows;
+    size_t const numExpected = mLastSampleReqs.size();
     // A live sampling request left out means the step did not run (e.g. the forward failed):
     // only an empty update() may say so, and then every row of the step is rolled back, so its
     // chunk is computed again and nothing of it reaches the prefix cache.
@@ -139,44 +228,51 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
                                                                 "report a step that did not run");
         }
     }
-    for (Request* r : mLastRows)
+    UpdateResult result;
+    result.numAppended.assign(n, 0);
+    if (stepFailed)
     {
-        if (r->state != RequestState::kRUNNING)
+        for (Request* r : mLastRows)
         {
-            continue; // finished or aborted since schedule()
-        }
-        if (stepFailed)
-        {
+            if (r->state != RequestState::kRUNNING)
+            {
+                continue; // finished or aborted since schedule()
+            }
             r->numComputedTokens -= r->lastNumScheduled;
             r->awaitingSample = false;
-        }
-        else
-        {
-            registerFullBlocks(*r); // the step ran: its full blocks join the prefix cache
+            r->drafts.clear();
+            if (r->lastNumSpec > 0)
+            {
+                trimBlocks(*r, r->blocksWithoutSpec);
+            }
         }
     }
-    UpdateResult result;
-    for (size_t k = 0; k < numExpected; ++k)
+    else
     {
-        Request& r = *mLastSampleReqs[k];
-        if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
+        // The step ran: full blocks join the prefix cache, in batch order. A row with proposals
+        // joins in appendRow, after its rollback, so that no rejected token is registered.
+        for (Request* r : mLastRows)
         {
-            continue; // finished or aborted after schedule()
+            if (r->state == RequestState::kRUNNING && r->lastNumSpec == 0)
+            {
+                registerFullBlocks(*r);
+            }
         }
-        TokenId const token = sampledTokenIds[mScratchMatch[k]];
-        r.awaitingSample = false;
-        r.tokens.push_back(token);
-        r.lastToken = token;
-        FinishReason reason = checkStop(r, token);
-        if (reason == FinishReason::kNONE && mConfig.role == Role::kPREFILL)
+        for (size_t k = 0; k < numExpected; ++k)
         {
-            reason = FinishReason::kPREFILL_DONE;
-        }
-        if (reason != FinishReason::kNONE)
-        {
-            result.finishedIds.push_back(r.id);
-            result.finishReasons.push_back(static_cast<std::int32_t>(reason));
-            finishRequest(r, reason, false);
+            Request& r = *mLastSampleReqs[k];
+            if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
+            {
+                continue; // finished or aborted after schedule()
+            }
+            auto const row = static_cast<size_t>(mScratchMatch[k]);
+            FinishReason const reason = appendRow(r, in, row, result.numAppended[row]);
+            if (reason != FinishReason::kNONE)
+            {
+                result.finishedIds.push_back(r.id);
+                result.finishReasons.push_back(static_cast<std::int32_t>(reason));
+                finishRequest(r, reason, false);
+            }
         }
     }
     mAwaitingUpdate = false;
@@ -199,6 +295,65 @@ UpdateResult Scheduler::update(ReqId const* reqIds, TokenId const* sampledTokenI
     mLastRows.clear();
     mGraveyard.clear();
     return result;
+}
+
+FinishReason Scheduler::appendRow(Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended)
+{
+    size_t const begin = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row]) : row;
+    size_t const end = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row + 1]) : row + 1;
+    r.awaitingSample = false;
+    FinishReason reason = FinishReason::kNONE;
+    SizeType32 appended = 0;
+    for (size_t t = begin; t < end && reason == FinishReason::kNONE; ++t)
+    {
+        TokenId const token = in.tokenIds[t];
+        r.tokens.push_back(token);
+        r.lastToken = token;
+        ++appended;
+        reason = checkStop(r, token);
+    }
+    numAppended = appended;
+    if (reason == FinishReason::kNONE)
+    {
+        // A row of the prefill role has no proposals (it never decodes): one token, then the hand-off.
+        reason = mRole->afterSample(reason);
+    }
+    if (r.lastNumSpec > 0)
+    {
+        // The KV holds the row's first token and each appended token that equals the proposal
+        // computed at its position; the last appended token is never computed yet. Blocks past
+        // the one the next token goes to held rejected lookahead only.
+        SizeType32 valid = 0;
+        while (valid < appended - 1 && valid < r.lastNumSpec && in.tokenIds[begin + valid] == r.drafts[valid])
+        {
+            ++valid;
+        }
+        r.numComputedTokens = r.computedBeforeStep + r.lastNumScheduled - r.lastNumSpec + valid;
+        trimBlocks(r, std::max(mBlocks.blocksFor(r.numComputedTokens + 1), r.blocksWithoutSpec));
+        registerFullBlocks(r);
+    }
+    if (reason == FinishReason::kNONE && in.draftOffsets != nullptr)
+    {
+        r.drafts.assign(in.draftTokenIds + in.draftOffsets[row], in.draftTokenIds + in.draftOffsets[row + 1]);
+    }
+    else if (!r.drafts.empty())
+    {
+        r.drafts.clear();
+    }
+    return reason;
+}
+
+void Scheduler::trimBlocks(Request& r, SizeType32 keep)
+{
+    auto const held = static_cast<SizeType32>(r.blocks.size());
+    if (held <= keep)
+    {
+        return;
+    }
+    mBlocks.freeBlocks(r.blocks.data() + keep, static_cast<size_t>(held - keep));
+    r.blocks.resize(static_cast<size_t>(keep));
+    r.numRegisteredBlocks = std::min(r.numRegisteredBlocks, keep);
+    r.needsTableReset = true; // the worker learns of the shorter table from the next full row
 }
 
 void Scheduler::dropRequest(ReqId id)
@@ -292,15 +447,14 @@ std::vector<BlockId> Scheduler::addPrefilled(
     ReqId id, std::vector<TokenId> promptTokenIds, std::vector<TokenId> const& outputTokenIds, RequestParams params)
 {
     std::lock_guard<std::mutex> lock(mMutex);
-    MINDIE_CHECK(mConfig.role == Role::kDECODE, ContractError, "add_prefilled() needs role decode");
+    MINDIE_CHECK(mRole->admitsPrefilled(), ContractError, "add_prefilled() needs role decode");
     validateNew(id, promptTokenIds, params);
-    MINDIE_CHECK(!outputTokenIds.empty(), RequestRejectedError,
-        "output_token_ids of request " << id << " is empty (the prefill instance samples the first token)");
-    MINDIE_CHECK(static_cast<SizeType32>(outputTokenIds.size()) < params.maxTokens, RequestRejectedError,
-        "request " << id << " already has max_tokens output tokens");
+    MINDIE_REJECT(!outputTokenIds.empty(), "output_token_ids", "is empty (the prefill instance samples the first token)");
+    MINDIE_REJECT(static_cast<SizeType32>(outputTokenIds.size()) < params.maxTokens, "output_token_ids",
+        "already has max_tokens = " << params.maxTokens << " tokens");
     for (TokenId t : outputTokenIds)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "output_token_ids of request " << id << " has a negative id");
+        MINDIE_REJECT(t >= 0, "output_token_ids", "has a negative id " << t);
     }
     auto const numPrompt = static_cast<SizeType32>(promptTokenIds.size());
     SizeType32 const numComputed = numPrompt + static_cast<SizeType32>(outputTokenIds.size()) - 1;

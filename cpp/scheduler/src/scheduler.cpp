@@ -7,18 +7,44 @@
 namespace mindie::scheduler
 {
 
+namespace
+{
+SchedulerConfig const& validated(SchedulerConfig const& config)
+{
+    config.validate();
+    return config;
+}
+} // namespace
+
+/// The phases a SchedulingPolicy runs, over this step's budget and rows.
+class Scheduler::Phases final : public StepPhases
+{
+public:
+    Phases(Scheduler& s, bool runningWasEmpty)
+        : mS(s)
+        , mRunningWasEmpty(runningWasEmpty)
+    {
+    }
+    void preemptForPriority() override { mS.priorityPreempt(); }
+    void scheduleRunningDecodes() override { mS.scheduleRunning(true, mBudget, mS.mDecodeRows); }
+    void scheduleRunningPrefills() override { mS.scheduleRunning(false, mBudget, mS.mPrefillRows); }
+    void admitWaiting() override { mS.admitWaiting(mBudget, mS.mDecodeRows, mS.mPrefillRows); }
+    [[nodiscard]] bool preemptedForBlocks() const override { return mS.mPreemptedForBlocks; }
+    [[nodiscard]] bool runningWasEmpty() const override { return mRunningWasEmpty; }
+    [[nodiscard]] bool hasPrefillRows() const override { return !mS.mPrefillRows.empty(); }
+
+private:
+    Scheduler& mS;
+    SizeType32 mBudget{mS.mConfig.maxNumBatchedTokens};
+    bool mRunningWasEmpty;
+};
+
 Scheduler::Scheduler(SchedulerConfig const& config)
-    : mConfig(config)
+    : mConfig(validated(config))
+    , mPolicy(SchedulingPolicy::create(config.policy))
+    , mRole(RolePolicy::create(config.role))
     , mBlocks(config.numBlocks, config.blockSize, config.enablePrefixCaching)
 {
-    MINDIE_CHECK(config.maxNumBatchedTokens >= 1, ConfigError,
-        "max_num_batched_tokens must be >= 1, got " << config.maxNumBatchedTokens);
-    MINDIE_CHECK(config.maxNumSeqs >= 1, ConfigError, "max_num_seqs must be >= 1, got " << config.maxNumSeqs);
-    MINDIE_CHECK(config.maxModelLen >= 1, ConfigError, "max_model_len must be >= 1, got " << config.maxModelLen);
-    auto const policy = static_cast<std::int32_t>(config.policy);
-    MINDIE_CHECK(policy >= 0 && policy <= 3, ConfigError, "unknown policy " << policy);
-    auto const role = static_cast<std::int32_t>(config.role);
-    MINDIE_CHECK(role >= 0 && role <= 2, ConfigError, "unknown role " << role);
 }
 
 std::shared_ptr<SchedulerOutput> Scheduler::schedule()
@@ -31,51 +57,25 @@ std::shared_ptr<SchedulerOutput> Scheduler::schedule()
     mPreemptedThisStep.clear();
     mPreemptedForBlocks = false;
     mCandidatesCollected = false;
-    SizeType32 budget = mConfig.maxNumBatchedTokens;
-    std::vector<Row>& decodes = mDecodeRows;
-    std::vector<Row>& prefills = mPrefillRows;
-    decodes.clear();
-    prefills.clear();
-    bool const runningWasEmpty = mRunning.empty();
-
-    if (mConfig.policy == Policy::kPRIORITY)
-    {
-        priorityPreempt();
-    }
-    if (mConfig.policy == Policy::kPREFILL_FIRST)
-    {
-        // Whole prompts first; decodes only in steps that run no prefill.
-        scheduleRunning(false, budget, prefills);
-        if (!mPreemptedForBlocks)
-        {
-            admitWaiting(budget, decodes, prefills);
-        }
-        if (prefills.empty())
-        {
-            scheduleRunning(true, budget, decodes);
-        }
-    }
-    else
-    {
-        scheduleRunning(true, budget, decodes);
-        scheduleRunning(false, budget, prefills);
-        bool const mayAdmit = mConfig.policy != Policy::kSTATIC || runningWasEmpty;
-        if (mayAdmit && !mPreemptedForBlocks)
-        {
-            admitWaiting(budget, decodes, prefills);
-        }
-    }
+    mDecodeRows.clear();
+    mPrefillRows.clear();
+    Phases phases(*this, mRunning.empty());
+    mPolicy->planStep(phases);
     auto out = std::make_shared<SchedulerOutput>();
-    buildOutput(*out, decodes, prefills);
+    buildOutput(*out, mDecodeRows, mPrefillRows);
     mAwaitingUpdate = true;
     return out;
 }
 
+bool Scheduler::chunkingOn() const noexcept
+{
+    return mConfig.enableChunkedPrefill && mPolicy->allowsChunking();
+}
+
 bool Scheduler::chunkAllowed(Request const& r) const
 {
-    bool const chunking = mConfig.enableChunkedPrefill && mConfig.policy != Policy::kPREFILL_FIRST;
     // A resumed request longer than the whole budget is chunked even without chunking.
-    return chunking || r.numTokens() - r.numComputedTokens > mConfig.maxNumBatchedTokens;
+    return chunkingOn() || r.numTokens() - r.numComputedTokens > mConfig.maxNumBatchedTokens;
 }
 
 SizeType32 Scheduler::chunkFor(Request const& r, SizeType32 budget) const
@@ -100,12 +100,38 @@ bool Scheduler::scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& ro
     {
         return false; // preempted itself: nothing after it is worth more
     }
-    r.numComputedTokens += numNew;
+    SizeType32 const numSpec = r.drafts.empty() || !r.isDecode() ? 0 : scheduleLookahead(r, budget - numNew);
+    r.numComputedTokens += numNew + numSpec;
     r.scheduledAtStep = mStep;
     r.computedBeforeStep = before;
-    budget -= numNew;
-    rows.push_back(Row{&r, numNew, before});
+    budget -= numNew + numSpec;
+    rows.push_back(Row{&r, numNew + numSpec, before, numSpec});
     return true;
+}
+
+SizeType32 Scheduler::scheduleLookahead(Request& r, SizeType32 budgetLeft)
+{
+    // The decode's own token has its block; the proposals take what is left of the budget and of
+    // the free blocks (speculation never preempts), and never pass max_tokens or max_model_len.
+    auto const held = static_cast<SizeType32>(r.blocks.size());
+    SizeType32 const end = r.numTokens(); // == numComputedTokens + 1
+    std::int64_t k = static_cast<std::int64_t>(r.drafts.size());
+    k = std::min<std::int64_t>(k, budgetLeft);
+    k = std::min<std::int64_t>(k, r.params.maxTokens - r.numOutputTokens() - 1);
+    k = std::min<std::int64_t>(k, mConfig.maxModelLen - end - 1);
+    k = std::min<std::int64_t>(
+        k, static_cast<std::int64_t>(held + mBlocks.numFreeBlocks()) * mBlocks.blockSize() - end);
+    r.blocksWithoutSpec = held;
+    if (k <= 0)
+    {
+        return 0;
+    }
+    auto const numSpec = static_cast<SizeType32>(k);
+    for (SizeType32 n = mBlocks.blocksFor(end + numSpec) - held; n > 0; --n)
+    {
+        r.blocks.push_back(mBlocks.allocate());
+    }
+    return numSpec;
 }
 
 void Scheduler::scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows)
@@ -222,7 +248,7 @@ bool Scheduler::isDeferredChild(Request const& r) const
 
 Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills)
 {
-    bool const isStatic = mConfig.policy == Policy::kSTATIC;
+    bool const isStatic = mPolicy->joinsWithoutBudget();
     if (static_cast<SizeType32>(mRunning.size()) >= mConfig.maxNumSeqs || (budget <= 0 && !isStatic))
     {
         return Admit::kSTOP;
@@ -262,8 +288,7 @@ Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector
     SizeType32 numNew = remaining;
     if (remaining > budget)
     {
-        bool const chunking = mConfig.enableChunkedPrefill && mConfig.policy != Policy::kPREFILL_FIRST;
-        if (chunking || remaining > mConfig.maxNumBatchedTokens)
+        if (chunkingOn() || remaining > mConfig.maxNumBatchedTokens)
         {
             numNew = budget;
         }
@@ -356,6 +381,7 @@ void Scheduler::preempt(Request& r)
     r.numBlocksSent = 0;
     r.needsTableReset = true;
     r.awaitingSample = false;
+    r.drafts.clear();
     r.scheduledAtStep = -1;
     r.preemptedAtStep = mStep;
     r.state = RequestState::kWAITING;
@@ -414,15 +440,22 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     out.newBlockOffsets.push_back(0);
     size_t numTokens = 0;
     size_t numNewBlocks = 0;
+    bool anySpec = false;
     for (auto const* rows : {&decodes, &prefills})
     {
         for (Row const& row : *rows)
         {
+            anySpec |= row.numSpec > 0;
             numTokens += static_cast<size_t>(row.numNew);
             numNewBlocks += row.req->blocks.size() - (row.req->needsTableReset ? 0 : row.req->numBlocksSent);
         }
     }
     out.inputTokenIds.reserve(numTokens);
+    if (anySpec)
+    {
+        out.specOffsets.reserve(numRows + 1);
+        out.specOffsets.push_back(0);
+    }
     out.newBlockIds.reserve(numNewBlocks);
     mLastSampleReqs.clear();
     mLastSampleIds.clear();
@@ -432,7 +465,14 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
         out.reqIds.push_back(r.id);
         out.numScheduledTokens.push_back(row.numNew);
         out.numComputedTokens.push_back(row.numComputedBefore);
-        if (row.numNew == 1)
+        if (row.numSpec > 0)
+        {
+            // A decode with proposals: the last sampled token, then the proposals.
+            out.inputTokenIds.push_back(r.lastToken);
+            out.inputTokenIds.insert(out.inputTokenIds.end(), r.drafts.begin(), r.drafts.begin() + row.numSpec);
+            out.specTokenIds.insert(out.specTokenIds.end(), r.drafts.begin(), r.drafts.begin() + row.numSpec);
+        }
+        else if (row.numNew == 1)
         {
             // Decodes: the token is lastToken (no range insert, no touch of the token array).
             out.inputTokenIds.push_back(
@@ -443,9 +483,14 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
             out.inputTokenIds.insert(out.inputTokenIds.end(), r.tokens.begin() + row.numComputedBefore,
                 r.tokens.begin() + row.numComputedBefore + row.numNew);
         }
-        bool const sample = row.numComputedBefore + row.numNew == r.numTokens();
+        if (anySpec)
+        {
+            out.specOffsets.push_back(static_cast<std::int32_t>(out.specTokenIds.size()));
+        }
+        bool const sample = row.numComputedBefore + row.numNew - row.numSpec == r.numTokens();
         r.awaitingSample = sample;
         r.lastNumScheduled = row.numNew;
+        r.lastNumSpec = row.numSpec;
         mLastRows.push_back(&r);
         if (sample)
         {
@@ -473,6 +518,10 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     for (Row const& row : prefills)
     {
         emit(row);
+    }
+    if (!anySpec)
+    {
+        out.specOffsets.assign(numRows + 1, 0);
     }
     out.numBatchedTokens = static_cast<std::int64_t>(out.inputTokenIds.size());
     out.preemptedIds = mPreemptedThisStep;

@@ -204,3 +204,13 @@ def gguf_matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k
 def gguf_embedding(ids: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
     """Rows ``ids[T]`` of the dequantized packed weight: [T, K] float32."""
     return gguf_unpack(packed, ggml_type, n, k)[ids.reshape(-1).long()]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Structured output: ``logits`` [S, V] with every token whose bit is 0 set to -inf.
+    ``bitmask`` [S, W] int32, W = ceil(V/32): token t is allowed when bit t%32 of word t//32 is set
+    (the layout of llguidance and xgrammar). Out of place; the plain-torch oracle."""
+    S, V = logits.shape
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.to(torch.int32).unsqueeze(-1) >> bits) & 1).reshape(S, -1)[:, :V].bool()   # [S, V]
+    return logits.masked_fill(~allowed, float("-inf"))

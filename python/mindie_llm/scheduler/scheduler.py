@@ -2,8 +2,10 @@
 """Thin Python facade over the C++ scheduler extension ``mindie_llm._scheduler``.
 
 Owns argument conversion (ids and numpy arrays only) and the Python-side types of the scheduler
-API. Request state lives in C++; nothing here loops over requests. Must not import torch, the
-engine, the executor or the server.
+API. Request state lives in C++; nothing here loops over requests. The rules (config fields, request
+fields, the step contract) live in C++ only: this module converts types (ints beyond int32/int64,
+non-int values, policy and role names) with errors naming the field, nothing more. Must not import
+torch, the engine, the executor or the server.
 """
 from __future__ import annotations
 
@@ -14,24 +16,28 @@ from typing import Any
 import numpy as np
 
 from mindie_llm import _scheduler
+from mindie_llm.contract import NewRequests
 from mindie_llm.scheduler.outputs import FinishReason, SchedulerOutput, UpdateResult
 
 SchedulerError = _scheduler.SchedulerError                    # base, a RuntimeError
-RequestRejectedError = _scheduler.RequestRejectedError        # ValueError: refused at admission
+RequestRejectedError = _scheduler.RequestRejectedError        # ValueError: refused at admission; .field
+                                                              # names the request field (None: none)
 NoFreeBlocksError = _scheduler.NoFreeBlocksError              # add_prefilled: no room now, retry
 UnknownRequestError = _scheduler.UnknownRequestError          # KeyError and ValueError
 SchedulerContractError = _scheduler.SchedulerContractError    # ValueError: step contract broken
 SchedulerConfigError = _scheduler.SchedulerConfigError        # ValueError: bad config field
 
-POLICIES = ("fcfs", "priority", "static", "prefill_first")
-ROLES = ("colocated", "prefill", "decode")
+POLICIES = tuple(name.lower() for name in _scheduler.Policy.__members__)   # fcfs priority static prefill_first
+ROLES = tuple(name.lower() for name in _scheduler.Role.__members__)        # colocated prefill decode
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
+_INT_FIELDS = ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len")
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerCoreConfig:
-    """Configuration of the scheduler core; every field is validated here (SchedulerConfigError)."""
+    """Configuration of the scheduler core. Construction builds the C++ ``SchedulerConfig`` and
+    validates it there (SchedulerConfigError names the field); this class only converts types."""
 
     num_blocks: int                     # including the null block 0
     block_size: int
@@ -44,35 +50,67 @@ class SchedulerCoreConfig:
     role: str = "colocated"             # colocated | prefill | decode
 
     def __post_init__(self) -> None:
-        minimum = {"num_blocks": 2, "block_size": 1, "max_num_batched_tokens": 1, "max_num_seqs": 1,
-                   "max_model_len": 1}
-        for name, low in minimum.items():
+        self.to_core().validate()
+
+    def to_core(self) -> _scheduler.SchedulerConfig:
+        """The C++ struct of this config (types converted; the rules are checked by its validate())."""
+        core = _scheduler.SchedulerConfig()
+        for name in _INT_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= _INT32_MAX:
-                raise SchedulerConfigError(f"{name} must be an int in [{low}, {_INT32_MAX}], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+                    not -_INT32_MAX - 1 <= value <= _INT32_MAX:
+                raise SchedulerConfigError(f"{name} must be an int32, got {value!r}")
+            setattr(core, name, int(value))
+        core.enable_prefix_caching = bool(self.enable_prefix_caching)
+        core.enable_chunked_prefill = bool(self.enable_chunked_prefill)
         if self.policy not in POLICIES:
             raise SchedulerConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.role not in ROLES:
             raise SchedulerConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        core.policy = _scheduler.Policy.__members__[self.policy.upper()]
+        core.role = _scheduler.Role.__members__[self.role.upper()]
+        return core
+
+
+def _rejected(field: str, message: str) -> RequestRejectedError:
+    exc = RequestRejectedError(f"{field} {message}")
+    exc.field = field
+    return exc
 
 
 def _checked_int(name: str, value: int, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise RequestRejectedError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+        raise _rejected(name, f"must be an int in [{low}, {high}], got {value!r}")
     return int(value)
 
 
-def _token_array(name: str, values: Sequence[int] | np.ndarray) -> np.ndarray:
+def _int32_array(name: str, values, error=_rejected) -> np.ndarray:
+    """``values`` as a 1-D int32 array; ``error(name, message)`` for non-ints and values beyond int32
+    (the C++ core checks what the values mean, e.g. that token ids are not negative)."""
+    if type(values) is np.ndarray and values.dtype == np.int32 and values.ndim == 1:
+        return values   # the common case of the step path: nothing to convert
     arr = np.asarray(values)
     if arr.size == 0:
         return np.zeros(0, np.int32)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise RequestRejectedError(f"{name} must be a 1-D sequence of ints, got dtype {arr.dtype} ndim {arr.ndim}")
+        raise error(name, f"must be a 1-D sequence of ints, got dtype {arr.dtype} ndim {arr.ndim}")
     if arr.dtype != np.int32:
-        if int(arr.min()) < 0 or int(arr.max()) > _INT32_MAX:
-            raise RequestRejectedError(f"{name} has a token id outside [0, {_INT32_MAX}]")
+        if int(arr.min()) < -_INT32_MAX - 1 or int(arr.max()) > _INT32_MAX:
+            raise error(name, "has a value outside int32")
         arr = arr.astype(np.int32)
     return arr
+
+
+def _token_array(name: str, values: Sequence[int] | np.ndarray) -> np.ndarray:
+    return _int32_array(name, values)
+
+
+def _contract_error(name: str, message: str) -> SchedulerContractError:
+    return SchedulerContractError(f"update(): {name} {message}")
+
+
+def _step_array(name: str, values) -> np.ndarray | None:
+    return None if values is None else _int32_array(name, values, _contract_error)
 
 
 class Scheduler:
@@ -80,15 +118,16 @@ class Scheduler:
     by recompute, fcfs / priority / static / prefill_first policies, and the PD roles.
 
     One engine step is ``out = schedule()``, run the model on ``out``, then
-    ``update(req_ids, sampled_token_ids)`` (always exactly once after every schedule())."""
+    ``update(req_ids, token_offsets, token_ids, draft_offsets, draft_token_ids)`` (always exactly
+    once after every schedule())."""
 
     def __init__(self, config: SchedulerCoreConfig) -> None:
         """Creates the block pool and empty queues for ``config``."""
         self.config = config
-        self._core = _scheduler.SchedulerCore(
-            int(config.num_blocks), int(config.block_size), int(config.max_num_batched_tokens),
-            int(config.max_num_seqs), int(config.max_model_len), bool(config.enable_prefix_caching),
-            bool(config.enable_chunked_prefill), POLICIES.index(config.policy), ROLES.index(config.role))
+        self._core = _scheduler.SchedulerCore(config.to_core())
+        # The plan carries no new requests (the engine sets them each step): one shared empty
+        # placeholder instead of ~20 fresh empty arrays per step.
+        self._no_new_requests = NewRequests()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req_id: int, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *,
@@ -100,6 +139,15 @@ class Scheduler:
         self._core.add_request(*self._request_args(
             req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
             stop_token_ids, ignore_eos, parent_id))
+
+    def check_request(self, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *, min_tokens: int = 0,
+                      priority: int = 0, arrival_time: float = 0.0, eos_token_ids: Sequence[int] = (),
+                      stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, parent_id: int = -1) -> None:
+        """The checks of add_request on the request's fields (all but the id), with no side effect:
+        raises RequestRejectedError (``.field`` names the field) exactly when add_request would."""
+        self._core.check_request(*self._request_args(
+            0, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
+            stop_token_ids, ignore_eos, parent_id)[1:])
 
     @staticmethod
     def _request_args(req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
@@ -124,14 +172,29 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         """Plans one step (GIL released) and advances num_computed_tokens of each scheduled request."""
-        return SchedulerOutput(*self._core.schedule())
+        return SchedulerOutput(*self._core.schedule(), self._no_new_requests)   # SCHEDULE_FIELDS order
 
-    def update(self, req_ids: np.ndarray, sampled_token_ids: np.ndarray) -> UpdateResult:
-        """Appends one sampled token per sampling request of the last schedule(), in batch order,
-        and finishes requests (EOS, stop token, max_tokens, max_model_len, PREFILL_DONE). A live
-        sampling request left out is rolled back (its chunk is computed again next step)."""
-        finished_ids, finish_reasons = self._core.update(req_ids, sampled_token_ids)
-        return UpdateResult(finished_ids, finish_reasons)
+    def update(self, req_ids: np.ndarray, token_offsets: np.ndarray | None = None, token_ids: np.ndarray | None = None,
+               draft_offsets: np.ndarray | None = None, draft_token_ids: np.ndarray | None = None) -> UpdateResult:
+        """Takes the step's result: S sampling rows of the last schedule() in batch order
+        (``req_ids`` int64[S]) with 1..k+1 tokens each (``token_offsets`` int32[S+1], ``token_ids``;
+        k = the row's proposed tokens), and optional proposals for the next step (``draft_offsets``
+        int32[S+1], ``draft_token_ids``). Appends the tokens one at a time with the stop checks (EOS,
+        stop token, min_tokens, max_tokens, max_model_len, PREFILL_DONE) and stops at the first that
+        finishes; rolls back rejected proposals (num_computed_tokens, lookahead blocks). The
+        two-argument form ``update(req_ids, sampled_token_ids)`` means one token per row. A live
+        sampling request left out is allowed only in an empty update(): the step is rolled back."""
+        if token_ids is None:   # update(req_ids, sampled_token_ids): one token each (also token_ids=x alone)
+            token_offsets, token_ids = None, token_offsets
+        ids = np.asarray(req_ids)
+        if ids.dtype != np.int64:
+            if ids.size and ids.dtype.kind not in "iu":
+                raise SchedulerContractError(f"req_ids must be ints, got dtype {ids.dtype}")
+            ids = ids.astype(np.int64)
+        finished_ids, finish_reasons, num_appended = self._core.update(
+            ids, _step_array("token_offsets", token_offsets), _step_array("token_ids", token_ids),
+            _step_array("draft_offsets", draft_offsets), _step_array("draft_token_ids", draft_token_ids))
+        return UpdateResult(finished_ids, finish_reasons, num_appended)
 
     # ------------------------------------------------------------------ PD hand-over
     def release(self, req_id: int) -> None:

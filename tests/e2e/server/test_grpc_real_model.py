@@ -209,7 +209,7 @@ def test_500_concurrent_requests_none_lost(port):
     docs/performance.md), not asserted."""
     import argparse
 
-    from mindie_llm.server import bench_client
+    from mindie_llm.bench import serve_client as bench_client
 
     args = bench_client.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--protocol", "grpc", "--port", str(port), "--num-requests", "500", "--input-len", "8",

@@ -2,7 +2,10 @@
 """Pure-Python reference of the C++ scheduler (the oracle of test_differential.py).
 
 Written from the same rules as cpp/scheduler, independently: plain lists and dicts, the prefix
-cache keyed by the whole token prefix (no hashes). Must not import mindie_llm.
+cache keyed by the whole token prefix (no hashes). Speculation follows the rules of scheduler.h:
+drafts given to update() become the next decode's proposals (capped by budget, max_tokens,
+max_model_len and free blocks), update() takes several tokens per row and rolls back past the
+first rejected proposal. Must not import mindie_llm.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ class RefScheduler:
                             blocks=[], registered=0, sent=0, reset=True, awaiting=False, scheduled=False,
                             preempted_at=-1, last_new=0, before=0, state="waiting", max_tokens=max_tokens,
                             min_tokens=min_tokens, eos=set(eos_token_ids), stop=set(stop_token_ids),
-                            ignore_eos=ignore_eos, parent=parent_id)
+                            ignore_eos=ignore_eos, parent=parent_id, drafts=[], last_spec=0, wo_spec=0)
         self.reqs[rid] = r
         self._to_waiting(r)
 
@@ -120,9 +123,26 @@ class RefScheduler:
             return rem
         return budget if self.chunking or rem > self.budget_max else 0
 
+    def _trim(self, r, keep):
+        if len(r.blocks) > keep:
+            self._free(r.blocks[keep:])
+            r.blocks, r.reset = r.blocks[:keep], True
+            r.registered = min(r.registered, keep)
+
+    def _lookahead(self, r, budget_left):
+        n_tok = len(r.tokens)
+        k = min(len(r.drafts), budget_left, r.max_tokens - (n_tok - r.n_prompt) - 1, self.max_len - n_tok - 1,
+                (len(r.blocks) + len(self.free)) * self.bs - n_tok)
+        r.wo_spec = len(r.blocks)
+        if k <= 0:
+            return 0
+        r.blocks += [self._alloc() for _ in range(self._blocks_for(n_tok + k) - len(r.blocks))]
+        return k
+
     def _preempt(self, r):
         self.running.remove(r)
         self._free(r.blocks)
+        r.drafts = []
         r.blocks, r.computed, r.registered, r.sent, r.reset = [], 0, 0, 0, True
         r.awaiting = r.scheduled = False
         r.preempted_at = self.step
@@ -155,10 +175,11 @@ class RefScheduler:
             before = r.computed
             if not self._alloc_or_preempt(r, before + n):
                 break
-            r.computed += n
+            k = self._lookahead(r, self.budget - n) if r.drafts and self._is_decode(r) else 0
+            r.computed += n + k
             r.scheduled, r.before = True, before
-            self.budget -= n
-            rows.append((r, n, before))
+            self.budget -= n + k
+            rows.append((r, n + k, before, k))
 
     def _deferred(self, r):
         p = self.reqs.get(r.parent) if r.parent >= 0 and not r.blocks else None
@@ -214,7 +235,7 @@ class RefScheduler:
             r.computed += n
             r.scheduled, r.before = True, start
             self.budget -= n
-            (dec if is_dec else pre).append((r, n, start))
+            (dec if is_dec else pre).append((r, n, start, 0))
         return "ok"
 
     def _admit(self, dec, pre):
@@ -256,13 +277,17 @@ class RefScheduler:
             if (self.policy != "static" or was_empty) and not self.pre_blocks:
                 self._admit(dec, pre)
         out = dict(req_ids=[], num_scheduled_tokens=[], num_computed_tokens=[], input_token_ids=[],
-                   sample_mask=[], block_table_reset=[], new_block_offsets=[0], new_block_ids=[])
-        for r, n, before in dec + pre:
-            sample = before + n == len(r.tokens)
+                   spec_offsets=[0], spec_token_ids=[], sample_mask=[], block_table_reset=[], new_block_offsets=[0],
+                   new_block_ids=[])
+        for r, n, before, k in dec + pre:
+            sample = before + n - k == len(r.tokens)
             out["req_ids"].append(r.id)
             out["num_scheduled_tokens"].append(n)
             out["num_computed_tokens"].append(before)
-            out["input_token_ids"] += r.tokens[before:before + n]
+            out["input_token_ids"] += r.tokens[before:before + n - k] + r.drafts[:k]
+            out["spec_token_ids"] += r.drafts[:k]
+            out["spec_offsets"].append(len(out["spec_token_ids"]))
+            r.last_spec = k
             out["sample_mask"].append(sample)
             out["block_table_reset"].append(r.reset)
             if r.reset:
@@ -292,30 +317,50 @@ class RefScheduler:
             return 4
         return 5 if len(r.tokens) >= self.max_len else 0
 
-    def update(self, ids, toks):
-        given = dict(zip(ids, toks))
+    def update(self, ids, toks, drafts=None):
+        """``toks[i]``: an int (one token) or a list (several); ``drafts[i]``: proposals for the next
+        step. Returns (finished (id, reason) pairs, tokens appended per row)."""
+        rows = [list(t) if isinstance(t, (list, tuple)) else [t] for t in toks]
+        given = {rid: j for j, rid in enumerate(ids)}
+        appended, done = [0] * len(ids), []
         if any(r.id not in given and r.state == "running" and r.awaiting for r in self.last_sample):
             assert not ids, "a partial update() is a contract error"
             for r in self.last_rows:  # the step did not run: roll all of it back
                 if r.state == "running":
                     r.computed -= r.last_new
-                    r.awaiting = False
-        elif self.caching:
-            for r in self.last_rows:  # the step ran: its full blocks join the prefix cache
-                if r.state == "running":
+                    r.awaiting, r.drafts = False, []
+                    if r.last_spec:
+                        self._trim(r, r.wo_spec)
+            self.last_sample = []
+            return done, appended
+        if self.caching:
+            for r in self.last_rows:  # the step ran: full blocks join the prefix cache (rows with
+                if r.state == "running" and not r.last_spec:  # proposals: after their rollback)
                     self._register(r)
-        done = []
         for r in self.last_sample:
             if r.id not in given or r.state != "running" or not r.awaiting:
                 continue
-            r.awaiting = False
-            r.tokens.append(given[r.id])
-            reason = self._stop(r, given[r.id]) or (7 if self.role == "prefill" else 0)
+            j, r.awaiting, reason = given[r.id], False, 0
+            for t in rows[j]:
+                r.tokens.append(t)
+                appended[j] += 1
+                reason = self._stop(r, t) or (7 if self.role == "prefill" else 0)
+                if reason:
+                    break
+            if r.last_spec:  # KV holds up to the first appended token unlike its proposal
+                valid = 0
+                while valid < min(appended[j] - 1, r.last_spec) and rows[j][valid] == r.drafts[valid]:
+                    valid += 1
+                r.computed = r.before + r.last_new - r.last_spec + valid
+                self._trim(r, max(self._blocks_for(r.computed + 1), r.wo_spec))
+                if self.caching:
+                    self._register(r)
+            r.drafts = list(drafts[j]) if drafts is not None and not reason else []
             if reason:
                 done.append((r.id, reason))
                 self._drop(r, reason)
         self.last_sample = []
-        return done
+        return done, appended
 
     def stats(self):
         return dict(num_free_blocks=len(self.free), num_cached_blocks=len(self.cache),

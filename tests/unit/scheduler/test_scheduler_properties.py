@@ -4,17 +4,20 @@ the oracle of what a model would read: every context position must hold the K/V 
 own token prefix (so prefix hits, shared blocks and preemption are checked by content), a block
 written in a step belongs to its writer alone, budget and sequence cap hold, every admitted
 request finishes, no block leaks, FCFS admits in arrival order, and preemption does not change
-any request's output."""
+any request's output. With speculation (random drafts, greedy verification) the same checks hold
+-- so rolled-back KV is never read as context -- and the outputs equal those without it."""
 from __future__ import annotations
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
-from scheduler_harness import FakeRunner, configs, traces
+from hypothesis import strategies as st
+from scheduler_harness import FakeRunner, RandomDrafter, configs, csr, traces
 
 from mindie_llm.scheduler import RequestRejectedError, Scheduler, SchedulerCoreConfig
 
 
-def drive(cfg: dict, events: list, hash_mask: int | None = None, max_steps: int = 600):
+def drive(cfg: dict, events: list, hash_mask: int | None = None, max_steps: int = 600,
+          drafter: RandomDrafter | None = None):
     """Runs a trace through the C++ scheduler and FakeRunner; returns per-request results."""
     sched = Scheduler(SchedulerCoreConfig(**cfg))
     if hash_mask is not None:
@@ -48,9 +51,16 @@ def drive(cfg: dict, events: list, hash_mask: int | None = None, max_steps: int 
         assert sched.num_running <= cfg["max_num_seqs"]
         for rid in out.req_ids.tolist():
             first_scheduled.setdefault(rid, step)
-        ids, toks = runner.execute(out)
-        res = sched.update(ids, toks)
-        runner.commit(ids, toks)
+        if drafter is None:
+            ids, toks = runner.execute(out)
+            res = sched.update(ids, toks)
+            runner.commit(ids, toks)
+        else:
+            rows = runner.execute_rows(out)
+            drafts = [drafter.propose(runner.tokens[rid] + toks) for rid, toks in rows]
+            res = sched.update(np.asarray([rid for rid, _ in rows], np.int64), *csr([t for _, t in rows]),
+                               *csr(drafts))
+            runner.commit_rows(rows, res.num_appended)
         finished.update(zip(res.finished_ids.tolist(), res.finish_reasons.tolist()))
         if step > last_event and not sched.has_unfinished():
             stats = sched.stats()
@@ -109,3 +119,17 @@ def test_prefix_hits_are_counted_and_reused():
     assert r["stats"]["prefix_cache_hits"] == 12      # three blocks of the second prompt
     assert r["stats"]["prefix_cache_queries"] == 13 + 14
     np.testing.assert_allclose(r["stats"]["prefix_cache_hit_rate"], 12 / 27)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs(policies=("fcfs", "priority")), events=traces(max_requests=12, allow_aborts=False),
+       seed=st.integers(0, 2**31), tight=st.booleans())
+def test_speculation_keeps_the_invariants_and_the_outputs(cfg, events, seed, tight):
+    # Oracle: the outputs without speculation; FakeRunner checks every context position's KV.
+    if tight:  # block pressure: lookahead competes with preemption
+        small = max(6, cfg["num_blocks"] // 4)
+        cfg = dict(cfg, num_blocks=small, max_model_len=min(cfg["max_model_len"], (small - 1) * cfg["block_size"]))
+    plain = drive(cfg, events)
+    spec = drive(cfg, events, drafter=RandomDrafter(seed))
+    assert spec["outputs"] == plain["outputs"]
+    assert spec["finished"] == plain["finished"]

@@ -561,7 +561,7 @@ def test_port_in_use_and_unreadable_tls_files_fail_clearly(tmp_path):
 def test_bench_client_over_tls_with_a_key(tmp_path):
     import argparse
 
-    from mindie_llm.server import bench_client
+    from mindie_llm.bench import serve_client as bench_client
 
     cert, key, _ = _self_signed(tmp_path)
     with serve(tls_cert_file=cert, tls_key_file=key, api_key="k") as r:

@@ -112,7 +112,9 @@ def test_sentencepiece_gguf_vocabulary_matches_transformers(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    ours = Tokenizer.from_gguf(path)
+    from mindie_llm.loader.gguf_loader import read_gguf_metadata
+
+    ours = Tokenizer.from_gguf_fields(read_gguf_metadata(path), name=path)
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="sp.gguf")
     for text in ["hello world", "the world is hello", "héllo 世"]:
         ids = ours.encode(text)

@@ -61,7 +61,9 @@ public:
     BlockId allocate();
     /// @brief Drops one reference of each block, last block first; blocks at zero become free
     /// (cached blocks at the most-recently-used end, uncached ones are reused first).
-    void freeBlocks(std::vector<BlockId> const& blocks);
+    void freeBlocks(std::vector<BlockId> const& blocks) { freeBlocks(blocks.data(), blocks.size()); }
+    /// @brief The same over `n` blocks from `blocks`.
+    void freeBlocks(BlockId const* blocks, size_t n);
 
     /// @brief Registers a full, computed block under `hash`. No-op (returns false) when caching is
     /// off, the block is already cached, or another block already holds that hash key.

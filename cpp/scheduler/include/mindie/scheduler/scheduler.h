@@ -2,17 +2,36 @@
 /// @file scheduler.h
 /// @brief The continuous-batching scheduler: one schedule() and one update() per engine step.
 /// Decodes first, then prefill chunks (SplitFuse) under a token budget and a sequence cap; prefix
-/// caching; preemption by recompute; fcfs / priority / static / prefill_first policies; PD roles.
+/// caching; preemption by recompute; speculative lookahead slots; the fcfs / priority / static /
+/// prefill_first policies and the PD roles are strategy objects (policy.h).
 /// All public methods are thread-safe (one internal mutex), so the binding may drop the GIL.
+///
+/// Speculation (contract 3). update() may store proposals ("drafts") for a request's next tokens.
+/// The next schedule() gives that decode row 1 + k tokens: the last sampled token followed by k
+/// proposals, k = min(len(drafts), budget left - 1, max_tokens - outputs - 1, max_model_len -
+/// tokens - 1, slots of the blocks it can get without preempting anyone). The row's proposals are
+/// reported in spec_offsets / spec_token_ids and are the last k tokens of the row in
+/// input_token_ids; the blocks for them (lookahead blocks) are allocated with the row.
+/// update() then takes 1 <= a <= k + 1 tokens for the row, appends them one at a time with the stop
+/// checks on each, and rolls num_computed_tokens back to the KV that holds: the row's first token
+/// plus the leading appended tokens equal to the proposals at their positions (at most a - 1). Blocks
+/// allocated only for the lookahead past the block of the next token's position are freed, and the row's next
+/// schedule() sends block_table_reset = true with its whole (shorter) table: a worker that keeps
+/// tables across steps must drop the old row when it sees the reset. Registration in the prefix cache
+/// happens after the rollback, so a rejected token never reaches the cache. A step reported failed
+/// (an empty update()) rolls the whole row back, frees its lookahead blocks and drops its drafts;
+/// preemption and abort free every block, lookahead included, and drop the drafts.
 #pragma once
 
 #include "mindie/scheduler/blockManager.h"
 #include "mindie/scheduler/common.h"
+#include "mindie/scheduler/policy.h"
 #include "mindie/scheduler/request.h"
 
 #include <memory>
 #include <mutex>
 #include <set>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -26,8 +45,10 @@ struct SchedulerOutput
     std::vector<std::int32_t> numScheduledTokens; ///< [B]
     std::vector<std::int32_t> numComputedTokens;  ///< [B] position of the first scheduled token
     std::vector<TokenId> inputTokenIds;       ///< [T]
+    std::vector<std::int32_t> specOffsets;    ///< [B+1] CSR offsets into specTokenIds
+    std::vector<TokenId> specTokenIds;        ///< [*] proposed tokens: the last ones of each row's tokens
     std::vector<std::uint8_t> sampleMask;     ///< [B] bool
-    std::vector<std::uint8_t> blockTableReset; ///< [B] bool
+    std::vector<std::uint8_t> blockTableReset; ///< [B] bool: the row's table restarts from its new blocks
     std::vector<std::int32_t> newBlockOffsets; ///< [B+1] CSR offsets into newBlockIds
     std::vector<BlockId> newBlockIds;         ///< [*]
     std::vector<ReqId> preemptedIds;          ///< [*]
@@ -36,11 +57,27 @@ struct SchedulerOutput
     std::int64_t numBatchedTokens{0};         ///< T
 };
 
-/// @brief Requests finished by one update().
+/// @brief The result message of one step, as update() reads it: S sampling rows in batch order,
+/// each with 1..k+1 tokens (CSR) and optional proposals for the next step (CSR). Pointers are
+/// borrowed for the call only.
+struct UpdateInput
+{
+    ReqId const* reqIds{nullptr};             ///< [S]
+    size_t numRows{0};                        ///< S
+    std::int32_t const* tokenOffsets{nullptr}; ///< [S+1], or nullptr: one token per row
+    TokenId const* tokenIds{nullptr};         ///< [tokenOffsets[S]] (or [S])
+    size_t numTokenIds{0};
+    std::int32_t const* draftOffsets{nullptr}; ///< [S+1], or nullptr: no proposals
+    TokenId const* draftTokenIds{nullptr};    ///< [draftOffsets[S]]
+    size_t numDraftTokenIds{0};
+};
+
+/// @brief Requests finished by one update(), and the tokens each row took.
 struct UpdateResult
 {
     std::vector<ReqId> finishedIds;
     std::vector<std::int32_t> finishReasons;
+    std::vector<std::int32_t> numAppended; ///< [S] tokens appended per row (stops at the finishing one)
 };
 
 struct SchedulerStats
@@ -61,11 +98,19 @@ public:
     /// @brief Validates `config` (throws ConfigError) and creates the block pool.
     explicit Scheduler(SchedulerConfig const& config);
 
-    /// @brief Admits a request to the waiting queue (throws RequestRejectedError if it can never run).
+    /// @brief Admits a request to the waiting queue (throws RequestRejectedError naming the field if
+    /// it can never run).
     void addRequest(ReqId id, std::vector<TokenId> promptTokenIds, RequestParams params);
+    /// @brief The checks of addRequest on the request's fields (all but the id), without side effects:
+    /// callers validate before they assign ids or state (the one place of these rules).
+    void checkRequest(std::vector<TokenId> const& promptTokenIds, RequestParams const& params) const;
     /// @brief Plans one step. Advances num_computed_tokens of every scheduled request.
     std::shared_ptr<SchedulerOutput> schedule();
-    /// @brief Appends one sampled token per sampling request of the last schedule(), in batch order.
+    /// @brief Takes the step's result (see the file comment): appends each row's tokens with stop
+    /// checks, rolls back rejected lookahead, stores the drafts. Throws ContractError (nothing
+    /// changed) on a malformed message.
+    UpdateResult update(UpdateInput const& in);
+    /// @brief One sampled token per sampling request of the last schedule(), in batch order.
     UpdateResult update(ReqId const* reqIds, TokenId const* sampledTokenIds, size_t n);
     /// @brief Aborts a live request in any state; false if the id is not live.
     bool abort(ReqId id);
@@ -99,9 +144,11 @@ private:
     struct Row
     {
         Request* req;
-        SizeType32 numNew;
+        SizeType32 numNew; ///< tokens of the row, proposals included
         SizeType32 numComputedBefore;
+        SizeType32 numSpec{0}; ///< of which proposals (the last ones)
     };
+    class Phases;
     enum class Admit
     {
         kOK,
@@ -114,10 +161,14 @@ private:
     SizeType32 chunkFor(Request const& r, SizeType32 budget) const;
     void scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows);
     bool scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& rows);
+    SizeType32 scheduleLookahead(Request& r, SizeType32 budgetLeft);
+    void trimBlocks(Request& r, SizeType32 keep);
+    void validateUpdate(UpdateInput const& in);
     bool allocateOrPreempt(Request& r, SizeType32 numTokens);
     Admit tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     bool chunkAllowed(Request const& r) const;
     void validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const;
+    void validateFields(std::vector<TokenId> const& prompt, RequestParams const& params) const;
     void admitWaiting(SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     void priorityPreempt();
     bool isDeferredChild(Request const& r) const;
@@ -128,9 +179,12 @@ private:
     void finishRequest(Request& r, FinishReason reason, bool removeFromQueues);
     void dropRequest(ReqId id);
     FinishReason checkStop(Request const& r, TokenId token) const;
+    [[nodiscard]] bool chunkingOn() const noexcept;
     void buildOutput(SchedulerOutput& out, std::vector<Row> const& decodes, std::vector<Row> const& prefills);
 
     SchedulerConfig mConfig;
+    std::unique_ptr<SchedulingPolicy> mPolicy;
+    std::unique_ptr<RolePolicy> mRole;
     BlockManager mBlocks;
     mutable std::mutex mMutex;
     RequestPool mPool; ///< declared before every holder of its objects, so destroyed after them
@@ -153,6 +207,11 @@ private:
     std::int64_t mPrefixHits{0};
     std::int64_t mNumPreemptions{0};
     std::vector<BlockId> mScratchBlocks;
+    /// @brief Appends one sampling row's tokens, rolls back its rejected lookahead, stores its drafts;
+    /// returns the reason it finished (kNONE: still running).
+    __attribute__((always_inline)) inline FinishReason appendRow(
+        Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended);
+    std::vector<BlockId> mScratchFree;
     std::vector<Row> mDecodeRows;  ///< reused across steps (no per-step allocation)
     std::vector<Row> mPrefillRows;
     std::vector<Request*> mPrefillCandidates; ///< running non-decodes of this step, in key order
