@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ns = argparse.Namespace(num_requests=args.num_requests, output_len=args.output_len,
                                 batch1_tokens=args.batch1_tokens, bandwidth_gbs=args.bandwidth_gbs)
-        print(hf_bench.format_table(hf_bench._bench_hf(ns, path)))
+        hf_rows: list = []
+        hf_bench._bench_hf(ns, path, hf_rows)
+        print(hf_bench.format_table(hf_rows))
     print(f"platform: {platform.platform()}")
     return 0
 

@@ -16,6 +16,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--extra-bufts", action="store_true",
+                   help="keep llama.cpp's extra buffer types (AMX / repacked weights); off by default "
+                        "because its AMX matmul crashed on the benchmark VM (AMX flags present)")
     a = p.parse_args()
     t0 = time.perf_counter()
     try:
@@ -25,6 +28,17 @@ def main() -> int:
         return 0
     import numpy as np
 
+    if not a.extra_bufts:
+        default_params = llama_cpp.llama_model_default_params
+
+        def params():
+            mp = default_params()
+            if hasattr(mp, "use_extra_bufts"):
+                mp.use_extra_bufts = False
+            return mp
+
+        llama_cpp.llama_model_default_params = params
+        llama_cpp.llama.llama_cpp.llama_model_default_params = params
     llm = llama_cpp.Llama(model_path=a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=1024,
                           n_batch=512, verbose=False)
     eos = llm.token_eos()

@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from mindie_llm.bench.offline import run
 
-            run(args)
+            try:
+                run(args)
+            except KeyboardInterrupt:   # run() has printed what it measured
+                return 130
             return 0
     except ValueError as e:   # bad input or config: one line, no traceback
         print(f"mindie-llm: error: {e}", file=sys.stderr)

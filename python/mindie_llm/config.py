@@ -180,8 +180,23 @@ class ServerConfig:
     max_stop_string_length: int = 256
     drain_timeout_s: float = 30.0
     health_stall_timeout_s: float = 30.0  # /health fails if the engine loop made no progress this long
+    # Connections (HTTP): time to receive a request's headers (from connect or the previous
+    # response), idle keep-alive time, and the most open connections (more are refused with 503).
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 1024
+    # Logging: one access line per HTTP request; a periodic engine stats line (0 = off).
+    access_log: bool = True
+    stats_interval_s: float = 10.0
+    # Chat: message content is tokenized as text (control strings such as <|im_end|> cannot forge
+    # turns); true restores parsing special tokens inside content (trusted clients only).
+    chat_content_special_tokens: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("header_timeout_s", "keep_alive_timeout_s"):
+            _check(getattr(self, key) > 0, f"server.{key}", "must be > 0")
+        _check(self.max_connections >= 1, "server.max_connections", "must be >= 1")
+        _check(self.stats_interval_s >= 0, "server.stats_interval_s", "must be >= 0 (0 = off)")
         for key in ("http_port", "grpc_port"):
             v = getattr(self, key)
             _check(-1 <= v < 65536, f"server.{key}", "must be a TCP port, 0 (any free port) or -1 (off)")

@@ -13,11 +13,14 @@ torch, or any web framework.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +71,10 @@ class RequestRecord:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    inter_token_latencies: list[float] = field(default_factory=list)  # seconds, one per token after the first
+    engine_metrics: Any = None      # the last RequestOutput.metrics (queue / prefill / decode spans)
+    n: int = 1
+    max_tokens: int = 0
 
 
 @dataclass
@@ -79,6 +86,7 @@ class _Stream:
     num_samples: int
     finished: bool = False
     record: RequestRecord | None = None
+    last: Any = None          # the last RequestOutput delivered (to end it with "abort" on drain)
 
 
 @dataclass
@@ -134,6 +142,9 @@ class AsyncLLM:
         self._started = False
         self._listeners: list[Callable[[RequestRecord], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # CPU-heavy request preparation (tokenizing, chat templates) runs here, never on the event
+        # loop that HTTP, gRPC and the liveness probe share (the tokenizer releases the GIL).
+        self._cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mindie-tokenize")
         self._thread = threading.Thread(target=self._run, name="mindie-engine-loop", daemon=True)
         if start:
             self.start()
@@ -174,7 +185,9 @@ class AsyncLLM:
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
-        record = RequestRecord(request_id=request_id, outcome="error", arrival_time=time.monotonic())
+        record = RequestRecord(request_id=request_id, outcome="error", arrival_time=time.monotonic(),
+                               n=int(getattr(params, "n", 1) or 1), max_tokens=int(getattr(params, "max_tokens", 0) or 0))
+        last_token_at = 0.0
         if self._state.dead:
             self._notify(record, "error")
             raise EngineDeadError("the engine has stopped")
@@ -209,10 +222,17 @@ class AsyncLLM:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                if record.first_token_time is None and any(o.token_ids for o in item.outputs):
-                    record.first_token_time = time.monotonic()
+                now = time.monotonic()
+                generated = sum(len(o.token_ids) for o in item.outputs)
+                if record.first_token_time is None and generated:
+                    record.first_token_time = last_token_at = now
+                elif generated > record.num_generation_tokens:
+                    new = generated - record.num_generation_tokens
+                    record.inter_token_latencies.extend([(now - last_token_at) / new] * new)
+                    last_token_at = now
                 record.num_prompt_tokens = len(item.prompt_token_ids)
-                record.num_generation_tokens = sum(len(o.token_ids) for o in item.outputs)
+                record.num_generation_tokens = generated
+                record.engine_metrics = item.metrics
                 if item.finished:
                     finished = True
                     reasons = [o.finish_reason for o in item.outputs]
@@ -230,6 +250,33 @@ class AsyncLLM:
                 self._inbox.put(_Abort(request_id))
             self._streams.pop(request_id, None)
             self._notify(record, record.outcome)
+
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the request-preparation threads (tokenizing, chat templates)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cpu_pool, functools.partial(fn, *args, **kwargs))
+
+    def abort_all(self) -> int:
+        """Aborts every request in flight (drain timeout): the engine frees them, and each stream
+        ends with a final output whose unfinished samples have ``finish_reason`` "abort" (a request
+        that produced nothing yet fails with EngineDrainingError). Returns how many were aborted."""
+        n = 0
+        for rid, stream in list(self._streams.items()):
+            if stream.finished:
+                continue
+            n += 1
+            stream.finished = True
+            self._inbox.put(_Abort(rid))
+            last = stream.last
+            if last is not None:
+                outs = [o if o.finish_reason is not None else dataclasses.replace(o, finish_reason="abort")
+                        for o in last.outputs]
+                stream.queue.put_nowait(dataclasses.replace(last, outputs=outs, finished=True))
+            elif not stream.admitted.done():
+                stream.admitted.set_exception(EngineDrainingError("the server is shutting down"))
+            else:
+                stream.queue.put_nowait(EngineDrainingError("the server is shutting down"))
+        return n
 
     async def abort(self, request_id: str) -> None:
         """Aborts a request; a no-op if it is unknown or has finished."""
@@ -299,6 +346,7 @@ class AsyncLLM:
                 stream.admitted.set_exception(EngineDrainingError("the server is shutting down"))
             stream.queue.put_nowait(EngineDrainingError("the server is shutting down"))
         self._inbox.put(_Stop())
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         if self._started and self._thread.is_alive():
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
 
@@ -319,6 +367,7 @@ class AsyncLLM:
                 continue
             if out.finished:
                 stream.finished = True
+            stream.last = out
             stream.queue.put_nowait(out)
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -148,10 +148,15 @@ def gguf_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _gguf_embedding_forward(self: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    # [T] -> [T, H]: only the looked-up rows are dequantized
+def _gguf_embedding_forward(self: nn.Module, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    # [T] -> [T, H]: only the looked-up rows are dequantized (tensor-parallel size 1 only)
     out = ops.gguf_embedding(input_ids, self.gguf_packed, self.gguf_type, self.gguf_n, self.gguf_k)
     return out.reshape(*input_ids.shape, out.shape[-1]).to(self.gguf_dtype)
+
+
+def _tp_size(module: nn.Module) -> int:
+    size = getattr(module, "tp_size", None)
+    return size if size is not None else getattr(getattr(module, "parallel", None), "size", 1)
 
 
 def _shard_order(layer: nn.Module) -> list[Any]:
@@ -175,7 +180,7 @@ class GGUFBlocksScheme(QuantizationScheme):
     def prepare(self, model: nn.Module) -> None:
         targets = [m for m in model.modules()
                    if isinstance(m, (LinearBase, VocabEmbedding)) or (isinstance(m, LMHead) and not m.tied)]
-        if any(getattr(m, "tp_size", 1) > 1 for m in targets):
+        if any(_tp_size(m) > 1 for m in targets):
             if self.optional:
                 self.active = False
                 return

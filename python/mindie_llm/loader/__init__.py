@@ -261,10 +261,11 @@ def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any
     """Loads ``model_config`` (a ``config.ModelConfig``) onto ``device``.
 
     ``dtype`` overrides ``model_config.dtype`` when given. ``hf_config`` (dummy format only) gives
-    the architecture as a config.json-shaped dict. ``model_config.quantization``: "int8" applies
-    weight-only int8 to every linear layer after loading; "gguf" computes on a GGUF file's own
-    blocks (repacked at load, never expanded to float); "auto" is "gguf" for a GGUF file on the
-    CPU at tensor-parallel size 1 and "none" otherwise.
+    the architecture as a config.json-shaped dict. ``parallel`` (None = one rank) selects this
+    rank's shard. ``model_config.quantization``: "int8" applies weight-only int8 to every linear
+    layer after loading; "gguf" computes on a GGUF file's own blocks (repacked at load, never
+    expanded to float); "auto" is "gguf" for a GGUF file on the CPU at tensor-parallel size 1 and
+    "none" otherwise.
     """
     device = torch.device(device)
     parallel = parallel if parallel is not None else ParallelContext.single()

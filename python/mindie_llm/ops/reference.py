@@ -305,3 +305,13 @@ def paged_attention_quant(query: torch.Tensor, kv_cache: torch.Tensor, attn_meta
     """``paged_attention`` over a quantized cache: each request's context is dequantized, then attended."""
     assert kv_cache.dtype in KV_QUANT_DTYPES, kv_cache.dtype
     return paged_attention(query, kv_cache, attn_metadata, scale, sliding_window)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Structured output: ``logits`` [S, V] with every token whose bit is 0 set to -inf.
+    ``bitmask`` [S, W] int32, W = ceil(V/32): token t is allowed when bit t%32 of word t//32 is set
+    (the layout of llguidance and xgrammar). Out of place; the plain-torch oracle."""
+    S, V = logits.shape
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.to(torch.int32).unsqueeze(-1) >> bits) & 1).reshape(S, -1)[:, :V].bool()   # [S, V]
+    return logits.masked_fill(~allowed, float("-inf"))

@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "apply_penalties", "apply_temperature", "apply_min_p", "apply_top_k_top_p", "mix_seed",
-    "sample_seeded", "compute_logprobs", "gather_logprobs",
+    "sample_seeded", "compute_logprobs", "gather_logprobs", "apply_token_bitmask",
 ]
 
 _M64 = (1 << 64) - 1
@@ -108,3 +108,13 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: in
         top_lp = logprobs.new_empty((logprobs.shape[0], 0))
         top_ids = torch.empty((logprobs.shape[0], 0), dtype=torch.int64, device=logprobs.device)
     return top_ids, top_lp, tok_lp, rank
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` [S, V] with the tokens a packed int32 mask [S, ceil(V/32)] forbids set to -inf
+    (bit t%32 of word t//32 = token t allowed). Rows whose words are all -1 are unchanged."""
+    S, V = logits.shape
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.to(device=logits.device, dtype=torch.int32).unsqueeze(-1) >> bits) & 1)
+    allowed = allowed.reshape(S, -1)[:, :V].bool()                                       # [S, V]
+    return logits.masked_fill(~allowed, float("-inf"))
