@@ -30,9 +30,11 @@ import torch
 
 from mindie_llm.backends.npu import runtime
 from mindie_llm.backends.npu.attention import paged_attention
+from mindie_llm.backends.npu.quant_ops import w4a16_matmul, w8a8_matmul
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache", "write_kv_cache_310p",
-           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "op_table"]
+           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "op_table", "w8a8_matmul",
+           "w4a16_matmul"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -117,4 +119,4 @@ def op_table(is_310p: bool = False) -> SimpleNamespace:
     return SimpleNamespace(rms_norm=rms_norm, fused_add_rms_norm=fused_add_rms_norm,
                            rotary_embedding=rotary_embedding, write_kv_cache=write,
                            rotary_embedding_write_kv=_rotary_write(write), paged_attention=paged_attention,
-                           silu_and_mul=silu_and_mul)
+                           silu_and_mul=silu_and_mul, w8a8_matmul=w8a8_matmul, w4a16_matmul=w4a16_matmul)
