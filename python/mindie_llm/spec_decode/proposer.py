@@ -53,10 +53,12 @@ class Proposer(abc.ABC):
     def propose(self, reqs: Sequence[ProposalRequest]) -> list[np.ndarray]:
         """One int32 array of at most ``req.k`` proposed tokens per request (may be empty)."""
 
-    def observe_hidden(self, step: Any, hidden: torch.Tensor | None, accepted_rows: np.ndarray) -> None:
+    def observe_hidden(self, req_ids: np.ndarray, step: Any, hidden: torch.Tensor | None,
+                       valid: np.ndarray) -> None:
         """The target's hidden states of this step ([T, H] in token order, or None when the step
-        ran from a captured graph) and, per scheduled row, how many of its leading token rows
-        hold real (verified) tokens. ``step`` is the FlatBatch the runner built."""
+        ran from a captured graph) and, per scheduled row (``req_ids`` [B]), how many of its
+        leading token rows hold real (verified) tokens ``valid`` [B]. ``step`` is the runner's
+        FlatBatch (positions, query_start_loc)."""
 
     def drop(self, req_ids: Sequence[int]) -> None:
         """Forgets finished, aborted requests."""

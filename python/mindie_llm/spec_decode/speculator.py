@@ -53,7 +53,8 @@ class Speculator:
             step = getattr(runner, "last_step", None)
             valid = np.asarray(out.num_scheduled_tokens, np.int64) - nspec          # [B] real tokens ...
             valid[smask] += accepted                                               # ... plus accepted ones
-            self.proposer.observe_hidden(step[0] if step else None, step[1] if step else None, valid)
+            fb, hidden = step if step is not None else (None, None)
+            self.proposer.observe_hidden(np.asarray(out.req_ids), fb, hidden, valid)
         reqs, rows = [], []
         for i, rid in enumerate(res.req_ids.tolist()):
             st = runner.batch.requests.get(rid)
