@@ -3,7 +3,9 @@
 against, and the fallback when a device registers nothing faster.
 
 Written to be obviously correct, not fast: loops over requests, explicit gathers, float32 math.
-Sampling reference ops live in ``ops/sampling.py``. Must not import anything of the package but
+Sampling reference ops live in ``ops/sampling.py``; ``rejection_sample`` here is the one-token-
+at-a-time loop its vectorized form is checked against (it borrows the seed mixing of
+``ops.sampling``, imported lazily). Must not import anything of the package but
 (lazily, for typing) ``layers.attention.AttentionMetadata``.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from mindie_llm.ops.attention_metadata import AttentionMetadata
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
-           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul"]
+           "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "rejection_sample"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -139,3 +141,35 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x[T, 2I] = cat(gate, up) -> silu(gate) * up, [T, I]."""
     d = x.shape[-1] // 2
     return (torch.nn.functional.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
+
+
+def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
+                     seeds: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop form of ``ops.sampling.rejection_sample`` (same arguments, same draws, same result):
+    per row, per proposal: accept if u < p(x)/q(x), else draw from norm(max(0, p - q)) and stop;
+    after k accepts draw the bonus token from p."""
+    from mindie_llm.ops.sampling import ACCEPT_STREAM, mix_seed
+
+    S, k1, V = target_probs.shape
+    out = torch.full((S, k1), -1, dtype=torch.int64)
+    num = torch.zeros(S, dtype=torch.int64)
+    for i in range(S):
+        n = 0
+        last_dist = target_probs[i, k1 - 1].float()
+        for j in range(k1 - 1):
+            x = int(draft_tokens[i, j])
+            p, q = target_probs[i, j].float(), draft_probs[i, j].float()
+            g = torch.Generator(device=target_probs.device).manual_seed(mix_seed(seeds[i] ^ ACCEPT_STREAM, positions[i] + j))
+            u = float(torch.rand((), generator=g, device=target_probs.device))
+            if u * float(q[x]) < float(p[x]):
+                out[i, j] = x
+                n += 1
+                continue
+            resid = (p - q).clamp_min(0)
+            last_dist = resid if float(resid.sum()) > 0 else p
+            break
+        g = torch.Generator(device=target_probs.device).manual_seed(mix_seed(seeds[i], positions[i] + n))
+        e = torch.empty_like(last_dist).exponential_(generator=g)
+        out[i, n] = int((last_dist / e).argmax())
+        num[i] = n + 1
+    return out, num
