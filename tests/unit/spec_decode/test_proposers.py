@@ -92,3 +92,28 @@ def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:
         EngineConfig.from_dict({"speculative": data})
     assert e.value.key == key
+
+
+def test_metrics_export_acceptance():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import generate_latest
+
+    from mindie_llm.outputs import EngineStats
+    from mindie_llm.server.metrics import ServerMetrics
+
+    class _Fake:
+        model_name = "m"
+
+        def get_stats(self):
+            return EngineStats(spec_num_drafts=10, spec_num_draft_tokens=40, spec_num_accepted_tokens=30)
+
+        def is_live(self):
+            return True
+
+        def add_listener(self, fn):
+            pass
+
+    text = generate_latest(ServerMetrics(_Fake()).registry).decode()
+    assert 'mindie_spec_decode_acceptance_rate{model_name="m"} 0.75' in text
+    assert 'mindie_spec_decode_mean_accepted_length{model_name="m"} 4.0' in text
+    assert 'mindie_spec_decode_draft_tokens_total{model_name="m"} 40.0' in text
