@@ -9,7 +9,8 @@ snippets. The target runs over it once (teacher forcing) to give its final hidde
 next-token distributions; the head learns f'[t+1] from (embed(x[t+1]), f[t]) with EAGLE's loss:
 smooth-L1 to f[t+1] plus 0.1 x cross-entropy of the LM head's logits against the target's
 distribution (on a sample of positions, the LM head being the expensive part). The decoder layer
-starts from a copy of the target's last layer, fc from "keep the feature".
+starts from a copy of the target's last layer with its output projections zeroed (an identity
+residual), fc from "keep the feature", so training starts from f'[t+1] = f[t].
 
     python scripts/train_eagle.py --out /tmp/eagle-smollm2 --minutes 3
     then: LLM(speculative_config={"method": "eagle", "draft_model": "/tmp/eagle-smollm2"})
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0, help="training time budget (feature pass excluded)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--num-seqs", type=int, default=48)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=48, help="max_tokens of the acceptance run (0: skip)")
     args = ap.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
     seqs = torch.tensor(ids[:n * args.seq_len], dtype=torch.int64).reshape(n, args.seq_len)
     t0 = time.time()
     feats = torch.cat([target_features(target, seqs[i:i + 8]) for i in range(0, n, 8)])   # [n, N, H]
-    print(f"features: {n} sequences x {args.seq_len} tokens of torch docstrings in {time.time() - t0:.0f}s")
+    print(f"features: {n} sequences x {args.seq_len} tokens of torch docstrings in {time.time() - t0:.0f}s", flush=True)
 
     head = EagleHead(target.arch)
     last = target.model.layers[-1]
@@ -96,6 +97,8 @@ def main() -> None:
         head.self_attn.load_state_dict(last.self_attn.state_dict())
         head.mlp.load_state_dict(last.mlp.state_dict())
         head.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+        head.self_attn.o_proj.weight.zero_()
+        head.mlp.down_proj.weight.zero_()
         H = target.arch.hidden_size
         head.fc.weight.zero_()
         head.fc.weight[:, H:].copy_(torch.eye(H))
@@ -105,6 +108,7 @@ def main() -> None:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     emb_w, head_w = target.model.embed_tokens.weight.detach(), target.lm_head.weight.detach()
+    scale = float(feats.std())                                         # feature loss in units of f's spread
     budget, step, t0 = args.minutes * 60, 0, time.time()
     order = np.random.default_rng(0).permutation(n)
     while time.time() - t0 < budget:
@@ -112,8 +116,8 @@ def main() -> None:
         x, f = seqs[i], feats[i]                                       # [N], [N, H]
         inp_f = f[:-1] + (torch.rand_like(f[:-1]) - 0.5) * 0.2         # EAGLE's feature noise
         pred = head.forward_dense(F.embedding(x[1:], emb_w), inp_f)    # [N-1, H] ~ f[1:]
-        loss_f = F.smooth_l1_loss(pred, f[1:])
-        sel = torch.randint(0, pred.shape[0], (24,))
+        loss_f = F.smooth_l1_loss(pred / scale, f[1:] / scale)
+        sel = torch.randint(0, pred.shape[0], (16,))
         with torch.no_grad():
             p_t = torch.softmax(F.linear(f[1:][sel], head_w), -1)
         loss_p = -(p_t * torch.log_softmax(F.linear(pred[sel], head_w), -1)).sum(-1).mean()
@@ -122,11 +126,11 @@ def main() -> None:
         loss.backward()
         opt.step()
         step += 1
-        if step % 25 == 0:
+        if step % 10 == 0:
             with torch.no_grad():
                 top1 = (F.linear(pred[sel], head_w).argmax(-1) == p_t.argmax(-1)).float().mean()
             print(f"step {step:4d}  {time.time() - t0:5.0f}s  loss {loss.item():.4f}  "
-                  f"(feature {loss_f.item():.4f}, token {loss_p.item():.3f})  top-1 vs target {top1:.2f}")
+                  f"(feature {loss_f.item():.4f}, token {loss_p.item():.3f})  top-1 vs target {top1:.2f}", flush=True)
     head.train(False)
     for p in params:
         p.requires_grad_(False)
