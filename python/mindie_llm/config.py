@@ -219,8 +219,10 @@ class SpeculativeConfig:
     auto_off_min_acceptance: float = 0.2   # 0 = never switch off
     auto_off_window: int = 16
     auto_off_cooldown_steps: int = 32
+    disable_by_batch_size: int = 8     # no proposals in a step with more sampling rows (0 = never)
 
     def __post_init__(self) -> None:
+        _check(self.disable_by_batch_size >= 0, "speculative.disable_by_batch_size", "must be >= 0")
         _check(self.method in ("none", "ngram", "draft", "eagle"), "speculative.method",
                f"must be one of none, ngram, draft, eagle; got {self.method!r}")
         _check(1 <= self.num_speculative_tokens <= 16, "speculative.num_speculative_tokens", "must be in [1, 16]")

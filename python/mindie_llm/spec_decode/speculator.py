@@ -28,8 +28,9 @@ TARGET_LAYERS_PREFIX = "target-layers:"     # draft_model "target-layers:N": the
 
 class Speculator:
     def __init__(self, proposer: Proposer, num_speculative_tokens: int, max_model_len: int,
-                 tracker: AcceptanceTracker | None = None) -> None:
+                 tracker: AcceptanceTracker | None = None, disable_by_batch_size: int = 0) -> None:
         self.proposer = proposer
+        self.disable_by_batch_size = disable_by_batch_size
         self.k = num_speculative_tokens
         self.max_model_len = max_model_len
         self.tracker = tracker or AcceptanceTracker(0.0)
@@ -56,7 +57,8 @@ class Speculator:
             fb, hidden = step if step is not None else (None, None)
             self.proposer.observe_hidden(np.asarray(out.req_ids), fb, hidden, valid)
         reqs, rows = [], []
-        for i, rid in enumerate(res.req_ids.tolist()):
+        crowded = 0 < self.disable_by_batch_size < res.num_rows   # a big batch is compute-bound: no gain
+        for i, rid in enumerate([] if crowded else res.req_ids.tolist()):
             st = runner.batch.requests.get(rid)
             if st is None or not self.tracker.enabled(rid):
                 continue
@@ -144,4 +146,4 @@ def make_speculator(config: Any, *, target_model: Any, device: Any, block_size: 
     else:  # config validation makes this unreachable
         raise ValueError(f"speculative.method: unknown {sc.method!r}")
     tracker = AcceptanceTracker(sc.auto_off_min_acceptance, sc.auto_off_window, sc.auto_off_cooldown_steps)
-    return Speculator(proposer, sc.num_speculative_tokens, max_model_len, tracker)
+    return Speculator(proposer, sc.num_speculative_tokens, max_model_len, tracker, sc.disable_by_batch_size)

@@ -74,9 +74,11 @@ def _run(llm, prompts, sps):
 
 
 def _specs(eagle):
-    return {"ngram": dict(method="ngram", num_speculative_tokens=3, ngram_max=3, auto_off_min_acceptance=0),
-            "draft": dict(method="draft", draft_model="target-layers:1", num_speculative_tokens=3),
-            "eagle": dict(method="eagle", draft_model=eagle, num_speculative_tokens=2)}
+    return {"ngram": dict(method="ngram", num_speculative_tokens=3, ngram_max=3, auto_off_min_acceptance=0,
+                          disable_by_batch_size=0),
+            "draft": dict(method="draft", draft_model="target-layers:1", num_speculative_tokens=3,
+                          disable_by_batch_size=0),
+            "eagle": dict(method="eagle", draft_model=eagle, num_speculative_tokens=2, disable_by_batch_size=0)}
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft", "eagle"])
@@ -153,6 +155,13 @@ def test_abort_with_lookahead_slots_frees_every_block(weights):
     assert not eng.has_unfinished_requests()
     spec = eng.executor.driver.speculator
     assert not spec.proposer.cache.blocks               # the draft's own KV blocks are back too
+
+
+def test_no_proposals_in_a_crowded_step(weights):
+    prompts, sps = _prompts(6), _params(6, max_tokens=8)
+    llm = _llm(weights, dict(method="ngram", num_speculative_tokens=3, disable_by_batch_size=2))
+    assert _run(llm, prompts, sps) == _run(_llm(weights), prompts, sps)
+    assert llm.engine.get_stats().spec_num_draft_tokens == 0          # 6 rows sample in each step
 
 
 def test_speculation_switches_itself_off_when_acceptance_is_low(weights):
