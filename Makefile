@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-cpp test-py install install-test clean bench
+.PHONY: serve test test-cpp test-py install install-test clean bench cpp-test-deps
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,24 @@ serve: $(VENV)/.installed build-ext
 
 test: test-cpp test-py
 
-test-cpp:
+# What the C++ tests need from the system: CMake, a C++ compiler and GoogleTest. When one is missing
+# it is installed from Debian's packages (as root, with apt-get); otherwise one line says what to
+# install. CPP_DEPS_INSTALL=no never installs (only checks).
+GTEST_HEADER ?= $(firstword $(wildcard /usr/include/gtest/gtest.h /usr/local/include/gtest/gtest.h))
+CPP_DEPS_INSTALL ?= auto
+cpp-test-deps:
+	@if [ -z "$(GTEST_HEADER)" ] || ! command -v cmake >/dev/null 2>&1 || ! command -v c++ >/dev/null 2>&1; then \
+	  if [ "$(CPP_DEPS_INSTALL)" != no ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: installing libgtest-dev cmake g++ (Debian packages) for the C++ tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev cmake g++ >/dev/null || exit 1; \
+	  else \
+	    echo "make test-cpp: GoogleTest, CMake or a C++ compiler is missing; install them (Debian: sudo apt-get install libgtest-dev cmake g++) and run make test again" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+test-cpp: cpp-test-deps
 	cmake -S . -B build/cpp -DMINDIE_BUILD_EXTENSION=OFF -DMINDIE_BUILD_TESTS=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build build/cpp -j $(JOBS)
 	cd build/cpp && ctest --output-on-failure

@@ -6,6 +6,7 @@
     mindie-llm bench [--num-requests 16 --output-len 128]  # offline benchmark vs transformers
     mindie-llm bench serve ...                             # online benchmark (bench.serve_client)
     mindie-llm serve --config configs/default.yaml         # HTTP + gRPC (server.launcher)
+    mindie-llm router --config configs/pd-cpu.yaml         # the PD router in front of PD instances
 
 Every subcommand takes ``--config FILE`` and ``--set section.key=value`` (repeatable). Heavy
 imports (torch, the model) happen inside the subcommands so ``--help`` is instant.
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(b)
     sub.add_parser("serve", help="serve HTTP (OpenAI) and gRPC (see --help of the server)", add_help=False)
+    sub.add_parser("router", help="the PD router (serve with disaggregation.role=router)", add_help=False)
     return p
 
 
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         return _delegate("mindie_llm.server.launcher", argv[1:])
+    if argv[:1] == ["router"]:    # the PD router: serve with disaggregation.role=router
+        return _delegate("mindie_llm.server.launcher", [*argv[1:], "--set", "disaggregation.role=router"])
     if argv[:2] == ["bench", "serve"]:
         return _delegate("mindie_llm.bench.serve_client", argv[2:])
     args = build_parser().parse_args(argv)
@@ -148,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from mindie_llm.bench.offline import run
 
-            run(args)
+            try:
+                run(args)
+            except KeyboardInterrupt:   # run() has printed what it measured
+                return 130
             return 0
     except ValueError as e:   # bad input or config: one line, no traceback
         print(f"mindie-llm: error: {e}", file=sys.stderr)

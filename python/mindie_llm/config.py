@@ -127,9 +127,17 @@ class ParallelConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    timeout_s: float = 60.0            # every collective (and a worker's wait for the next step)
+    join_timeout_s: float = 120.0      # start-up: every rank must join the rendezvous within this
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
+        _check(self.tensor_parallel_size % self.nnodes == 0, "parallel.nnodes",
+               f"tensor_parallel_size={self.tensor_parallel_size} ranks must split evenly over {self.nnodes} nodes")
+        _check(not self.micro_batch_overlap or self.tensor_parallel_size > 1, "parallel.micro_batch_overlap",
+               "needs tensor_parallel_size > 1 (with one rank there is no communication to overlap)")
+        _check(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+        _check(self.join_timeout_s > 0, "parallel.join_timeout_s", "must be > 0")
         _check(self.nnodes >= 1, "parallel.nnodes", "must be >= 1")
         _check(0 <= self.node_rank < self.nnodes, "parallel.node_rank", "must be in [0, nnodes)")
         _check(0 < self.master_port < 65536, "parallel.master_port", "must be a TCP port")
@@ -169,8 +177,23 @@ class ServerConfig:
     max_stop_string_length: int = 256
     drain_timeout_s: float = 30.0
     health_stall_timeout_s: float = 30.0  # /health fails if the engine loop made no progress this long
+    # Connections (HTTP): time to receive a request's headers (from connect or the previous
+    # response), idle keep-alive time, and the most open connections (more are refused with 503).
+    header_timeout_s: float = 10.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 1024
+    # Logging: one access line per HTTP request; a periodic engine stats line (0 = off).
+    access_log: bool = True
+    stats_interval_s: float = 10.0
+    # Chat: message content is tokenized as text (control strings such as <|im_end|> cannot forge
+    # turns); true restores parsing special tokens inside content (trusted clients only).
+    chat_content_special_tokens: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("header_timeout_s", "keep_alive_timeout_s"):
+            _check(getattr(self, key) > 0, f"server.{key}", "must be > 0")
+        _check(self.max_connections >= 1, "server.max_connections", "must be >= 1")
+        _check(self.stats_interval_s >= 0, "server.stats_interval_s", "must be >= 0 (0 = off)")
         for key in ("http_port", "grpc_port"):
             v = getattr(self, key)
             _check(-1 <= v < 65536, f"server.{key}", "must be a TCP port, 0 (any free port) or -1 (off)")
@@ -190,18 +213,66 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class DisaggregationConfig:
-    """Prefill/decode disaggregation: this instance's role and its KV transfer plane."""
+    """Prefill/decode disaggregation: this instance's role, its KV transfer plane and, for the
+    router, the instances it sends requests to (comma-separated ``host:port`` gRPC addresses)."""
 
-    role: str = "colocated"            # colocated | prefill | decode
+    role: str = "colocated"            # colocated | prefill | decode | router
+    kv_connector: str = "tcp"          # tcp (byte stream, authenticated) | p2p (torch.distributed group)
     kv_transfer_host: str = "127.0.0.1"
     kv_transfer_port: int = 0
-    peer_address: str | None = None    # host:port of the other role's transfer plane
+    peer_address: str | None = None    # not used: the router tells each decode instance its peer
     auth_key_env: str = "MINDIE_KV_TRANSFER_KEY"
+    kv_tls_cert_file: str | None = None  # TLS on the transfer plane (both or neither)
+    kv_tls_key_file: str | None = None
+    kv_tls_ca_file: str | None = None    # the CA senders trust (default: the instance's own cert)
+    transfer_timeout_s: float = 10.0   # a transfer not done by then fails on both sides
+    kv_pin_timeout_s: float = 30.0     # prefill: pinned blocks nobody pulled are released after this
+    prefill_instances: str = ""        # router: gRPC addresses of the prefill instances
+    decode_instances: str = ""         # router: gRPC addresses of the decode instances
+    max_retries: int = 2               # router: re-runs of a request whose instance failed before its
+                                       # decode tokens streamed
+    health_interval_s: float = 0.5     # router: how often each instance is asked for its stats
+    startup_timeout_s: float = 120.0   # router: how long to wait for the instances at start-up
+    test_stall_transfer_s: float = 0.0  # test hook: delay each sent layer (fault tests only)
+    transfer_group_address: str = ""   # p2p: host:port of the transfer group's store (rank 0 hosts it)
+    transfer_group_rank: int = -1      # p2p: this instance's rank in the transfer group
+    transfer_group_size: int = 0       # p2p: members (every prefill and decode instance)
 
     def __post_init__(self) -> None:
-        _check(self.role in ("colocated", "prefill", "decode"), "disaggregation.role",
-               f"must be colocated, prefill or decode; got {self.role!r}")
+        _check(self.role in ("colocated", "prefill", "decode", "router"), "disaggregation.role",
+               f"must be colocated, prefill, decode or router; got {self.role!r}")
+        _check(self.kv_connector in ("tcp", "p2p"), "disaggregation.kv_connector",
+               f"must be tcp or p2p; got {self.kv_connector!r}")
+        if self.kv_connector == "p2p" and self.role in ("prefill", "decode"):
+            host, _, port = self.transfer_group_address.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "disaggregation.transfer_group_address",
+                   f"p2p needs the transfer group's host:port; got {self.transfer_group_address!r}")
+            _check(self.transfer_group_size >= 2, "disaggregation.transfer_group_size",
+                   "p2p needs the number of prefill + decode instances (>= 2)")
+            _check(0 <= self.transfer_group_rank < self.transfer_group_size, "disaggregation.transfer_group_rank",
+                   f"must be in [0, transfer_group_size); got {self.transfer_group_rank}")
         _check(0 <= self.kv_transfer_port < 65536, "disaggregation.kv_transfer_port", "must be a TCP port or 0")
+        _check(self.peer_address is None, "disaggregation.peer_address",
+               "is not supported: the router tells each decode instance where the KV is")
+        _check((self.kv_tls_cert_file is None) == (self.kv_tls_key_file is None), "disaggregation.kv_tls_cert_file",
+               "kv_tls_cert_file and kv_tls_key_file must be given together")
+        for key in ("transfer_timeout_s", "kv_pin_timeout_s", "health_interval_s", "startup_timeout_s"):
+            _check(getattr(self, key) > 0, f"disaggregation.{key}", "must be > 0")
+        _check(self.max_retries >= 0, "disaggregation.max_retries", "must be >= 0")
+        _check(self.test_stall_transfer_s >= 0, "disaggregation.test_stall_transfer_s", "must be >= 0")
+        if self.role == "router":
+            for key in ("prefill_instances", "decode_instances"):
+                _check(bool(self.instance_list(key)), f"disaggregation.{key}",
+                       "the router needs at least one address (host:port, comma-separated)")
+
+    def instance_list(self, key: str) -> list[str]:
+        """The ``host:port`` addresses of ``prefill_instances`` or ``decode_instances``."""
+        out = [a.strip() for a in getattr(self, key).split(",") if a.strip()]
+        for a in out:
+            host, _, port = a.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, f"disaggregation.{key}",
+                   f"{a!r} is not host:port")
+        return out
 
 
 @dataclass(frozen=True)
@@ -339,18 +410,6 @@ def _build_section(cls: type, values: Mapping[str, Any], section: str) -> Any:
 # Keys whose code does not exist yet: any value but the default is refused at start-up with one
 # line, until the work that honours the key lands (then its row goes). (section, key, reason)
 NOT_YET_SUPPORTED: tuple[tuple[str, str, str], ...] = (
-    ("parallel", "tensor_parallel_size", "tensor parallelism across processes is not built yet"),
-    ("parallel", "nnodes", "multi-node deployments are not built yet"),
-    ("parallel", "node_rank", "multi-node deployments are not built yet"),
-    ("parallel", "master_addr", "multi-node deployments are not built yet"),
-    ("parallel", "master_port", "multi-node deployments are not built yet"),
-    ("parallel", "micro_batch_overlap", "micro-batch overlap needs tensor parallelism, which is not built yet"),
-    ("scheduler", "role", "prefill/decode disaggregation is not built yet (nothing would release the pinned KV)"),
-    ("disaggregation", "role", "prefill/decode disaggregation is not built yet (nothing would release the pinned KV)"),
-    ("disaggregation", "kv_transfer_host", "the KV transfer plane is not built yet"),
-    ("disaggregation", "kv_transfer_port", "the KV transfer plane is not built yet"),
-    ("disaggregation", "peer_address", "the KV transfer plane is not built yet"),
-    ("disaggregation", "auth_key_env", "the KV transfer plane is not built yet"),
 )
 
 
@@ -380,9 +439,13 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _refuse_unbuilt(self)
-        if self.scheduler.role != self.disaggregation.role:
-            # disaggregation.role is the user-facing key; the scheduler copy follows it.
-            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, role=self.disaggregation.role))
+        role = self.disaggregation.role if self.disaggregation.role != "router" else "colocated"
+        _check(self.scheduler.role in ("colocated", role), "scheduler.role",
+               f"set disaggregation.role instead (it is {self.disaggregation.role!r}; the scheduler copy follows it)")
+        if self.scheduler.role != role:
+            # disaggregation.role is the user-facing key; the scheduler copy follows it (a router
+            # schedules nothing itself).
+            object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, role=role))
         if not self.scheduler.enable_chunked_prefill and self.model.max_seq_len is not None:
             _check(self.scheduler.max_prefill_tokens >= self.model.max_seq_len, "scheduler.max_prefill_tokens",
                    "must be >= model.max_seq_len when enable_chunked_prefill is false "

@@ -114,14 +114,15 @@ _INT_SCHEMA = (
     ("new.top_k", np.int32, "N"), ("new.min_tokens", np.int32, "N"), ("new.logprobs", np.int32, "N"),
     ("new.prompt_logprobs", np.int32, "N"), ("new.ban_offsets", np.int32, "N+1"),
     ("new.ban_token_ids", np.int32, "*new.ban_offsets"),
+    ("grammar_req_ids", np.int64, "G"), ("grammar_bitmask", np.int32, "GW"),
 )
 _FLOAT_SCHEMA = (
     ("new.temperature", np.float32, "N"), ("new.top_p", np.float32, "N"), ("new.min_p", np.float32, "N"),
     ("new.presence_penalty", np.float32, "N"), ("new.frequency_penalty", np.float32, "N"),
     ("new.repetition_penalty", np.float32, "N"),
 )
-_MAGIC, _VERSION = 0x4D494E4449455354, 2      # "MINDIEST", contract v2
-_COUNTS = ("B", "T", "P", "F", "N")
+_MAGIC, _VERSION = 0x4D494E4449455354, 3      # "MINDIEST", contract v2 (+ grammar bitmask)
+_COUNTS = ("B", "T", "P", "F", "N", "G", "GW")
 _HEADER = 2 + len(_COUNTS)
 _MAX_ELEMS = 1 << 40                          # no field of a real step is ever this long
 
@@ -147,6 +148,10 @@ class SchedulerOutput:
     spec_token_ids: np.ndarray = field(default_factory=lambda: _empty(np.int32))  # int32[*] proposed tokens:
     #                                          the last spec_len(i) tokens of row i inside input_token_ids
     new_requests: NewRequests = field(default_factory=NewRequests)
+    # Structured output: the rows of these requests sample under a token mask, packed 32 tokens per
+    # int32 (bit t%32 of word t//32 set = token t allowed), W = ceil(V/32) words per request.
+    grammar_req_ids: np.ndarray = field(default_factory=lambda: _empty(np.int64))   # int64[G]
+    grammar_bitmask: np.ndarray = field(default_factory=lambda: _empty(np.int32))   # int32[G*W] (flat)
 
     def __post_init__(self) -> None:
         if len(self.spec_offsets) != len(self.req_ids) + 1:   # a plan without speculation
@@ -172,7 +177,8 @@ class SchedulerOutput:
         """(int64[*], float32[*]): a header (magic, version, counts) and every array in a fixed
         order. No pickle, no Python objects."""
         counts = {"B": self.num_reqs, "T": int(len(self.input_token_ids)), "P": int(len(self.preempted_ids)),
-                  "F": int(len(self.finished_ids)), "N": self.new_requests.num_reqs}
+                  "F": int(len(self.finished_ids)), "N": self.new_requests.num_reqs,
+                  "G": int(len(self.grammar_req_ids)), "GW": int(np.asarray(self.grammar_bitmask).size)}
         head = np.array([_MAGIC, _VERSION] + [counts[c] for c in _COUNTS], np.int64)
         ints = np.concatenate([head] + [np.asarray(self._get(n)).astype(np.int64).ravel()
                                         for n, _, _ in _INT_SCHEMA])
@@ -208,6 +214,8 @@ class SchedulerOutput:
             raise ContractError("step message: num_scheduled_tokens do not add up to T")
         if (np.diff(values["spec_offsets"].astype(np.int64)) > nsched).any():
             raise ContractError("step message: a row has more proposed tokens than scheduled tokens")
+        if counts["G"] and counts["GW"] % counts["G"]:
+            raise ContractError("step message: grammar_bitmask is not G rows of equal width")
         new = NewRequests(**{f.name: values["new." + f.name] for f in fields(NewRequests)})
         top = {n: values[n] for n, _, _ in _INT_SCHEMA if not n.startswith("new.")}
         return cls(num_batched_tokens=counts["T"], new_requests=new, **top)

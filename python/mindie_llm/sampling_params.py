@@ -12,10 +12,50 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["SamplingParams", "SamplingParamsError"]
+__all__ = ["SAMPLING_BOUNDS", "Bound", "SamplingParams", "SamplingParamsError"]
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
+_INT32_MAX = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The accepted range of one numeric sampling field: ``lo <= v <= hi`` (strict where open)."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else str(x)
+
+        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+# The one table of sampling ranges: SamplingParams enforces it, so the HTTP, native gRPC and KServe
+# front ends (which all build SamplingParams) accept and refuse the same values. Deployment caps
+# (n, max_tokens, logprobs, stop strings) are RequestLimits' (server/protocol_limits.py).
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "temperature": Bound(0.0, 100.0),
+    "top_p": Bound(0.0, 1.0, lo_open=True),
+    "min_p": Bound(0.0, 1.0),
+    "presence_penalty": Bound(-2.0, 2.0),
+    "frequency_penalty": Bound(-2.0, 2.0),
+    "repetition_penalty": Bound(0.0, 10.0, lo_open=True),
+    "top_k": Bound(-1, _INT32_MAX),
+    "min_tokens": Bound(0, _INT32_MAX),
+    "stop_token_ids": Bound(0, _INT32_MAX),      # each id (int32 on the step message)
+}
 
 
 class SamplingParamsError(ValueError):
@@ -65,12 +105,17 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured output: exactly one of {"json": schema, "json_object": True, "regex": str,
+    # "choice": [str, ...], "grammar": lark_or_gbnf} (engine/structured_output.py compiles it).
+    guided_decoding: dict | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_ints()
         self._check_floats()
         self._check_stops()
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, dict):
+            raise SamplingParamsError("guided_decoding", "must be a dict such as {'json': schema} or None")
 
     # ------------------------------------------------------------------------------------
     def _check_ints(self) -> None:
@@ -78,13 +123,16 @@ class SamplingParams:
             raise SamplingParamsError("n", f"must be an integer >= 1; got {self.n!r}")
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise SamplingParamsError("max_tokens", f"must be an integer >= 1; got {self.max_tokens!r}")
-        if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise SamplingParamsError("min_tokens", f"must be an integer >= 0; got {self.min_tokens!r}")
+        b = SAMPLING_BOUNDS["min_tokens"]
+        if not _is_int(self.min_tokens) or not b.contains(self.min_tokens):
+            raise SamplingParamsError("min_tokens", f"must be an integer in {b.describe()}; got {self.min_tokens!r}")
         if self.min_tokens > self.max_tokens:
             raise SamplingParamsError("min_tokens", f"must be <= max_tokens ({self.max_tokens}); "
                                       f"got {self.min_tokens}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise SamplingParamsError("top_k", f"must be an integer >= -1 (0 or -1 = off); got {self.top_k!r}")
+        b = SAMPLING_BOUNDS["top_k"]
+        if not _is_int(self.top_k) or not b.contains(self.top_k):
+            raise SamplingParamsError("top_k", f"must be an integer in {b.describe()} (0 or -1 = off); "
+                                      f"got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not _INT64_MIN <= self.seed <= _INT64_MAX):
             raise SamplingParamsError("seed", f"must be an integer in int64 range or None; got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -96,22 +144,13 @@ class SamplingParams:
                 raise SamplingParamsError(name, f"must be true or false; got {getattr(self, name)!r}")
 
     def _check_floats(self) -> None:
-        t = self.temperature
-        if not _is_num(t) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise SamplingParamsError("temperature", f"must be a finite number >= 0; got {t!r}")
-        p = self.top_p
-        if not _is_num(p) or math.isnan(p) or not 0 < p <= 1:
-            raise SamplingParamsError("top_p", f"must be in (0, 1]; got {p!r}")
-        m = self.min_p
-        if not _is_num(m) or math.isnan(m) or not 0 <= m <= 1:
-            raise SamplingParamsError("min_p", f"must be in [0, 1]; got {m!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
             v = getattr(self, name)
-            if not _is_num(v) or math.isnan(v) or not -2.0 <= v <= 2.0:
-                raise SamplingParamsError(name, f"must be in [-2, 2]; got {v!r}")
-        r = self.repetition_penalty
-        if not _is_num(r) or math.isnan(r) or math.isinf(r) or r <= 0:
-            raise SamplingParamsError("repetition_penalty", f"must be a finite number > 0; got {r!r}")
+            b = SAMPLING_BOUNDS[name]
+            if not _is_num(v) or not b.contains(v):
+                raise SamplingParamsError(name, f"must be a number in {b.describe()}; got {str(v)[:32]}")
+            setattr(self, name, float(v))
 
     def _check_stops(self) -> None:
         stop = self.stop
@@ -128,8 +167,10 @@ class SamplingParams:
         self._stop_list = stops
         ids = self.stop_token_ids
         if ids is not None:
-            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
-                raise SamplingParamsError("stop_token_ids", f"must be a list of integers >= 0; got {ids!r}")
+            b = SAMPLING_BOUNDS["stop_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and b.contains(i) for i in ids):
+                raise SamplingParamsError("stop_token_ids", f"must be a list of integers in {b.describe()}; "
+                                          f"got {str(ids)[:128]}")
             self.stop_token_ids = list(ids)
 
     # ------------------------------------------------------------------------------------

@@ -38,6 +38,34 @@ PyObject* newException(py::module_& m, char const* name, py::tuple const& bases)
     return cls;
 }
 
+/// Raises `type(msg)` with the attribute `field` (the request field at fault, or None).
+void setRejected(PyObject* type, ms::RequestRejectedError const& e)
+{
+    PyObject* exc = PyObject_CallFunction(type, "s", e.what());
+    if (exc == nullptr)
+    {
+        return; // the call's own error stays set
+    }
+    PyObject* field = Py_None;
+    if (e.field().empty())
+    {
+        Py_INCREF(field);
+    }
+    else
+    {
+        field = PyUnicode_FromString(e.field().c_str());
+    }
+    if (field == nullptr || PyObject_SetAttrString(exc, "field", field) != 0)
+    {
+        Py_XDECREF(field);
+        Py_DECREF(exc);
+        return;
+    }
+    Py_DECREF(field);
+    PyErr_SetObject(type, exc);
+    Py_DECREF(exc);
+}
+
 std::vector<std::int32_t> toVector(Int32Array const& a)
 {
     return std::vector<std::int32_t>(a.data(), a.data() + a.size());
@@ -78,11 +106,13 @@ py::tuple schedule(ms::Scheduler& self)
     auto const i32 = py::dtype::of<std::int32_t>();
     auto const i64 = py::dtype::of<std::int64_t>();
     auto const b8 = py::dtype::of<bool>();
+    // The order of mindie_llm.contract.SchedulerOutput's fields (SCHEDULE_FIELDS in scheduler/outputs.py).
     return py::make_tuple(view(out->reqIds, owner, i64), view(out->numScheduledTokens, owner, i32),
         view(out->numComputedTokens, owner, i32), view(out->inputTokenIds, owner, i32),
-        view(out->specOffsets, owner, i32), view(out->specTokenIds, owner, i32), view(out->sampleMask, owner, b8), view(out->blockTableReset, owner, b8), view(out->newBlockOffsets, owner, i32),
+        view(out->sampleMask, owner, b8), view(out->blockTableReset, owner, b8), view(out->newBlockOffsets, owner, i32),
         view(out->newBlockIds, owner, i32), view(out->preemptedIds, owner, i64), view(out->finishedIds, owner, i64),
-        view(out->finishReasons, owner, i32), out->numBatchedTokens);
+        view(out->finishReasons, owner, i32), out->numBatchedTokens, view(out->specOffsets, owner, i32),
+        view(out->specTokenIds, owner, i32));
 }
 
 /// A 1-D int32 array, or nullptr for None; `name` goes into the error.
@@ -178,11 +208,11 @@ PYBIND11_MODULE(_scheduler, m)
             }
             catch (ms::NoFreeBlocksError const& e)
             {
-                PyErr_SetString(gNoFreeBlocksError, e.what());
+                setRejected(gNoFreeBlocksError, e);
             }
             catch (ms::RequestRejectedError const& e)
             {
-                PyErr_SetString(gRequestRejectedError, e.what());
+                setRejected(gRequestRejectedError, e);
             }
             catch (ms::UnknownRequestError const& e)
             {
@@ -250,6 +280,18 @@ PYBIND11_MODULE(_scheduler, m)
             py::arg("req_id"), py::arg("prompt_token_ids"), py::arg("max_tokens"), py::arg("min_tokens"),
             py::arg("priority"), py::arg("arrival_time"), py::arg("eos_token_ids"), py::arg("stop_token_ids"),
             py::arg("ignore_eos"), py::arg("parent_id"))
+        .def(
+            "check_request",
+            [](ms::Scheduler const& self, Int32Array const& prompt, std::int32_t maxTokens, std::int32_t minTokens,
+                std::int32_t priority, double arrivalTime, Int32Array const& eos, Int32Array const& stop,
+                bool ignoreEos, std::int64_t parentId)
+            {
+                self.checkRequest(toVector(prompt),
+                    makeParams(maxTokens, minTokens, priority, arrivalTime, eos, stop, ignoreEos, parentId));
+            },
+            py::arg("prompt_token_ids"), py::arg("max_tokens"), py::arg("min_tokens"), py::arg("priority"),
+            py::arg("arrival_time"), py::arg("eos_token_ids"), py::arg("stop_token_ids"), py::arg("ignore_eos"),
+            py::arg("parent_id"))
         .def(
             "add_prefilled",
             [](ms::Scheduler& self, std::int64_t id, Int32Array const& prompt, Int32Array const& outputs,

@@ -27,36 +27,50 @@ Request& Scheduler::lookup(ReqId id) const
 
 void Scheduler::validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const
 {
-    MINDIE_CHECK(mRequests.find(id) == mRequests.end(), RequestRejectedError, "req_id " << id << " is already live");
-    MINDIE_CHECK(!prompt.empty(), RequestRejectedError, "prompt_token_ids of request " << id << " is empty");
+    MINDIE_REJECT(mRequests.find(id) == mRequests.end(), "req_id", id << " is already live");
+    validateFields(prompt, params);
+}
+
+void Scheduler::validateFields(std::vector<TokenId> const& prompt, RequestParams const& params) const
+{
+    MINDIE_REJECT(!prompt.empty(), "prompt_token_ids", "is empty");
     for (TokenId t : prompt)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "prompt_token_ids of request " << id << " has a negative id " << t);
+        MINDIE_REJECT(t >= 0, "prompt_token_ids", "has a negative id " << t);
     }
-    MINDIE_CHECK(params.maxTokens >= 1, RequestRejectedError, "max_tokens must be >= 1, got " << params.maxTokens);
-    MINDIE_CHECK(params.minTokens >= 0 && params.minTokens <= params.maxTokens, RequestRejectedError,
-        "min_tokens must be in [0, max_tokens], got " << params.minTokens);
-    MINDIE_CHECK(std::isfinite(params.arrivalTime), RequestRejectedError, "arrival_time must be finite");
+    MINDIE_REJECT(params.maxTokens >= 1, "max_tokens", "must be >= 1, got " << params.maxTokens);
+    MINDIE_REJECT(params.minTokens >= 0 && params.minTokens <= params.maxTokens, "min_tokens",
+        "must be in [0, max_tokens], got " << params.minTokens);
+    MINDIE_REJECT(std::isfinite(params.arrivalTime), "arrival_time", "must be finite");
     for (TokenId t : params.eosTokenIds)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "eos_token_ids of request " << id << " has a negative id " << t);
+        MINDIE_REJECT(t >= 0, "eos_token_ids", "has a negative id " << t);
     }
     for (TokenId t : params.stopTokenIds)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "stop_token_ids of request " << id << " has a negative id " << t);
+        MINDIE_REJECT(t >= 0, "stop_token_ids", "has a negative id " << t);
     }
-    std::int64_t const total = static_cast<std::int64_t>(prompt.size()) + params.maxTokens;
-    MINDIE_CHECK(total <= mConfig.maxModelLen, RequestRejectedError,
-        "len(prompt_token_ids) + max_tokens = " << total << " exceeds max_model_len = " << mConfig.maxModelLen);
-    MINDIE_CHECK(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, RequestRejectedError,
-        "len(prompt_token_ids) + max_tokens = " << total << " of request " << id << " needs "
-                                                << mBlocks.blocksFor(static_cast<SizeType32>(total))
-                                                << " blocks, the pool has " << mBlocks.numBlocks() - 1);
-    MINDIE_CHECK(chunkingOn() || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
-        RequestRejectedError,
-        "prompt_token_ids: without chunked prefill a prompt of " << prompt.size()
-                                                                 << " tokens exceeds max_num_batched_tokens = "
-                                               << mConfig.maxNumBatchedTokens);
+    auto const numPrompt = static_cast<std::int64_t>(prompt.size());
+    std::int64_t const total = numPrompt + params.maxTokens;
+    // The prompt is at fault when it alone leaves no room for one output token.
+    char const* const lengthField = numPrompt >= mConfig.maxModelLen ? "prompt_token_ids" : "max_tokens";
+    MINDIE_REJECT(total <= mConfig.maxModelLen, lengthField,
+        "is too large: len(prompt_token_ids) + max_tokens = " << numPrompt << " + " << params.maxTokens
+                                                   << " exceeds max_model_len = " << mConfig.maxModelLen);
+    MINDIE_REJECT(mBlocks.blocksFor(static_cast<SizeType32>(total)) <= mBlocks.numBlocks() - 1, lengthField,
+        "is too large: len(prompt_token_ids) + max_tokens = " << total << " needs "
+                                                   << mBlocks.blocksFor(static_cast<SizeType32>(total))
+                                                   << " KV blocks, the pool has " << mBlocks.numBlocks() - 1);
+    MINDIE_REJECT(chunkingOn() || static_cast<SizeType32>(prompt.size()) <= mConfig.maxNumBatchedTokens,
+        "prompt_token_ids",
+        "has " << prompt.size() << " tokens; without chunked prefill a prompt must fit max_num_batched_tokens = "
+               << mConfig.maxNumBatchedTokens);
+}
+
+void Scheduler::checkRequest(std::vector<TokenId> const& promptTokenIds, RequestParams const& params) const
+{
+    std::lock_guard<std::mutex> lock(mMutex);
+    validateFields(promptTokenIds, params);
 }
 
 Request& Scheduler::makeRequest(
@@ -140,7 +154,12 @@ void Scheduler::validateUpdate(UpdateInput const& in)
         MINDIE_CHECK(in.numTokenIds == n, ContractError,
             "update(): " << in.numTokenIds << " token ids for " << n << " rows (one each without token_offsets)");
     }
+    TokenId smallest = 0; // a reduction the compiler vectorizes; the error path finds the index
     for (size_t i = 0; i < in.numTokenIds; ++i)
+    {
+        smallest = std::min(smallest, in.tokenIds[i]);
+    }
+    for (size_t i = 0; smallest < 0 && i < in.numTokenIds; ++i)
     {
         MINDIE_CHECK(in.tokenIds[i] >= 0, ContractError, "token_ids[" << i << "] = " << in.tokenIds[i] << " is negative");
     }
@@ -174,7 +193,7 @@ void Scheduler::validateUpdate(UpdateInput const& in)
         if (in.reqIds[j] == mLastSampleIds[k])
         {
             std::int64_t const count = in.tokenOffsets ? in.tokenOffsets[j + 1] - in.tokenOffsets[j] : 1;
-            SizeType32 const numSpec = mLastSampleReqs[k]->lastNumSpec;
+            SizeType32 const numSpec = count > 1 ? mLastSampleReqs[k]->lastNumSpec : 0; // one token always fits
             MINDIE_CHECK(count <= 1 + numSpec, ContractError,
                 "update(): row " << j << " (req_id " << in.reqIds[j] << ") has " << count << " tokens; it was scheduled "
                                  << "with " << numSpec << " proposed tokens, so at most " << 1 + numSpec);
@@ -211,7 +230,6 @@ UpdateResult Scheduler::update(UpdateInput const& in)
     }
     UpdateResult result;
     result.numAppended.assign(n, 0);
-    mScratchReasons.assign(numExpected, FinishReason::kNONE);
     if (stepFailed)
     {
         for (Request* r : mLastRows)
@@ -229,71 +247,32 @@ UpdateResult Scheduler::update(UpdateInput const& in)
             }
         }
     }
-    // Append each row's tokens one at a time, stopping at the first that finishes the request, then
-    // roll back the rejected lookahead.
-    for (size_t k = 0; k < numExpected && !stepFailed; ++k)
+    else
     {
-        Request& r = *mLastSampleReqs[k];
-        if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
-        {
-            continue; // finished or aborted after schedule()
-        }
-        auto const row = static_cast<size_t>(mScratchMatch[k]);
-        size_t const begin = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row]) : row;
-        size_t const end = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row + 1]) : row + 1;
-        r.awaitingSample = false;
-        FinishReason reason = FinishReason::kNONE;
-        SizeType32 numAppended = 0;
-        for (size_t t = begin; t < end && reason == FinishReason::kNONE; ++t)
-        {
-            TokenId const token = in.tokenIds[t];
-            r.tokens.push_back(token);
-            r.lastToken = token;
-            ++numAppended;
-            reason = mRole->afterSample(checkStop(r, token));
-        }
-        result.numAppended[row] = numAppended;
-        if (r.lastNumSpec > 0)
-        {
-            // The KV holds the row's first token and each appended token that equals the proposal
-            // computed at its position; the last appended token is never computed yet. Blocks past
-            // the one the next token goes to held rejected lookahead only.
-            SizeType32 valid = 0;
-            while (valid < numAppended - 1 && valid < r.lastNumSpec && in.tokenIds[begin + valid] == r.drafts[valid])
-            {
-                ++valid;
-            }
-            r.numComputedTokens = r.computedBeforeStep + r.lastNumScheduled - r.lastNumSpec + valid;
-            trimBlocks(r, std::max(mBlocks.blocksFor(r.numComputedTokens + 1), r.blocksWithoutSpec));
-        }
-        if (reason == FinishReason::kNONE && in.draftOffsets != nullptr)
-        {
-            r.drafts.assign(in.draftTokenIds + in.draftOffsets[row], in.draftTokenIds + in.draftOffsets[row + 1]);
-        }
-        else
-        {
-            r.drafts.clear();
-        }
-        mScratchReasons[k] = reason;
-    }
-    if (!stepFailed)
-    {
+        // The step ran: full blocks join the prefix cache, in batch order. A row with proposals
+        // joins in appendRow, after its rollback, so that no rejected token is registered.
         for (Request* r : mLastRows)
         {
-            if (r->state == RequestState::kRUNNING)
+            if (r->state == RequestState::kRUNNING && r->lastNumSpec == 0)
             {
-                registerFullBlocks(*r); // the step ran: its full, accepted blocks join the prefix cache
+                registerFullBlocks(*r);
             }
         }
-    }
-    for (size_t k = 0; k < numExpected; ++k)
-    {
-        if (mScratchReasons[k] != FinishReason::kNONE)
+        for (size_t k = 0; k < numExpected; ++k)
         {
             Request& r = *mLastSampleReqs[k];
-            result.finishedIds.push_back(r.id);
-            result.finishReasons.push_back(static_cast<std::int32_t>(mScratchReasons[k]));
-            finishRequest(r, mScratchReasons[k], false);
+            if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
+            {
+                continue; // finished or aborted after schedule()
+            }
+            auto const row = static_cast<size_t>(mScratchMatch[k]);
+            FinishReason const reason = appendRow(r, in, row, result.numAppended[row]);
+            if (reason != FinishReason::kNONE)
+            {
+                result.finishedIds.push_back(r.id);
+                result.finishReasons.push_back(static_cast<std::int32_t>(reason));
+                finishRequest(r, reason, false);
+            }
         }
     }
     mAwaitingUpdate = false;
@@ -316,6 +295,52 @@ UpdateResult Scheduler::update(UpdateInput const& in)
     mLastRows.clear();
     mGraveyard.clear();
     return result;
+}
+
+FinishReason Scheduler::appendRow(Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended)
+{
+    size_t const begin = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row]) : row;
+    size_t const end = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row + 1]) : row + 1;
+    r.awaitingSample = false;
+    FinishReason reason = FinishReason::kNONE;
+    SizeType32 appended = 0;
+    for (size_t t = begin; t < end && reason == FinishReason::kNONE; ++t)
+    {
+        TokenId const token = in.tokenIds[t];
+        r.tokens.push_back(token);
+        r.lastToken = token;
+        ++appended;
+        reason = checkStop(r, token);
+    }
+    numAppended = appended;
+    if (reason == FinishReason::kNONE)
+    {
+        // A row of the prefill role has no proposals (it never decodes): one token, then the hand-off.
+        reason = mRole->afterSample(reason);
+    }
+    if (r.lastNumSpec > 0)
+    {
+        // The KV holds the row's first token and each appended token that equals the proposal
+        // computed at its position; the last appended token is never computed yet. Blocks past
+        // the one the next token goes to held rejected lookahead only.
+        SizeType32 valid = 0;
+        while (valid < appended - 1 && valid < r.lastNumSpec && in.tokenIds[begin + valid] == r.drafts[valid])
+        {
+            ++valid;
+        }
+        r.numComputedTokens = r.computedBeforeStep + r.lastNumScheduled - r.lastNumSpec + valid;
+        trimBlocks(r, std::max(mBlocks.blocksFor(r.numComputedTokens + 1), r.blocksWithoutSpec));
+        registerFullBlocks(r);
+    }
+    if (reason == FinishReason::kNONE && in.draftOffsets != nullptr)
+    {
+        r.drafts.assign(in.draftTokenIds + in.draftOffsets[row], in.draftTokenIds + in.draftOffsets[row + 1]);
+    }
+    else if (!r.drafts.empty())
+    {
+        r.drafts.clear();
+    }
+    return reason;
 }
 
 void Scheduler::trimBlocks(Request& r, SizeType32 keep)
@@ -424,13 +449,12 @@ std::vector<BlockId> Scheduler::addPrefilled(
     std::lock_guard<std::mutex> lock(mMutex);
     MINDIE_CHECK(mRole->admitsPrefilled(), ContractError, "add_prefilled() needs role decode");
     validateNew(id, promptTokenIds, params);
-    MINDIE_CHECK(!outputTokenIds.empty(), RequestRejectedError,
-        "output_token_ids of request " << id << " is empty (the prefill instance samples the first token)");
-    MINDIE_CHECK(static_cast<SizeType32>(outputTokenIds.size()) < params.maxTokens, RequestRejectedError,
-        "request " << id << " already has max_tokens output tokens");
+    MINDIE_REJECT(!outputTokenIds.empty(), "output_token_ids", "is empty (the prefill instance samples the first token)");
+    MINDIE_REJECT(static_cast<SizeType32>(outputTokenIds.size()) < params.maxTokens, "output_token_ids",
+        "already has max_tokens = " << params.maxTokens << " tokens");
     for (TokenId t : outputTokenIds)
     {
-        MINDIE_CHECK(t >= 0, RequestRejectedError, "output_token_ids of request " << id << " has a negative id");
+        MINDIE_REJECT(t >= 0, "output_token_ids", "has a negative id " << t);
     }
     auto const numPrompt = static_cast<SizeType32>(promptTokenIds.size());
     SizeType32 const numComputed = numPrompt + static_cast<SizeType32>(outputTokenIds.size()) - 1;

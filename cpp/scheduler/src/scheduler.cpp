@@ -438,19 +438,24 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     out.blockTableReset.reserve(numRows);
     out.newBlockOffsets.reserve(numRows + 1);
     out.newBlockOffsets.push_back(0);
-    out.specOffsets.reserve(numRows + 1);
-    out.specOffsets.push_back(0);
     size_t numTokens = 0;
     size_t numNewBlocks = 0;
+    bool anySpec = false;
     for (auto const* rows : {&decodes, &prefills})
     {
         for (Row const& row : *rows)
         {
+            anySpec |= row.numSpec > 0;
             numTokens += static_cast<size_t>(row.numNew);
             numNewBlocks += row.req->blocks.size() - (row.req->needsTableReset ? 0 : row.req->numBlocksSent);
         }
     }
     out.inputTokenIds.reserve(numTokens);
+    if (anySpec)
+    {
+        out.specOffsets.reserve(numRows + 1);
+        out.specOffsets.push_back(0);
+    }
     out.newBlockIds.reserve(numNewBlocks);
     mLastSampleReqs.clear();
     mLastSampleIds.clear();
@@ -478,7 +483,10 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
             out.inputTokenIds.insert(out.inputTokenIds.end(), r.tokens.begin() + row.numComputedBefore,
                 r.tokens.begin() + row.numComputedBefore + row.numNew);
         }
-        out.specOffsets.push_back(static_cast<std::int32_t>(out.specTokenIds.size()));
+        if (anySpec)
+        {
+            out.specOffsets.push_back(static_cast<std::int32_t>(out.specTokenIds.size()));
+        }
         bool const sample = row.numComputedBefore + row.numNew - row.numSpec == r.numTokens();
         r.awaitingSample = sample;
         r.lastNumScheduled = row.numNew;
@@ -510,6 +518,10 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     for (Row const& row : prefills)
     {
         emit(row);
+    }
+    if (!anySpec)
+    {
+        out.specOffsets.assign(numRows + 1, 0);
     }
     out.numBatchedTokens = static_cast<std::int64_t>(out.inputTokenIds.size());
     out.preemptedIds = mPreemptedThisStep;

@@ -4,8 +4,6 @@
 imported only when their platform is asked for. Must not import models, the engine or executor."""
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from mindie_llm.backends.platform import Platform, import_qualname, kv_cache_bytes_per_block
@@ -29,9 +27,10 @@ def get_platform(device: str = "auto") -> type[Platform]:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("backend.device: cuda was asked for but torch sees no CUDA device "
                          "(is this a CPU-only torch build?)")
-    if device == "npu" and importlib.util.find_spec("torch_npu") is None:
-        raise ValueError("backend.device: npu needs torch_npu and the CANN toolkit, which are not "
-                         "installed (pip install mindie-llm[npu] on an Ascend host with CANN)")
+    if device == "npu":  # one line naming what is missing: torch_npu, the CANN libraries or a device
+        from mindie_llm.backends.npu.runtime import require_device
+
+        require_device()
     try:
         platform = import_qualname(PLATFORMS[device])
     except (ImportError, AttributeError) as e:

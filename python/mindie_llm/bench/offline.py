@@ -79,7 +79,14 @@ def _weight_bytes(model: Any, rows: int) -> int:
     return total
 
 
-def _bench_mindie(args: argparse.Namespace) -> tuple[list[Row], Any]:
+def _progress(step: int, total: int, what: str) -> None:
+    """One line per phase on stderr, so a long run shows where it is."""
+    import sys
+
+    print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
+
+
+def _bench_mindie(args: argparse.Namespace, rows: list[Row], total: int) -> Any:
     from mindie_llm.engine.llm import LLM, build_config
     from mindie_llm.sampling_params import SamplingParams
 
@@ -87,9 +94,10 @@ def _bench_mindie(args: argparse.Namespace) -> tuple[list[Row], Any]:
     if args.model:
         kw["model"] = args.model
     cfg = build_config(getattr(args, "config", None), args.overrides, **kw)
+    _progress(1, total, "mindie-llm: loading the model")
     llm = LLM(config=cfg)
     model = llm.engine.model
-    rows = []
+    _progress(2, total, f"mindie-llm: batch 1 decode ({args.batch1_tokens} tokens)")
     warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     llm.generate([PROMPT], warm, use_tqdm=False)
     sp1 = SamplingParams(temperature=0, max_tokens=args.batch1_tokens, ignore_eos=True)
@@ -101,27 +109,28 @@ def _bench_mindie(args: argparse.Namespace) -> tuple[list[Row], Any]:
                     _weight_bytes(model, 1), args.bandwidth_gbs))
     spn = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     prompts = [f"{PROMPT} Story number {i}." for i in range(args.num_requests)]
+    _progress(3, total, f"mindie-llm: {args.num_requests} requests x {args.output_len} tokens")
     t0 = time.perf_counter()
     outs = llm.generate(prompts, spn, use_tqdm=False)
     dt = time.perf_counter() - t0
     ntok = sum(len(o.outputs[0].token_ids) for o in outs)
     rows.append(Row("mindie-llm", f"{args.num_requests} x {args.output_len} aggregate", ntok / dt,
                     _weight_bytes(model, args.num_requests), args.bandwidth_gbs, args.num_requests))
-    return rows, llm
+    return llm
 
 
-def _bench_hf(args: argparse.Namespace, gguf_path: str) -> list[Row]:
+def _bench_hf(args: argparse.Namespace, gguf_path: str, rows: list[Row]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, f = os.path.split(gguf_path)
+    _progress(4, 5, "transformers: loading the same GGUF")
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).train(False)
     wbytes = _weight_bytes(model, 1)
-    rows = []
 
     def gen(prompts: list[str], n: int) -> tuple[int, float, float]:
         enc = tok(prompts, return_tensors="pt", padding=True)
@@ -135,6 +144,7 @@ def _bench_hf(args: argparse.Namespace, gguf_path: str) -> list[Row]:
         ntok = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
         return ntok, t1 - t0, t2 - t1
 
+    _progress(5, 5, f"transformers: batch 1 decode, then {args.num_requests} x {args.output_len}")
     gen([PROMPT], 4)  # warm-up
     ntok, prefill_s, total_s = gen([PROMPT], args.batch1_tokens)
     rows.append(Row("transformers", "batch 1 decode", (ntok - 1) / max(total_s - prefill_s, 1e-9), wbytes,
@@ -143,7 +153,6 @@ def _bench_hf(args: argparse.Namespace, gguf_path: str) -> list[Row]:
     ntok, _, total_s = gen(prompts, args.output_len)
     rows.append(Row("transformers", f"{args.num_requests} x {args.output_len} aggregate", ntok / total_s, wbytes,
                     args.bandwidth_gbs, args.num_requests))
-    return rows
 
 
 def format_table(rows: list[Row]) -> str:
@@ -162,25 +171,35 @@ def format_table(rows: list[Row]) -> str:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
+    """Runs the cases, printing progress; on Ctrl-C prints the rows measured so far."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, llm = _bench_mindie(args)
-    if not args.no_hf:
-        path = llm.config.model.path
-        if path is None:
-            from mindie_llm.loader.default_model import default_model_path
+    rows: list[Row] = []
+    total = 3 if args.no_hf else 5
+    interrupted = False
+    try:
+        llm = _bench_mindie(args, rows, total)
+        if not args.no_hf:
+            path = llm.config.model.path
+            if path is None:
+                from mindie_llm.loader.default_model import default_model_path
 
-            path = default_model_path()
-        del llm
-        if path.endswith(".gguf"):
-            rows += _bench_hf(args, path)
-        else:
-            print("transformers baseline skipped: it loads the same GGUF, and the model is not a .gguf file")
+                path = default_model_path()
+            del llm
+            if path.endswith(".gguf"):
+                _bench_hf(args, path, rows)
+            else:
+                print("transformers baseline skipped: it loads the same GGUF, and the model is not a .gguf file")
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: the rows measured so far", flush=True)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(format_table(rows))
+    print(format_table(rows) if rows else "(no case finished)")
+    if interrupted:
+        raise KeyboardInterrupt
     return rows
 
 

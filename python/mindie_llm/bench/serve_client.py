@@ -308,7 +308,9 @@ def _print(s: dict[str, Any], args: argparse.Namespace, model: str) -> None:
             ("Total generated tokens", s["total_output_tokens"]),
             ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
             ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
-            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
+            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
+            ("Keep-alive /health latency (ms)", f"{s.get('keepalive_health_ms', math.nan):.2f}"),
+            ("Keep-alive 1-token latency (ms)", f"{s.get('keepalive_1tok_ms', math.nan):.2f}")]
     for k, v in rows:
         print(f"{k:<36}{v!s:>14}")
     titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
@@ -385,6 +387,48 @@ def _plot(path: Path, results: list[RequestResult]) -> None:
     plt.close(fig)
 
 
+def _unreachable(host: str, port: int, timeout: float = 3.0) -> str | None:
+    """Why nothing listens on host:port (None when something does)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+def keepalive_latency_ms(args: argparse.Namespace, model: str, n: int = 10) -> tuple[float, float]:
+    """Median latency (ms) on one kept-alive HTTP connection (what the openai and httpx clients
+    do) of ``GET /health`` (the transport alone) and of a ``max_tokens=1`` completion; nan for
+    gRPC or when it fails."""
+    if args.protocol != "http":
+        return math.nan, math.nan
+    import httpx
+
+    api_key = args.api_key or os.environ.get("MINDIE_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    scheme = "https" if args.tls_ca else "http"
+    verify: Any = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else True
+    body = {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+    health, one = [], []
+    try:
+        with httpx.Client(base_url=f"{scheme}://{args.host}:{args.port}", headers=headers, verify=verify,
+                          timeout=args.timeout) as c:
+            c.post("/v1/completions", json=body).raise_for_status()   # opens the connection
+            for _ in range(2 * n):
+                t0 = time.perf_counter()
+                c.get("/health").raise_for_status()
+                health.append((time.perf_counter() - t0) * 1000)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                c.post("/v1/completions", json=body).raise_for_status()
+                one.append((time.perf_counter() - t0) * 1000)
+    except Exception:  # noqa: BLE001 - benchmark rows, not a failure of the run
+        return math.nan, math.nan
+    return statistics.median(health), statistics.median(one)
+
+
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
     """Runs the benchmark; returns the exit code (0 if at least one request succeeded, 1 if none
     did, 2 for bad arguments). ``args`` is parsed options or a command line (``None``: sys.argv)."""
@@ -397,8 +441,14 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}")
         return 2
+    why = _unreachable(args.host, args.port)
+    if why is not None:
+        print(f"mindie-llm bench serve: no server at {args.host}:{args.port} ({why}); "
+              "start one with `mindie-llm serve` or pass --host/--port")
+        return 1
     results, duration, model = run_benchmark(args)
     summary = summarize(results, duration)
+    summary["keepalive_health_ms"], summary["keepalive_1tok_ms"] = keepalive_latency_ms(args, model)
     _print(summary, args, model)
     if args.out:
         write_outputs(args.out, results, summary)

@@ -13,11 +13,14 @@ torch, or any web framework.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +71,10 @@ class RequestRecord:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    inter_token_latencies: list[float] = field(default_factory=list)  # seconds, one per token after the first
+    engine_metrics: Any = None      # the last RequestOutput.metrics (queue / prefill / decode spans)
+    n: int = 1
+    max_tokens: int = 0
 
 
 @dataclass
@@ -79,6 +86,7 @@ class _Stream:
     num_samples: int
     finished: bool = False
     record: RequestRecord | None = None
+    last: Any = None          # the last RequestOutput delivered (to end it with "abort" on drain)
 
 
 @dataclass
@@ -108,6 +116,7 @@ class _LoopState:
     step_started_at: float | None = None   # monotonic; None while not inside step()
     last_progress_at: float = field(default_factory=time.monotonic)
     dead: bool = False
+    fatal_error: str | None = None         # why the workers are gone (names the rank), if they are
 
 
 class AsyncLLM:
@@ -133,6 +142,9 @@ class AsyncLLM:
         self._started = False
         self._listeners: list[Callable[[RequestRecord], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # CPU-heavy request preparation (tokenizing, chat templates) runs here, never on the event
+        # loop that HTTP, gRPC and the liveness probe share (the tokenizer releases the GIL).
+        self._cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mindie-tokenize")
         self._thread = threading.Thread(target=self._run, name="mindie-engine-loop", daemon=True)
         if start:
             self.start()
@@ -173,7 +185,9 @@ class AsyncLLM:
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
-        record = RequestRecord(request_id=request_id, outcome="error", arrival_time=time.monotonic())
+        record = RequestRecord(request_id=request_id, outcome="error", arrival_time=time.monotonic(),
+                               n=int(getattr(params, "n", 1) or 1), max_tokens=int(getattr(params, "max_tokens", 0) or 0))
+        last_token_at = 0.0
         if self._state.dead:
             self._notify(record, "error")
             raise EngineDeadError("the engine has stopped")
@@ -208,10 +222,17 @@ class AsyncLLM:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                if record.first_token_time is None and any(o.token_ids for o in item.outputs):
-                    record.first_token_time = time.monotonic()
+                now = time.monotonic()
+                generated = sum(len(o.token_ids) for o in item.outputs)
+                if record.first_token_time is None and generated:
+                    record.first_token_time = last_token_at = now
+                elif generated > record.num_generation_tokens:
+                    new = generated - record.num_generation_tokens
+                    record.inter_token_latencies.extend([(now - last_token_at) / new] * new)
+                    last_token_at = now
                 record.num_prompt_tokens = len(item.prompt_token_ids)
-                record.num_generation_tokens = sum(len(o.token_ids) for o in item.outputs)
+                record.num_generation_tokens = generated
+                record.engine_metrics = item.metrics
                 if item.finished:
                     finished = True
                     reasons = [o.finish_reason for o in item.outputs]
@@ -229,6 +250,33 @@ class AsyncLLM:
                 self._inbox.put(_Abort(request_id))
             self._streams.pop(request_id, None)
             self._notify(record, record.outcome)
+
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the request-preparation threads (tokenizing, chat templates)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cpu_pool, functools.partial(fn, *args, **kwargs))
+
+    def abort_all(self) -> int:
+        """Aborts every request in flight (drain timeout): the engine frees them, and each stream
+        ends with a final output whose unfinished samples have ``finish_reason`` "abort" (a request
+        that produced nothing yet fails with EngineDrainingError). Returns how many were aborted."""
+        n = 0
+        for rid, stream in list(self._streams.items()):
+            if stream.finished:
+                continue
+            n += 1
+            stream.finished = True
+            self._inbox.put(_Abort(rid))
+            last = stream.last
+            if last is not None:
+                outs = [o if o.finish_reason is not None else dataclasses.replace(o, finish_reason="abort")
+                        for o in last.outputs]
+                stream.queue.put_nowait(dataclasses.replace(last, outputs=outs, finished=True))
+            elif not stream.admitted.done():
+                stream.admitted.set_exception(EngineDrainingError("the server is shutting down"))
+            else:
+                stream.queue.put_nowait(EngineDrainingError("the server is shutting down"))
+        return n
 
     async def abort(self, request_id: str) -> None:
         """Aborts a request; a no-op if it is unknown or has finished."""
@@ -254,8 +302,20 @@ class AsyncLLM:
         st = self._state
         if st.dead or (self._started and not self._thread.is_alive()):
             return False
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            try:
+                check()
+            except Exception as e:  # noqa: BLE001 - a dead or hung worker
+                st.fatal_error = str(e)
+                return False
         started = st.step_started_at
         return started is None or time.monotonic() - started < self._stall_timeout_s
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Set once a tensor-parallel worker died or hung (one line naming the rank)."""
+        return self._state.fatal_error
 
     def is_ready(self) -> bool:
         return self._started and not self._draining and self.is_live()
@@ -286,6 +346,7 @@ class AsyncLLM:
                 stream.admitted.set_exception(EngineDrainingError("the server is shutting down"))
             stream.queue.put_nowait(EngineDrainingError("the server is shutting down"))
         self._inbox.put(_Stop())
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
         if self._started and self._thread.is_alive():
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
 
@@ -306,6 +367,7 @@ class AsyncLLM:
                 continue
             if out.finished:
                 stream.finished = True
+            stream.last = out
             stream.queue.put_nowait(out)
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -392,10 +454,18 @@ class AsyncLLM:
                     if outputs:
                         self._post(self._deliver, outputs)
                 st.stats = self.engine.get_stats()
-        except Exception:
+        except Exception as e:
             logger.exception("the engine loop stopped after an unrecoverable error")
+            if type(e).__name__ == "WorkerDiedError":
+                st.fatal_error = str(e)
             st.dead = True
             self._post(self._fail_all, EngineDeadError("the engine has stopped"))
         finally:
             st.step_started_at = None
+            stop = getattr(self.engine, "shutdown", None)
+            if stop is not None:
+                try:
+                    stop()                          # the workers stop with the engine thread
+                except Exception:  # noqa: BLE001
+                    logger.exception("stopping the workers failed")
 

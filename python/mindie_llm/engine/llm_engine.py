@@ -25,6 +25,7 @@ import numpy as np
 from mindie_llm.config import EngineConfig
 from mindie_llm.engine.detokenizer import IncrementalDetokenizer
 from mindie_llm.engine.request import FINISH_REASON_NAMES, RequestGroup, Sample
+from mindie_llm.engine.structured_output import GuidedDecodingError, StructuredOutputManager
 from mindie_llm.contract import FinishReason, ModelRunnerOutput
 from mindie_llm.engine.new_requests import NewRequestTable
 from mindie_llm.outputs import EngineStats, Logprob, RequestMetrics, RequestOutput
@@ -70,6 +71,9 @@ class LLMEngine:
         self.max_model_len = info.max_model_len
         self.block_size = info.block_size
         self.num_kv_blocks = info.num_kv_blocks
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.arch.vocab_size,
+                                                         tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()))
+        self._matchers: dict[int, Any] = {}   # sample int id -> structured-output Matcher
         sc = self.config.scheduler
         self.max_num_seqs = sc.max_batch_size
         self.max_num_batched_tokens = sc.max_prefill_tokens
@@ -103,7 +107,8 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------ requests
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
-            raise InvalidRequestError("prompt", "the model has no tokenizer (dummy weights): pass token ids")
+            raise InvalidRequestError("prompt", "the model has no tokenizer (no tokenizer.json beside the weights, "
+                                      "or dummy weights): pass token ids, or set model.tokenizer")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def validate_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
@@ -129,14 +134,7 @@ class LLMEngine:
             i = int(bad[0])
             raise InvalidRequestError("prompt_token_ids", f"token id {ids[i]} at index {i} is outside the "
                                       f"vocabulary [0, {self.arch.vocab_size})")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            field = "prompt" if len(ids) >= self.max_model_len else "max_tokens"
-            raise InvalidRequestError(field, f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} "
-                                      f"exceeds max_model_len {self.max_model_len}")
-        blocks = -(-(len(ids) + params.max_tokens) // self.block_size)
-        if blocks > self.num_kv_blocks - 1:
-            raise InvalidRequestError("max_tokens", f"the request needs {blocks} KV blocks but the pool has "
-                                      f"{self.num_kv_blocks - 1}")
+        self._check_admission(ids, params)
         if params.n > self.config.scheduler.max_n:
             raise InvalidRequestError("n", f"{params.n} is above the configured cap scheduler.max_n="
                                       f"{self.config.scheduler.max_n}")
@@ -144,7 +142,26 @@ class LLMEngine:
             v = getattr(params, name)
             if v is not None and v > self.arch.vocab_size:
                 raise InvalidRequestError(name, f"{v} is above the vocabulary size {self.arch.vocab_size}")
+        if getattr(params, "guided_decoding", None) is not None:
+            self.structured_output.compile(params.guided_decoding)   # GuidedDecodingError names the key
         return ids
+
+    def _check_admission(self, ids: list[int], params: SamplingParams) -> None:
+        """The scheduler's own admission rules (length, KV pool, chunking), asked without side
+        effects so that they are written once, in C++; the error names the field to change."""
+        from mindie_llm.scheduler import RequestRejectedError
+
+        try:
+            self.scheduler.check_request(np.asarray(ids, np.int32), params.max_tokens, min_tokens=params.min_tokens,
+                                         stop_token_ids=tuple(params.stop_token_ids or ()),
+                                         ignore_eos=params.ignore_eos)
+        except RequestRejectedError as e:
+            named = getattr(e, "field", None)
+            if named in ("min_tokens", "max_tokens", "stop_token_ids"):
+                field = named
+            else:   # the length rules: the prompt alone too long, else the room asked for
+                field = "prompt" if named == "prompt_token_ids" or len(ids) >= self.max_model_len else "max_tokens"
+            raise InvalidRequestError(field, str(e)) from None
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *,
                     arrival_time: float | None = None, priority: int = 0) -> None:
@@ -182,11 +199,14 @@ class LLMEngine:
                                 cumulative_logprob=0.0 if params.logprobs is not None else None)
                 group.samples.append(sample)
                 self._samples[int_id] = sample
+                if params.guided_decoding is not None:
+                    self._matchers[int_id] = self.structured_output.new_matcher(params.guided_decoding)
         except ValueError as e:
             for int_id in added:
                 self.scheduler.abort(int_id)
                 self._unsent.discard(int_id)
                 self._samples.pop(int_id, None)
+                self._matchers.pop(int_id, None)
             if added or not hasattr(e, "field"):
                 raise InvalidRequestError("prompt", f"refused by the scheduler: {e}") from e
             raise
@@ -201,6 +221,7 @@ class LLMEngine:
             self.scheduler.abort(s.int_id)          # workers drop it through the next finished_ids
             self._unsent.discard(s.int_id)
             self._samples.pop(s.int_id, None)
+            self._matchers.pop(s.int_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -222,6 +243,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         out.new_requests = self._unsent.take(out.req_ids)
+        if self._matchers:
+            self._fill_grammar(out)
         now = time.time()
         for rid, ncomp in zip(np.asarray(out.req_ids).tolist(), np.asarray(out.num_computed_tokens).tolist()):
             s = self._samples.get(rid)
@@ -282,6 +305,15 @@ class LLMEngine:
                 touched[s.group.request_id] = s.group
         return self._emit(touched)
 
+    def _fill_grammar(self, out: Any) -> None:
+        """Structured output: the packed token masks of the constrained rows that sample this step."""
+        rows = [(rid, self._matchers[rid]) for rid, smp in zip(np.asarray(out.req_ids).tolist(),
+                                                               np.asarray(out.sample_mask).tolist())
+                if smp and rid in self._matchers]
+        if rows:
+            out.grammar_req_ids = np.asarray([r for r, _ in rows], np.int64)
+            out.grammar_bitmask = self.structured_output.fill_bitmask([m for _, m in rows]).ravel()
+
     def _update(self, res: ModelRunnerOutput) -> tuple[Any, np.ndarray]:
         """Hands the runner's tokens (CSR) and next-step proposals to the scheduler; returns the
         UpdateResult and how many tokens of each row it took (fewer when one finished the request)."""
@@ -309,6 +341,12 @@ class LLMEngine:
                 res.top_ids[k][:n], res.top_logprobs[k][:n])
 
     def _process_token(self, s: Sample, tok: int, reason: int, lp, now: float) -> None:
+        matcher = self._matchers.get(s.int_id)
+        if matcher is not None and not reason and not matcher.accept(tok):
+            # The grammar had nowhere to go (or the token broke it): end with a reason that says so.
+            self.scheduler.finish(s.int_id, FinishReason.ABORTED)
+            self._finish(s, "abort", f"structured output: {matcher.error}")
+            return
         m = s.group.metrics
         if m.first_token_time is None:
             m.first_token_time = now
@@ -320,6 +358,10 @@ class LLMEngine:
             s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[1]
         skip_last = reason in (_EOS, _STOP_TOKEN) and not s.group.params.include_stop_str_in_output
         hit = s.detok.update([tok], skip_last=skip_last)
+        if matcher is not None and hit is None and not reason and matcher.done:
+            self.scheduler.finish(s.int_id, _STOP_STRING)   # the grammar is complete: stop as a stop string does
+            self._finish(s, "stop", None)
+            return
         if hit is not None and not reason:
             self.scheduler.finish(s.int_id, _STOP_STRING)
             self._finish(s, "stop", hit)
@@ -336,6 +378,7 @@ class LLMEngine:
             s.detok.finish()
         s.finish_reason, s.stop_reason = finish_reason, stop_reason
         self._samples.pop(s.int_id, None)
+        self._matchers.pop(s.int_id, None)
 
     def _emit(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outs = []
@@ -360,6 +403,14 @@ class LLMEngine:
         return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer is not None else None
 
     # ------------------------------------------------------------------------------------ misc
+    def check_health(self) -> None:
+        """Raises (the executor's error, naming the rank) once a worker is dead or hung."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stops the executor's workers (idempotent)."""
+        self.executor.shutdown()
+
     def get_stats(self) -> EngineStats:
         st = self.scheduler.stats()
         return EngineStats(
@@ -376,7 +427,8 @@ class LLMEngine:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.tokenizer is None:
-            raise InvalidRequestError("messages", "the model has no tokenizer (dummy weights)")
+            raise InvalidRequestError("messages", "the model has no tokenizer (no tokenizer.json beside the "
+                                      "weights, or dummy weights): set model.tokenizer")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
 

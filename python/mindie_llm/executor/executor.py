@@ -49,4 +49,8 @@ class UniprocExecutor(Executor):
 
 def make_executor(config: EngineConfig, *, loaded_model: Any = None) -> Executor:
     """The executor for ``config`` (one in-process worker until tensor parallelism lands)."""
+    if config.parallel.tensor_parallel_size > 1:
+        from mindie_llm.executor.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config, loaded_model=loaded_model)
     return UniprocExecutor(config, loaded_model=loaded_model)

@@ -87,6 +87,9 @@ class FlatBatch:
     prompt_targets: np.ndarray   # [P'] int64 the prompt token at position + 1
     prompt_owner: np.ndarray     # [P'] int64 req id
     prompt_pos: np.ndarray       # [P'] int64 position of the scored token (position + 1)
+    # Structured output (from the step message): constrained requests and their packed masks.
+    grammar_req_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))    # [G]
+    grammar_bitmask: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))    # [G*W]
 
     @property
     def num_decodes_only(self) -> bool:
@@ -233,4 +236,6 @@ class InputBatch:
             max_query_len=int(nsched.max()) if B else 0, max_seq_len=int(seq_lens.max()) if B else 0,
             logits_indices=logits_indices, logits_offsets=logits_offsets, spec_token_ids=spec_tokens,
             sample_req_ids=req_ids[smask], sample_states=sample_states,
-            prompt_rows=cat(pr_rows), prompt_targets=cat(pr_tgt), prompt_owner=cat(pr_owner), prompt_pos=cat(pr_pos))
+            prompt_rows=cat(pr_rows), prompt_targets=cat(pr_tgt), prompt_owner=cat(pr_owner), prompt_pos=cat(pr_pos),
+            grammar_req_ids=np.asarray(getattr(out, "grammar_req_ids", np.zeros(0, np.int64))),
+            grammar_bitmask=np.asarray(getattr(out, "grammar_bitmask", np.zeros(0, np.int32))))

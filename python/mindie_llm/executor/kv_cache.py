@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mindie_llm.backends.platform import kv_cache_bytes_per_block
+
 __all__ = ["KVCacheSpec", "bytes_per_block", "allocate_kv_caches", "num_blocks_for_budget"]
 
 
@@ -24,9 +26,9 @@ class KVCacheSpec:
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes of one block across all layers (K and V)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        """Bytes of one block across all layers (K and V): the platforms' one formula."""
+        return kv_cache_bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
+                                        self.dtype)
 
 
 def bytes_per_block(spec: KVCacheSpec) -> int:

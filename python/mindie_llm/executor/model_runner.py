@@ -48,6 +48,8 @@ class SamplingPositions:
         self.spec_offsets = offs - np.arange(offs.shape[0])             # [S+1] proposals per row (CSR)
         self.spec = fb.spec_token_ids                                   # [L - S]
         self.has_spec = bool(self.spec.shape[0])
+        self.grammar_req_ids = fb.grammar_req_ids                       # [G] int64
+        self.grammar_bitmask = fb.grammar_bitmask                       # [G*W] int32
 
     def preceding(self, r: int) -> np.ndarray:
         """Proposals that come before logits row r in its request (int32)."""
@@ -193,6 +195,19 @@ class ModelRunner:
         if banned_r:
             md.banned_rows = torch.tensor(banned_r, dtype=torch.int64, device=dev)
             md.banned_tokens = torch.tensor(banned_t, dtype=torch.int64, device=dev)
+        G = int(pos.grammar_req_ids.shape[0])
+        if G:   # structured output: each constrained request's mask on its logits rows, the rest all-allowed
+            words = -(-self.vocab_size // 32)
+            masks = pos.grammar_bitmask.reshape(G, -1)
+            if masks.shape[1] != words:
+                raise ValueError(f"grammar_bitmask: {masks.shape[1]} words per row, the vocabulary needs {words}")
+            row_of = {int(r): i for i, r in enumerate(pos.grammar_req_ids.tolist())}
+            full = np.full((L, words), -1, np.int32)                                 # [L, W]
+            for r, st in enumerate(states):
+                g = row_of.get(st.req_id)
+                if g is not None:
+                    full[r] = masks[g]
+            md.token_bitmask = t(full)
         return md
 
     def _token_stats(self, pos: SamplingPositions) -> tuple[torch.Tensor, torch.Tensor]:

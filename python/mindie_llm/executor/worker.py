@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,8 @@ class WorkerInfo:
 class Worker:
     """Loads the model on this rank's device, sizes and allocates the KV cache, builds the runner."""
 
-    def __init__(self, config: EngineConfig, *, rank: int = 0, loaded_model: Any = None) -> None:
+    def __init__(self, config: EngineConfig, *, rank: int = 0, loaded_model: Any = None,
+                 parallel: Any = None) -> None:
         from mindie_llm.backends import get_platform, import_qualname
         from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches
         from mindie_llm.executor.model_runner import ModelRunner
@@ -49,10 +51,16 @@ class Worker:
         config = platform.check_and_update_config(config)
         self.rank = rank
         self.platform = platform
-        self.device = device = platform.device(rank if platform.device_type != "cpu" else 0)
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))     # a multi-node launch sets it
+        self.device = device = platform.device(local_rank if platform.device_type != "cpu" else 0)
         if config.backend.num_threads and device.type == "cpu":
             torch.set_num_threads(config.backend.num_threads)
-        loaded = loaded_model or load_model(config.model, device, config.model.dtype)
+        from mindie_llm.distributed.parallel_state import ParallelContext
+        from mindie_llm.layers.linear import kv_heads_per_rank
+
+        # tensor parallelism: this rank's shard of the weights and of the KV heads
+        self.parallel = parallel = parallel if parallel is not None else ParallelContext.single()
+        loaded = loaded_model or load_model(config.model, device, config.model.dtype, parallel=parallel)
         self.model = loaded.model
         arch = loaded.arch
 
@@ -63,7 +71,8 @@ class Worker:
         block_size = config.cache.cache_block_size
         kv_dtype = resolve_dtype(config.cache.cache_dtype if config.cache.cache_dtype != "auto"
                                  else config.model.dtype, device, arch)
-        spec = KVCacheSpec(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, block_size, kv_dtype)
+        spec = KVCacheSpec(arch.num_hidden_layers, kv_heads_per_rank(arch.num_key_value_heads, parallel.size),
+                           arch.head_dim, block_size, kv_dtype)
         sc = config.scheduler
         if not config.cache.num_blocks and platform.profiles_activation_peak:
             from mindie_llm.executor.profile_run import max_step   # KV sized from the profiled peak
@@ -73,10 +82,15 @@ class Worker:
                 max_num_batched_tokens=sc.max_prefill_tokens, max_num_seqs=sc.max_batch_size,
                 vocab_size=arch.vocab_size))
         num_blocks = int(config.cache.num_blocks or platform.num_kv_blocks(config.cache, spec.bytes_per_block))
+        num_blocks = parallel.all_reduce_min(num_blocks)      # every rank holds the same block ids
         self.kv_caches = allocate_kv_caches(spec, num_blocks, device)
         runner_cls = platform.model_runner_cls()
         runner_cls = import_qualname(runner_cls) if runner_cls else ModelRunner
-        self.runner = runner_cls(self.model, arch.vocab_size, self.kv_caches, block_size=block_size,
+        model = self.model
+        if config.parallel.micro_batch_overlap and parallel.size > 1:
+            from mindie_llm.distributed.micro_batch import OverlappedModel
+            model = OverlappedModel(model)      # two micro-batches, all-reduces overlapped
+        self.runner = runner_cls(model, arch.vocab_size, self.kv_caches, block_size=block_size,
                                  max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
                                  max_model_len=max_len, device=device, **platform.runner_kwargs(config))
         from mindie_llm.spec_decode.speculator import make_speculator

@@ -2,58 +2,74 @@
 """Linear layers with tensor-parallel sharding (vLLM-shaped): Replicated, ColumnParallel,
 MergedColumnParallel (gate+up), QKVParallel and RowParallel.
 
-Every parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that takes the
-full checkpoint tensor and keeps this rank's shard. Tensor parallelism is read from
-``tp_state()`` (set by the executor's workers with ``set_tensor_parallel``); at tp_size 1 nothing
-is sharded and no collective runs. Quantization replaces a layer's ``linear_method`` (see
-``layers/quantization.py``), never a branch in model code.
+Every layer takes its ``parallel`` context (``distributed.ParallelContext``: rank, size and the
+group's collectives) explicitly at construction; with none given it is the single-rank context,
+nothing is sharded and no collective runs. There is no module-global parallel state.
 
-Must not import the engine, executor, loader, models or a backend.
+Every parameter carries a ``weight_loader(param, loaded, shard_id=None)`` that takes the full
+checkpoint tensor, or a lazy safetensors slice of it (``get_shape()`` + indexing), and keeps this
+rank's shard: from a slice only this rank's bytes are read. Quantization replaces a layer's
+``linear_method`` (see ``layers/quantization.py``), never a branch in model code.
+
+Must not import the engine, executor, loader, models or a backend (``distributed.parallel_state``
+imports only torch).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TensorParallelState", "set_tensor_parallel", "tp_state", "LinearBase",
-           "ReplicatedLinear", "ColumnParallelLinear", "MergedColumnParallelLinear",
-           "QKVParallelLinear", "RowParallelLinear", "copy_checked"]
+from mindie_llm.distributed.parallel_state import ParallelContext
+
+__all__ = ["LinearBase", "ReplicatedLinear", "ColumnParallelLinear", "MergedColumnParallelLinear",
+           "QKVParallelLinear", "RowParallelLinear", "copy_checked", "full_shape", "materialize",
+           "take_shard", "kv_heads_per_rank"]
+
+_SINGLE = ParallelContext.single()
 
 
-@dataclass
-class TensorParallelState:
-    rank: int = 0
-    size: int = 1
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sum across the TP group
+def _ctx(parallel: ParallelContext | None) -> ParallelContext:
+    return parallel if parallel is not None else _SINGLE
 
 
-_TP = TensorParallelState()
+def full_shape(loaded: Any) -> tuple[int, ...]:
+    """Shape of a checkpoint tensor or of a lazy safetensors slice."""
+    return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
 
 
-def set_tensor_parallel(rank: int, size: int,
-                        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-    """Called once per worker before the model is built."""
-    if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"tensor_parallel: rank {rank} / size {size} is impossible")
-    if size > 1 and all_reduce is None:
-        raise ValueError("tensor_parallel: an all_reduce hook is required when size > 1")
-    _TP.rank, _TP.size, _TP.all_reduce = rank, size, all_reduce
+def materialize(loaded: Any) -> torch.Tensor:
+    """The whole tensor (reads every byte of a lazy slice)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
 
-def tp_state() -> TensorParallelState:
-    return _TP
+def take_shard(loaded: Any, dim: int, start: int, size: int, what: str) -> torch.Tensor:
+    """``loaded`` narrowed to [start, start + size) along ``dim``; from a lazy slice only those
+    bytes are read. A range past the tensor's end is a ValueError naming both."""
+    shape = full_shape(loaded)
+    if dim >= len(shape) or start < 0 or start + size > shape[dim]:
+        raise ValueError(f"{what}: checkpoint shape {shape} has no rows [{start}, {start + size}) along "
+                         f"dim {dim} (is config.json right for these weights?)")
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, size)
+    idx = [slice(None)] * len(shape)
+    idx[dim] = slice(start, start + size)
+    return loaded[tuple(idx)]
 
 
-def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads each rank holds (one, replicated, when there are fewer KV heads than ranks)."""
+    return max(num_kv_heads // tp_size, 1)
+
+
+def copy_checked(param: torch.Tensor, loaded: Any, what: str) -> None:
     """Copies ``loaded`` into ``param``; a shape mismatch is a ValueError naming both shapes."""
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} does not match the "
+    if full_shape(loaded) != tuple(param.shape):
+        raise ValueError(f"{what}: checkpoint shape {full_shape(loaded)} does not match the "
                          f"model's {tuple(param.shape)} (is config.json right for these weights?)")
-    param.data.copy_(loaded.to(param.dtype))
+    param.data.copy_(materialize(loaded).to(param.dtype))
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -93,46 +109,63 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    pass
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 parallel: ParallelContext | None = None):
+        self.parallel = _ctx(parallel)
+        super().__init__(in_features, out_features, bias)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features sharded across ranks; no communication."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        self.tp_rank, self.tp_size = _TP.rank, _TP.size
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 parallel: ParallelContext | None = None):
+        self.parallel = _ctx(parallel)
+        self.tp_rank, self.tp_size = self.parallel.rank, self.parallel.size
         super().__init__(in_features, _divide(out_features, self.tp_size, "out_features"), bias)
 
-    def _shard(self, loaded: torch.Tensor, rows: int) -> torch.Tensor:
-        return loaded.narrow(0, self.tp_rank * rows, rows) if self.tp_size > 1 else loaded
+    def _shard(self, loaded: Any, rows: int, what: str, full_rows: int | None = None) -> Any:
+        """This rank's ``rows`` rows of ``loaded`` (whose dim 0 must be ``full_rows``)."""
+        if self.tp_size == 1:
+            return loaded
+        full_rows = rows * self.tp_size if full_rows is None else full_rows
+        if full_shape(loaded)[0] != full_rows:
+            raise ValueError(f"{what}: checkpoint shape {full_shape(loaded)} does not match the model's "
+                             f"{full_rows} rows before sharding (is config.json right for these weights?)")
+        return take_shard(loaded, 0, self.tp_rank * rows, rows, what)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        copy_checked(param, self._shard(loaded, param.shape[0]), "weight")
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id=None) -> None:
+        copy_checked(param, self._shard(loaded, param.shape[0], "weight"), "weight")
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stacked (gate_proj and up_proj -> gate_up_proj)."""
 
-    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False,
+                 parallel: ParallelContext | None = None):
         self.output_sizes = list(output_sizes)
-        super().__init__(in_features, sum(self.output_sizes), bias)
+        tp = _ctx(parallel).size
+        for s in self.output_sizes:
+            _divide(s, tp, "intermediate_size")
+        super().__init__(in_features, sum(self.output_sizes), bias, parallel)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id=None) -> None:
         assert shard_id is not None and 0 <= shard_id < len(self.output_sizes), shard_id
         local = [s // self.tp_size for s in self.output_sizes]
         start = sum(local[:shard_id])
         dst = param.data.narrow(0, start, local[shard_id])
-        copy_checked(dst, self._shard(loaded, local[shard_id]), f"shard {shard_id}")
+        copy_checked(dst, self._shard(loaded, local[shard_id], f"shard {shard_id}"), f"shard {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections stacked; heads sharded by rank (KV heads replicated when there are
-    fewer KV heads than ranks)."""
+    fewer KV heads than ranks: rank r holds KV head r // (tp / num_kv_heads))."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False):
-        tp = _TP.size
+                 bias: bool = False, parallel: ParallelContext | None = None):
+        tp = _ctx(parallel).size
         self.head_dim = head_dim
+        self.total_num_kv_heads = num_kv_heads
         self.num_heads = _divide(num_heads, tp, "num_attention_heads")
         if num_kv_heads >= tp:
             self.num_kv_heads = _divide(num_kv_heads, tp, "num_key_value_heads")
@@ -143,38 +176,59 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden_size, out, bias)
+        super().__init__(hidden_size, out, bias, parallel)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id=None) -> None:
         assert shard_id in ("q", "k", "v"), shard_id
         if shard_id == "q":
-            start, size, rank = 0, self.q_size, self.tp_rank
+            start, size, rank, full = 0, self.q_size, self.tp_rank, self.q_size * self.tp_size
         else:
             start = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size, rank = self.kv_size, self.tp_rank // self.kv_replicas
-        src = loaded.narrow(0, rank * size, size) if self.tp_size > 1 else loaded
-        copy_checked(param.data.narrow(0, start, size), src, f"{shard_id}_proj")
+            full = self.total_num_kv_heads * self.head_dim
+        what = f"{shard_id}_proj"
+        if self.tp_size > 1:
+            if full_shape(loaded)[0] != full:
+                raise ValueError(f"{what}: checkpoint shape {full_shape(loaded)} does not match the "
+                                 f"model's {full} rows before sharding (is config.json right?)")
+            loaded = take_shard(loaded, 0, rank * size, size, what)
+        copy_checked(param.data.narrow(0, start, size), loaded, what)
 
 
 class RowParallelLinear(LinearBase):
-    """Input features sharded across ranks; the partial outputs are all-reduced (bias added once)."""
+    """Input features sharded across ranks; the partial outputs are all-reduced. The bias is
+    replicated and added by rank 0 only, before the reduction (so it is counted once)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        self.tp_rank, self.tp_size = _TP.rank, _TP.size
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 parallel: ParallelContext | None = None):
+        self.parallel = _ctx(parallel)
+        self.tp_rank, self.tp_size = self.parallel.rank, self.parallel.size
         super().__init__(_divide(in_features, self.tp_size, "in_features"), out_features, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id=None) -> None:
         if param.dim() == 2 and self.tp_size > 1:
-            loaded = loaded.narrow(1, self.tp_rank * param.shape[1], param.shape[1])
+            if full_shape(loaded)[1:] != (param.shape[1] * self.tp_size,):
+                raise ValueError(f"weight: checkpoint shape {full_shape(loaded)} does not match the model's "
+                                 f"{param.shape[1] * self.tp_size} input features before sharding")
+            loaded = take_shard(loaded, 1, self.tp_rank * param.shape[1], param.shape[1], "weight")
         copy_checked(param, loaded, "weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's term of the sum: x[T, in_local] @ W_local^T (+ bias on rank 0) -> [T, out]."""
+        if self.tp_rank == 0 or self.bias is None:
             return self.linear_method(self, x)
         bias, self.bias = self.bias, None
         try:
-            y = self.linear_method(self, x)
+            return self.linear_method(self, x)
         finally:
             self.bias = bias
-        y = _TP.all_reduce(y)
-        return y if bias is None else y + bias
+
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False`` returns the partial sum; the caller all-reduces it (micro-batch overlap)."""
+        if self.tp_size == 1:
+            return self.linear_method(self, x)
+        fused = self.parallel.matmul_all_reduce
+        if reduce and fused is not None and self.linear_method is dense_linear:
+            return fused(x, self.weight, self.bias if self.tp_rank == 0 else None)   # one fused op (MC2)
+        y = self.partial(x)
+        return self.parallel.all_reduce(y) if reduce else y

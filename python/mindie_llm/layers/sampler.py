@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sampler: logits of the sampling rows -> one token per row, plus the logprobs asked for.
 
-Order (vLLM v1): raw logprobs (log_softmax of the model's logits, what ``logprobs`` reports) ->
+Order (vLLM v1): structured-output token mask -> raw logprobs (log_softmax of the model's logits, what ``logprobs`` reports) ->
 min_tokens mask -> penalties -> temperature -> min-p -> top-k/top-p -> greedy argmax or a seeded
 draw. Each step is skipped when no row in the batch needs it, so an all-greedy batch costs one
 argmax. Device-agnostic: every computation is in ``ops/sampling.py``.
@@ -43,6 +43,8 @@ class SamplingMetadata:
     banned_rows: torch.Tensor | None = None   # [K] int64
     banned_tokens: torch.Tensor | None = None  # [K] int64
     max_num_logprobs: int = 0                 # top-N over rows asking for logprobs; -1 = none asks
+    # Structured output: packed allowed-token mask [S, ceil(V/32)] int32 (-1 words = all allowed).
+    token_bitmask: torch.Tensor | None = None
     random_rows: list[int] | None = None      # rows with temperature > 0 (None: derived here)
 
 
@@ -58,6 +60,8 @@ class SamplerOutput:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:  # logits [S, V]
         logits = logits.to(torch.float32)
+        if md.token_bitmask is not None:   # first, as vLLM: constrained rows' logprobs see the mask
+            logits = ops.apply_token_bitmask(logits, md.token_bitmask)
         raw_logprobs = ops.compute_logprobs(logits) if md.max_num_logprobs >= 0 else None
         if md.banned_rows is not None and md.banned_rows.numel():
             logits = logits.index_put((md.banned_rows, md.banned_tokens),

@@ -6,6 +6,12 @@ Formats: a Hugging Face directory (config.json + safetensors, sharded too), a GG
 With no model named, the embedded default SmolLM2-135M-Instruct GGUF is used. Pickle checkpoints
 are refused. Every failure is a ``LoaderError`` (a ValueError) naming the file or tensor.
 
+Sharded loading: with a ``parallel`` context of size N the model is built with this rank's shards
+and every parameter's ``weight_loader`` keeps its slice. From safetensors each tensor is opened as
+a lazy slice, so a rank reads only its bytes; GGUF tensors are dequantized whole and narrowed;
+dummy weights are drawn per shard (seeded by seed and rank: the same seed and tensor_parallel_size
+give the same weights, a different size gives different ones).
+
 May import models, layers and tokenizer; must not import the engine, executor or server.
 """
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from mindie_llm.distributed.parallel_state import ParallelContext
 from mindie_llm.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
 from mindie_llm.loader.dummy import NAMED_SHAPES, init_dummy_weights, named_shape
 from mindie_llm.loader.errors import (CorruptCheckpointError, DefaultModelMissingError, LoaderError,
@@ -89,13 +96,15 @@ def resolve_format(path: str | None, load_format: str = "auto") -> tuple[str, st
     raise ModelNotFoundError(path, "not a model: expected a Hugging Face directory or a .gguf file")
 
 
-def build_empty_model(arch: LlamaArchConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The model with uninitialized parameters of ``dtype`` on ``device`` (rotary caches in fp32)."""
+def build_empty_model(arch: LlamaArchConfig, device: torch.device, dtype: torch.dtype,
+                      parallel: ParallelContext | None = None) -> nn.Module:
+    """The model (this rank's shard of it) with uninitialized parameters of ``dtype`` on ``device``
+    (rotary caches in fp32)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
     try:
         with torch.device(device):
-            model = build_model(arch)
+            model = build_model(arch, parallel)
     finally:
         torch.set_default_dtype(old)
     return model.train(False)  # inference mode of the module (dropout off)
@@ -133,12 +142,12 @@ def _arch_from(cfg: Mapping[str, Any], source: str) -> LlamaArchConfig:
         raise WeightMismatchError(source, str(e)) from None
 
 
-def _load_hf(path: str, device: torch.device, dtype: Any, progress: bool):
+def _load_hf(path: str, device: torch.device, dtype: Any, progress: bool, parallel: ParallelContext):
     cfg = read_hf_config(path)
     arch = _arch_from(cfg, os.path.join(path, "config.json"))
     files = safetensors_files(path)
-    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
-    weights = iter_safetensors(files)
+    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch), parallel)
+    weights = iter_safetensors(files, lazy=parallel.size > 1)
     if progress:
         from tqdm import tqdm
 
@@ -150,7 +159,7 @@ def _load_hf(path: str, device: torch.device, dtype: Any, progress: bool):
     return model, arch, tok
 
 
-def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool):
+def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool, parallel: ParallelContext):
     from mindie_llm.loader.gguf_loader import gguf_arch_dict, iter_gguf_tensors, open_gguf, read_gguf_metadata
 
     reader = open_gguf(path)
@@ -160,7 +169,7 @@ def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool):
         names = {t.name for t in reader.tensors}
         cfg["tie_word_embeddings"] = "output.weight" not in names
         arch = _arch_from(cfg, path)
-        model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
+        model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch), parallel)
         _load_weights(model, ((path, n, t) for n, t in iter_gguf_tensors(reader, path, cfg, progress)))
     finally:
         reader.close()
@@ -172,7 +181,7 @@ def _load_gguf(path: str, device: torch.device, dtype: Any, progress: bool):
 
 
 def _load_dummy(path: str | None, device: torch.device, dtype: Any, seed: int,
-                hf_config: Mapping[str, Any] | None):
+                hf_config: Mapping[str, Any] | None, parallel: ParallelContext):
     tok = None
     if hf_config is not None:
         cfg, source = dict(hf_config), "<config dict>"
@@ -186,29 +195,32 @@ def _load_dummy(path: str | None, device: torch.device, dtype: Any, seed: int,
         raise ModelNotFoundError(path, f"dummy weights need a named shape ({', '.join(NAMED_SHAPES)}) "
                                        "or a directory with config.json")
     arch = _arch_from(cfg, source)
-    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch))
-    init_dummy_weights(model, seed)
+    model = build_empty_model(arch, device, resolve_dtype(dtype, device, arch), parallel)
+    init_dummy_weights(model, seed if parallel.size == 1 else seed + 1_000_003 * (parallel.rank + 1))
     return model, arch, tok
 
 
 def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any = None, *,
-               progress: bool = True, hf_config: Mapping[str, Any] | None = None) -> LoadedModel:
+               progress: bool = True, hf_config: Mapping[str, Any] | None = None,
+               parallel: ParallelContext | None = None) -> LoadedModel:
     """Loads ``model_config`` (a ``config.ModelConfig``) onto ``device``.
 
     ``dtype`` overrides ``model_config.dtype`` when given. ``hf_config`` (dummy format only) gives
-    the architecture as a config.json-shaped dict. ``model_config.quantization == "int8"`` applies
+    the architecture as a config.json-shaped dict. ``parallel`` (None = one rank) selects this
+    rank's shard. ``model_config.quantization == "int8"`` applies
     weight-only int8 to every linear layer after loading.
     """
     device = torch.device(device)
+    parallel = parallel if parallel is not None else ParallelContext.single()
     dtype = dtype if dtype is not None else getattr(model_config, "dtype", "auto")
     path = getattr(model_config, "path", None)
     fmt, path = resolve_format(path, getattr(model_config, "load_format", "auto"))
     if fmt == "dummy":
-        model, arch, tok = _load_dummy(path, device, dtype, getattr(model_config, "seed", 0), hf_config)
+        model, arch, tok = _load_dummy(path, device, dtype, getattr(model_config, "seed", 0), hf_config, parallel)
     elif fmt == "gguf":
-        model, arch, tok = _load_gguf(path, device, dtype, progress)
+        model, arch, tok = _load_gguf(path, device, dtype, progress, parallel)
     else:
-        model, arch, tok = _load_hf(path, device, dtype, progress)
+        model, arch, tok = _load_hf(path, device, dtype, progress, parallel)
     if getattr(model_config, "quantization", "none") == "int8":
         from mindie_llm.layers.quantization import quantize_int8
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -104,8 +104,10 @@ def _check_header(file: str) -> None:
                                                f"the {data_len}-byte data section", tensor=name)
 
 
-def iter_safetensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yields (file, tensor name, tensor) for every tensor of every file."""
+def iter_safetensors(files: list[str], lazy: bool = False) -> Iterator[tuple[str, str, Any]]:
+    """Yields (file, tensor name, tensor) for every tensor of every file. ``lazy``: a safetensors
+    slice instead of the tensor (``get_shape()``, indexing reads only the indexed bytes), valid
+    until the next item; tensor-parallel ranks use it to read only their shard."""
     from safetensors import SafetensorError, safe_open
 
     for file in files:
@@ -113,6 +115,6 @@ def iter_safetensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield file, name, f.get_tensor(name)
+                    yield file, name, (f.get_slice(name) if lazy else f.get_tensor(name))
         except SafetensorError as e:
             raise CorruptCheckpointError(file, f"cannot be read as safetensors: {e}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mindie_llm.distributed.parallel_state import ParallelContext
 from mindie_llm.models.config import ArchConfigError, LlamaArchConfig
 from mindie_llm.models.llama import LlamaForCausalLM
 
@@ -28,5 +29,6 @@ def get_model_class(architecture: str) -> type[nn.Module]:
                               f"{', '.join(supported_architectures())}") from None
 
 
-def build_model(arch: LlamaArchConfig) -> nn.Module:
-    return get_model_class(arch.architecture)(arch)
+def build_model(arch: LlamaArchConfig, parallel: ParallelContext | None = None) -> nn.Module:
+    """The model of ``arch``, sharded for ``parallel`` (None = one rank)."""
+    return get_model_class(arch.architecture)(arch, parallel)

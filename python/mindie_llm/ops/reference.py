@@ -173,3 +173,12 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
         out[i, n] = int((last_dist / e).argmax())
         num[i] = n + 1
     return out, num
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Structured output: ``logits`` [S, V] with every token whose bit is 0 set to -inf.
+    ``bitmask`` [S, W] int32, W = ceil(V/32): token t is allowed when bit t%32 of word t//32 is set
+    (the layout of llguidance and xgrammar). Out of place; the plain-torch oracle."""
+    S, V = logits.shape
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.to(torch.int32).unsqueeze(-1) >> bits) & 1).reshape(S, -1)[:, :V].bool()   # [S, V]
+    return logits.masked_fill(~allowed, float("-inf"))

@@ -16,7 +16,8 @@ import torch
 
 __all__ = [
     "apply_penalties", "apply_temperature", "apply_min_p", "apply_top_k_top_p", "mix_seed",
-    "sample_seeded", "compute_logprobs", "gather_logprobs", "rejection_sample", "ACCEPT_STREAM",
+    "sample_seeded", "compute_logprobs", "gather_logprobs", "apply_token_bitmask", "rejection_sample",
+    "ACCEPT_STREAM",
 ]
 
 _M64 = (1 << 64) - 1
@@ -164,3 +165,12 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
         out[:, :k] = torch.where(cols[:, :k] < n_acc[:, None], x, out[:, :k])
     out[rows, n_acc] = last
     return out, n_acc + 1
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` [S, V] with the tokens a packed int32 mask [S, ceil(V/32)] forbids set to -inf
+    (bit t%32 of word t//32 = token t allowed). Rows whose words are all -1 are unchanged."""
+    S, V = logits.shape
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask.to(device=logits.device, dtype=torch.int32).unsqueeze(-1) >> bits) & 1)
+    allowed = allowed.reshape(S, -1)[:, :V].bool()                                       # [S, V]
+    return logits.masked_fill(~allowed, float("-inf"))

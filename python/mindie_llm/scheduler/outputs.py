@@ -16,10 +16,11 @@ from mindie_llm.contract import FinishReason, SchedulerOutput
 
 __all__ = ["FinishReason", "SchedulerOutput", "UpdateResult", "SCHEDULE_FIELDS"]
 
-# The order of the tuple the C++ core's schedule() returns.
-SCHEDULE_FIELDS = ("req_ids", "num_scheduled_tokens", "num_computed_tokens", "input_token_ids", "spec_offsets",
-                   "spec_token_ids", "sample_mask", "block_table_reset", "new_block_offsets", "new_block_ids",
-                   "preempted_ids", "finished_ids", "finish_reasons", "num_batched_tokens")
+# The order of the tuple the C++ core's schedule() returns: SchedulerOutput's positional fields
+# (a test checks it), so the facade builds the message without keyword arguments.
+SCHEDULE_FIELDS = ("req_ids", "num_scheduled_tokens", "num_computed_tokens", "input_token_ids", "sample_mask",
+                   "block_table_reset", "new_block_offsets", "new_block_ids", "preempted_ids", "finished_ids",
+                   "finish_reasons", "num_batched_tokens", "spec_offsets", "spec_token_ids")
 
 
 @dataclass(slots=True)

@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 
 from mindie_llm import _scheduler
-from mindie_llm.scheduler.outputs import SCHEDULE_FIELDS, FinishReason, SchedulerOutput, UpdateResult
+from mindie_llm.contract import NewRequests
+from mindie_llm.scheduler.outputs import FinishReason, SchedulerOutput, UpdateResult
 
 SchedulerError = _scheduler.SchedulerError                    # base, a RuntimeError
-RequestRejectedError = _scheduler.RequestRejectedError        # ValueError: refused at admission
+RequestRejectedError = _scheduler.RequestRejectedError        # ValueError: refused at admission; .field
+                                                              # names the request field (None: none)
 NoFreeBlocksError = _scheduler.NoFreeBlocksError              # add_prefilled: no room now, retry
 UnknownRequestError = _scheduler.UnknownRequestError          # KeyError and ValueError
 SchedulerContractError = _scheduler.SchedulerContractError    # ValueError: step contract broken
@@ -70,23 +72,31 @@ class SchedulerCoreConfig:
         return core
 
 
+def _rejected(field: str, message: str) -> RequestRejectedError:
+    exc = RequestRejectedError(f"{field} {message}")
+    exc.field = field
+    return exc
+
+
 def _checked_int(name: str, value: int, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise RequestRejectedError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+        raise _rejected(name, f"must be an int in [{low}, {high}], got {value!r}")
     return int(value)
 
 
-def _int32_array(name: str, values, error: type[Exception] = RequestRejectedError) -> np.ndarray:
-    """``values`` as a 1-D int32 array; ``error`` names ``name`` for non-ints and values beyond int32
+def _int32_array(name: str, values, error=_rejected) -> np.ndarray:
+    """``values`` as a 1-D int32 array; ``error(name, message)`` for non-ints and values beyond int32
     (the C++ core checks what the values mean, e.g. that token ids are not negative)."""
+    if type(values) is np.ndarray and values.dtype == np.int32 and values.ndim == 1:
+        return values   # the common case of the step path: nothing to convert
     arr = np.asarray(values)
     if arr.size == 0:
         return np.zeros(0, np.int32)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise error(f"{name} must be a 1-D sequence of ints, got dtype {arr.dtype} ndim {arr.ndim}")
+        raise error(name, f"must be a 1-D sequence of ints, got dtype {arr.dtype} ndim {arr.ndim}")
     if arr.dtype != np.int32:
         if int(arr.min()) < -_INT32_MAX - 1 or int(arr.max()) > _INT32_MAX:
-            raise error(f"{name} has a value outside int32")
+            raise error(name, "has a value outside int32")
         arr = arr.astype(np.int32)
     return arr
 
@@ -95,8 +105,12 @@ def _token_array(name: str, values: Sequence[int] | np.ndarray) -> np.ndarray:
     return _int32_array(name, values)
 
 
+def _contract_error(name: str, message: str) -> SchedulerContractError:
+    return SchedulerContractError(f"update(): {name} {message}")
+
+
 def _step_array(name: str, values) -> np.ndarray | None:
-    return None if values is None else _int32_array(name, values, SchedulerContractError)
+    return None if values is None else _int32_array(name, values, _contract_error)
 
 
 class Scheduler:
@@ -111,6 +125,9 @@ class Scheduler:
         """Creates the block pool and empty queues for ``config``."""
         self.config = config
         self._core = _scheduler.SchedulerCore(config.to_core())
+        # The plan carries no new requests (the engine sets them each step): one shared empty
+        # placeholder instead of ~20 fresh empty arrays per step.
+        self._no_new_requests = NewRequests()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req_id: int, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *,
@@ -122,6 +139,15 @@ class Scheduler:
         self._core.add_request(*self._request_args(
             req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
             stop_token_ids, ignore_eos, parent_id))
+
+    def check_request(self, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *, min_tokens: int = 0,
+                      priority: int = 0, arrival_time: float = 0.0, eos_token_ids: Sequence[int] = (),
+                      stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, parent_id: int = -1) -> None:
+        """The checks of add_request on the request's fields (all but the id), with no side effect:
+        raises RequestRejectedError (``.field`` names the field) exactly when add_request would."""
+        self._core.check_request(*self._request_args(
+            0, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
+            stop_token_ids, ignore_eos, parent_id)[1:])
 
     @staticmethod
     def _request_args(req_id, prompt_token_ids, max_tokens, min_tokens, priority, arrival_time, eos_token_ids,
@@ -146,9 +172,9 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         """Plans one step (GIL released) and advances num_computed_tokens of each scheduled request."""
-        return SchedulerOutput(**dict(zip(SCHEDULE_FIELDS, self._core.schedule())))
+        return SchedulerOutput(*self._core.schedule(), self._no_new_requests)   # SCHEDULE_FIELDS order
 
-    def update(self, req_ids: np.ndarray, token_offsets: np.ndarray, token_ids: np.ndarray | None = None,
+    def update(self, req_ids: np.ndarray, token_offsets: np.ndarray | None = None, token_ids: np.ndarray | None = None,
                draft_offsets: np.ndarray | None = None, draft_token_ids: np.ndarray | None = None) -> UpdateResult:
         """Takes the step's result: S sampling rows of the last schedule() in batch order
         (``req_ids`` int64[S]) with 1..k+1 tokens each (``token_offsets`` int32[S+1], ``token_ids``;
@@ -158,7 +184,7 @@ class Scheduler:
         finishes; rolls back rejected proposals (num_computed_tokens, lookahead blocks). The
         two-argument form ``update(req_ids, sampled_token_ids)`` means one token per row. A live
         sampling request left out is allowed only in an empty update(): the step is rolled back."""
-        if token_ids is None:   # update(req_ids, sampled_token_ids): one token each
+        if token_ids is None:   # update(req_ids, sampled_token_ids): one token each (also token_ids=x alone)
             token_offsets, token_ids = None, token_offsets
         ids = np.asarray(req_ids)
         if ids.dtype != np.int64:

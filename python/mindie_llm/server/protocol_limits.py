@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from mindie_llm.config import EngineConfig
 
-__all__ = ["RequestLimitError", "RequestLimits"]
+__all__ = ["ModelNotFoundError", "RequestLimitError", "RequestLimits"]
 
 
 class RequestLimitError(ValueError):
@@ -23,6 +23,13 @@ class RequestLimitError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         self.param = param
         super().__init__(f"{param}: {message}")
+
+
+class ModelNotFoundError(RequestLimitError):
+    """The request names a model this server does not serve (HTTP 404 ``model_not_found``)."""
+
+    def __init__(self, model: str, served: str) -> None:
+        super().__init__("model", f"the model {model[:128]!r} does not exist; this server serves {served!r}")
 
 
 @dataclass(frozen=True)

@@ -58,9 +58,12 @@ class Speculator:
             self.proposer.observe_hidden(np.asarray(out.req_ids), fb, hidden, valid)
         reqs, rows = [], []
         crowded = 0 < self.disable_by_batch_size < res.num_rows   # a big batch is compute-bound: no gain
+        # Structured output: the step's grammar mask holds for a row's first token only, so
+        # constrained requests get no proposals.
+        constrained = set(np.asarray(getattr(out, "grammar_req_ids", ())).tolist())
         for i, rid in enumerate([] if crowded else res.req_ids.tolist()):
             st = runner.batch.requests.get(rid)
-            if st is None or not self.tracker.enabled(rid):
+            if st is None or rid in constrained or not self.tracker.enabled(rid):
                 continue
             toks = np.concatenate([st.prompt_token_ids, np.asarray(st.output_token_ids, np.int32)])
             k = min(self.k, self.max_model_len - int(toks.shape[0]))

@@ -12,12 +12,15 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplateError", "render", "validate_messages"]
+__all__ = ["ChatTemplateError", "render", "render_segments", "validate_messages"]
 
 
 class ChatTemplateError(ValueError):
@@ -86,3 +89,40 @@ def render(template: str | None, messages: list[dict], add_generation_prompt: bo
         raise ChatTemplateError(f"{template_name}: failed to render: {e}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise ChatTemplateError(f"{template_name}: failed to render: {type(e).__name__}: {e}") from None
+
+
+def render_segments(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
+                    protect: Iterable[str] = (), template_name: str = "chat_template",
+                    **kwargs: Any) -> list[tuple[str, bool]]:
+    """The rendered prompt as ``(text, is_content)`` pieces whose concatenation is ``render(...)``.
+
+    A message whose string content contains one of ``protect`` (the tokenizer's special-token
+    strings, e.g. ``<|im_end|>``) comes back as its own piece with ``is_content`` true, so that the
+    caller tokenizes it as plain text: only the template's own text produces special tokens. The
+    pieces are found by rendering once more with each such content replaced by a unique marker;
+    a template that changes content other than by trimming it cannot be split safely and is
+    refused (ChatTemplateError) rather than tokenized with the content's control strings live.
+    """
+    full = render(template, messages, add_generation_prompt, template_name, **kwargs)
+    protect = [p for p in protect if p]
+    risky = [i for i, m in enumerate(messages)
+             if isinstance(m, dict) and isinstance(m.get("content"), str) and any(p in m["content"] for p in protect)]
+    if not risky:
+        return [(full, False)]
+    tag = os.urandom(8).hex()
+    markers = {f"\ue000{tag}.{i}\ue001": i for i in risky}
+    masked = [dict(m) for m in messages]
+    for mark, i in markers.items():
+        masked[i]["content"] = mark
+    text = render(template, masked, add_generation_prompt, template_name, **kwargs)
+    for transform in (lambda c: c, str.strip):
+        pieces: list[tuple[str, bool]] = []
+        for part in re.split(f"(\ue000{tag}\\.\\d+\ue001)", text):
+            if part in markers:
+                pieces.append((transform(messages[markers[part]]["content"]), True))
+            elif part:
+                pieces.append((part, False))
+        if "".join(p for p, _ in pieces) == full:
+            return pieces
+    raise ChatTemplateError(f"{template_name}: transforms message content, so content holding control strings "
+                            "cannot be tokenized as text; remove them, or set server.chat_content_special_tokens")

@@ -75,6 +75,9 @@ class Tokenizer:
         specials.update(e for e in (bos_token_id, pad_token_id, *self.eos_token_ids) if e is not None)
         self.all_special_ids: list[int] = sorted(specials)
         self._token_bytes_cache: dict[int, bytes] = {}
+        # Strings the backend turns into added tokens wherever they appear in a text.
+        self._added_strings = tuple(t.content for t in backend.get_added_tokens_decoder().values() if t.content)
+        self._text_backend: tokenizers.Tokenizer | None = None   # same vocabulary, added tokens as text
 
     # ------------------------------------------------------------------ properties
     @property
@@ -101,6 +104,17 @@ class Tokenizer:
                 (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` with control strings (``<|im_end|>``...) split into ordinary tokens:
+        no special token can come out of it. No BOS."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"prompt: expected a string, got {type(text).__name__}")
+        if self._text_backend is None:
+            backend = tokenizers.Tokenizer.from_str(self._tok.to_str())
+            backend.encode_special_tokens = True
+            self._text_backend = backend
+        return self._text_backend.encode(text, add_special_tokens=False).ids
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         out = [int(i) for i in ids]
@@ -147,6 +161,29 @@ class Tokenizer:
         kwargs.setdefault("bos_token", self.bos_token or "")
         kwargs.setdefault("eos_token", self.eos_token or "")
         return render(self.chat_template, messages, add_generation_prompt, **kwargs)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    content_special_tokens: bool = False, **kwargs: Any) -> list[int]:
+        """The prompt ids of a conversation. Message content is tokenized as text, so control
+        strings inside it cannot forge turns; only the template's text yields special tokens.
+        ``content_special_tokens`` restores parsing them inside content (trusted deployments)."""
+        from mindie_llm.tokenizer.chat_template import render_segments
+
+        kwargs.setdefault("bos_token", self.bos_token or "")
+        kwargs.setdefault("eos_token", self.eos_token or "")
+        if content_special_tokens:
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
+        pieces = render_segments(self.chat_template, messages, add_generation_prompt,
+                                 protect=self._added_strings, **kwargs)
+        if len(pieces) == 1 and not pieces[0][1]:
+            return self.encode(pieces[0][0])
+        ids = list(self._tok.encode("", add_special_tokens=True).ids)   # the post-processor's prefix (BOS)
+        for text, is_content in pieces:
+            ids.extend(self.encode_as_text(text) if is_content else
+                       self._tok.encode(text, add_special_tokens=False).ids)
+        if self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -117,26 +117,33 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     raise KeyError(f"metric {name}{labels} not in /metrics")
 
 
+FAKE_SERVER = Path(__file__).resolve().parent / "fake_server.py"
+
+
 def launch(tmp_dir: Path, config: dict[str, Any] | str, *, args: list[str] | None = None,
-           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path, Path]:
-    """Starts ``python -m mindie_llm.server.launcher --config <tmp>/server.yaml`` without waiting."""
+           env: dict[str, str] | None = None, fake_step_delay: float | None = None
+           ) -> tuple[subprocess.Popen, Path, Path]:
+    """Starts ``python -m mindie_llm.server.launcher --config <tmp>/server.yaml`` without waiting
+    (``fake_step_delay`` set: the same launcher over the fake engine of fake_server.py)."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     n = len(list(tmp_dir.glob("server-*.yaml")))
     cfg_path = tmp_dir / f"server-{n}.yaml"
     cfg_path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
     log_path = tmp_dir / f"server-{n}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mindie_llm.server.launcher", "--config", str(cfg_path),
-                                 *(args or [])], stdout=log, stderr=subprocess.STDOUT, env=server_env(env),
-                                start_new_session=True)
+        entry = (["-m", "mindie_llm.server.launcher"] if fake_step_delay is None else
+                 [str(FAKE_SERVER), "--step-delay", str(fake_step_delay)])
+        proc = subprocess.Popen([sys.executable, *entry, "--config", str(cfg_path), *(args or [])],
+                                stdout=log, stderr=subprocess.STDOUT, env=server_env(env), start_new_session=True)
     return proc, cfg_path, log_path
 
 
 def start_server(tmp_dir: Path, overrides: dict[str, Any] | None = None, *, env: dict[str, str] | None = None,
-                 timeout: float = 240.0) -> ServerProcess:
-    """Starts a server from ``BASE_CONFIG`` merged with ``overrides`` and waits for its ready line."""
+                 timeout: float = 240.0, fake_step_delay: float | None = None) -> ServerProcess:
+    """Starts a server from ``BASE_CONFIG`` merged with ``overrides`` and waits for its ready line
+    (``fake_step_delay``: over the fake engine, see fake_server.py; the model is "fake-model")."""
     config = merge(BASE_CONFIG, overrides or {})
-    proc, cfg_path, log_path = launch(tmp_dir, config, env=env)
+    proc, cfg_path, log_path = launch(tmp_dir, config, env=env, fake_step_delay=fake_step_delay)
     srv = ServerProcess(proc, cfg_path, log_path, api_key=config["server"].get("api_key") or
                         (env or {}).get(config["server"].get("api_key_env", "MINDIE_API_KEY")))
     deadline = time.monotonic() + timeout

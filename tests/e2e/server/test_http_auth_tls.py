@@ -22,6 +22,8 @@ M = "SmolLM2-135M-Instruct"
 BODIES = {
     "/v1/completions": {"model": M, "prompt": "Hi", "max_tokens": 2},
     "/v1/chat/completions": {"model": M, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    "/tokenize": {"model": M, "prompt": "Hi"},
+    "/detokenize": {"model": M, "tokens": [1, 2]},
 }
 
 

@@ -47,3 +47,22 @@ def test_bench_table_floor():
     t = format_table(rows)
     assert "| mindie-llm | batch 1 decode | 40.0 | 110 | 100.0 | 40% |" in t
     assert "batch 1 decode: mindie-llm / transformers = 2.76x" in t
+
+
+def test_bench_prints_progress_and_partial_rows_on_ctrl_c(monkeypatch, capsys):
+    """Ctrl-C during the offline benchmark prints the rows measured so far and exits 130."""
+    import argparse
+
+    from mindie_llm import cli
+    from mindie_llm.bench import offline
+
+    def fake_mindie(args, rows, total):
+        offline._progress(1, total, "mindie-llm: loading the model")
+        rows.append(Row("mindie-llm", "batch 1 decode", 10.0, 10 ** 6, 11.0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offline, "_bench_mindie", fake_mindie)
+    assert cli.main(["bench", "--no-hf"]) == 130
+    out = capsys.readouterr()
+    assert "[1/3] mindie-llm: loading the model" in out.err
+    assert "interrupted" in out.out and "| mindie-llm | batch 1 decode | 10.0 |" in out.out

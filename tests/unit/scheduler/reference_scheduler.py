@@ -333,6 +333,10 @@ class RefScheduler:
                         self._trim(r, r.wo_spec)
             self.last_sample = []
             return done, appended
+        if self.caching:
+            for r in self.last_rows:  # the step ran: full blocks join the prefix cache (rows with
+                if r.state == "running" and not r.last_spec:  # proposals: after their rollback)
+                    self._register(r)
         for r in self.last_sample:
             if r.id not in given or r.state != "running" or not r.awaiting:
                 continue
@@ -349,15 +353,12 @@ class RefScheduler:
                     valid += 1
                 r.computed = r.before + r.last_new - r.last_spec + valid
                 self._trim(r, max(self._blocks_for(r.computed + 1), r.wo_spec))
+                if self.caching:
+                    self._register(r)
             r.drafts = list(drafts[j]) if drafts is not None and not reason else []
             if reason:
                 done.append((r.id, reason))
-        if self.caching:
-            for r in self.last_rows:  # the step ran: its full, accepted blocks join the prefix cache
-                if r.state == "running":
-                    self._register(r)
-        for rid, reason in done:
-            self._drop(self.reqs[rid], reason)
+                self._drop(r, reason)
         self.last_sample = []
         return done, appended
 

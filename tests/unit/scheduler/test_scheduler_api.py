@@ -407,3 +407,26 @@ def test_schedule_releases_the_gil_and_is_thread_safe():
         stop.set()
         t.join()
     assert not errors
+
+
+def test_check_request_has_the_admission_rules_and_no_side_effect():
+    """check_request refuses exactly what add_request would (oracle: add_request itself) and
+    leaves nothing behind."""
+    s = make()
+    cases = [([1, 2, 3], 4), ([], 4), ([1, -2], 4), ([1] * 60, 10), ([1, 2], 0)]
+    for prompt, max_tokens in cases:
+        try:
+            s.check_request(prompt, max_tokens)
+            checked = None
+        except RequestRejectedError as e:
+            checked = str(e)
+        assert s.stats()["num_waiting"] == 0 and not s.has_unfinished()
+        try:
+            s.add_request(99, prompt, max_tokens)
+            added = None
+            s.abort(99)
+            s.schedule()
+            s.update(np.zeros(0, np.int64), np.zeros(0, np.int32))
+        except RequestRejectedError as e:
+            added = str(e)
+        assert (checked is None) == (added is None), (prompt, max_tokens, checked, added)

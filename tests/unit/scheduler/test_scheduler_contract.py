@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mindie_llm import _scheduler
 from mindie_llm.scheduler import (
@@ -41,6 +43,14 @@ def test_finish_reason_agrees_with_the_cpp_export():
     py = {m.name: int(m) for m in FinishReason}
     assert cpp == py
     assert cpp["PREFILL_DONE"] == 7 and cpp["NONE"] == 0
+
+
+def test_schedule_tuple_order_is_the_positional_order_of_scheduler_output():
+    import dataclasses
+
+    from mindie_llm.scheduler.outputs import SCHEDULE_FIELDS, SchedulerOutput
+    names = [f.name for f in dataclasses.fields(SchedulerOutput)]
+    assert tuple(names[:len(SCHEDULE_FIELDS)]) == SCHEDULE_FIELDS and names[len(SCHEDULE_FIELDS)] == "new_requests"
 
 
 def test_policy_and_role_names_come_from_the_cpp_enums():
@@ -83,18 +93,64 @@ def test_facade_converts_types_and_names_the_field(field, value):
 
 # ------------------------------------------------------------------------------- request validation
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(eos_token_ids=[-1]), "eos_token_ids"),
-    (dict(stop_token_ids=[3, -7]), "stop_token_ids"),
-    (dict(stop_token_ids=[2**33]), "stop_token_ids"),
-    (dict(eos_token_ids=[1.5]), "eos_token_ids"),
-    (dict(min_tokens=-1), "min_tokens"),
+@pytest.mark.parametrize("prompt,max_tokens,kw,field", [
+    ([1, 2], 4, dict(eos_token_ids=[-1]), "eos_token_ids"),
+    ([1, 2], 4, dict(stop_token_ids=[3, -7]), "stop_token_ids"),
+    ([1, 2], 4, dict(stop_token_ids=[2**33]), "stop_token_ids"),     # facade: beyond int32
+    ([1, 2], 4, dict(eos_token_ids=[1.5]), "eos_token_ids"),         # facade: not ints
+    ([1, 2], 4, dict(min_tokens=-1), "min_tokens"),
+    ([1, 2], 4, dict(min_tokens=5), "min_tokens"),
+    ([1, 2], 0, {}, "max_tokens"),
+    ([], 4, {}, "prompt_token_ids"),
+    ([3, -1], 4, {}, "prompt_token_ids"),
+    ([1] * 60, 5, {}, "max_tokens"),            # 65 > max_model_len 64: max_tokens is at fault
+    ([1] * 64, 1, {}, "prompt_token_ids"),      # the prompt alone fills max_model_len
+    ([1, 2], 4, dict(arrival_time=float("inf")), "arrival_time"),
 ])
-def test_request_fields_are_checked_in_cpp_and_named(kw, match):
+def test_request_fields_are_checked_in_cpp_and_named(prompt, max_tokens, kw, field):
     s = make()
-    with pytest.raises(RequestRejectedError, match=match):
-        s.add_request(1, [1, 2], 4, **kw)
+    with pytest.raises(RequestRejectedError, match=field) as err:
+        s.check_request(prompt, max_tokens, **kw)
+    assert err.value.field == field
+    with pytest.raises(RequestRejectedError, match=field) as err:
+        s.add_request(1, prompt, max_tokens, **kw)
+    assert err.value.field == field
     assert not s.has_unfinished()
+
+
+def test_pool_and_budget_rejections_name_the_field():
+    s = make(num_blocks=5, max_model_len=100, enable_chunked_prefill=False, max_num_batched_tokens=8)
+    with pytest.raises(RequestRejectedError, match="KV blocks") as err:
+        s.add_request(1, [1] * 8, 9)     # 17 tokens, 16 slots
+    assert err.value.field == "max_tokens"
+    with pytest.raises(RequestRejectedError, match="max_num_batched_tokens") as err:
+        s.add_request(1, [1] * 9, 2)
+    assert err.value.field == "prompt_token_ids"
+    s.add_request(1, [1] * 8, 2)
+    with pytest.raises(RequestRejectedError, match="already live") as err:
+        s.add_request(1, [1], 1)
+    assert err.value.field == "req_id"
+    s.check_request([1], 1)  # the id is not checked (none is assigned yet)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt=st.lists(st.integers(-2, 9), max_size=70), max_tokens=st.integers(-1, 70),
+       min_tokens=st.integers(-1, 4), eos=st.lists(st.integers(-1, 9), max_size=2))
+def test_check_request_agrees_with_add_request_and_changes_nothing(prompt, max_tokens, min_tokens, eos):
+    s = make()
+    kw = dict(min_tokens=min_tokens, eos_token_ids=eos)
+    try:
+        s.check_request(prompt, max_tokens, **kw)
+        checked = None
+    except RequestRejectedError as e:
+        checked = e.field
+    assert not s.has_unfinished()
+    try:
+        s.add_request(1, prompt, max_tokens, **kw)
+        added = None
+    except RequestRejectedError as e:
+        added = e.field
+    assert checked == added
 
 
 # ------------------------------------------------------------------------------- CSR update()

@@ -10,11 +10,17 @@ import torch
 import triton
 import triton.language as tl
 
+from mindie_llm.backends.cuda import pdl
+
 __all__ = ["silu_and_mul"]
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, I, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    if USE_PDL:   # the GEMV after this may start streaming its weights; wait for the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -36,5 +42,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if T > 0:
         block = min(1024, triton.next_power_of_2(I))
         _silu_and_mul_kernel[(T, triton.cdiv(I, block))](x2, out, x2.stride(0), out.stride(0), I,
-                                                         BLOCK=block, num_warps=4)
+                                                         BLOCK=block, num_warps=4,
+                                                         **pdl.launch_kwargs(x2.device))
     return out.reshape(*x.shape[:-1], I)

@@ -6,8 +6,11 @@ one sequence for all the query heads that share one KV head (GQA rows packed int
 dimension), walking the sequence's block table in tiles of ``TILE_N`` keys with an online softmax;
 causal masking is over the cached context plus the chunk (query token ``i`` of a chunk sees keys
 ``< context_len + i + 1``). For batches of decodes only, a split-KV (Flash-Decoding) variant splits
-each sequence's keys into ``NUM_SEGMENTS`` segments computed by separate programs and merges them
-in a second kernel: this keeps the GPU busy when the batch is small and the contexts long.
+each sequence's keys into ``NUM_SEGMENTS`` segments computed by separate programs: this keeps the
+GPU busy when the batch is small and the contexts long. The segments are merged in the same launch
+by whichever program of a (sequence, KV head) finishes last (an arrival counter per pair, reset by
+that program), so a short-context batch-1 decode is one kernel, not a split pass and a reduce pass;
+the two-kernel form (``merge="two_pass"``) stays for comparison.
 
 Grids depend only on host integers (T, B, heads), never on device values, so a decode launch can be
 captured in a CUDA graph. Imports triton and torch only; must not import models, layers or executor.
@@ -19,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from mindie_llm.backends.cuda import pdl
 
 __all__ = ["paged_attention", "paged_attention_raw", "NUM_SEGMENTS"]
 
@@ -174,8 +179,15 @@ def _split_kv_decode_kernel(part_out_ptr, part_m_ptr, part_l_ptr, q_ptr, kv_ptr,
                             stride_ch, stride_bt, QPKV: tl.constexpr, BLOCK_M: tl.constexpr,
                             HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             TILE_N: tl.constexpr, NUM_SEG: tl.constexpr, USE_WINDOW: tl.constexpr,
-                            IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """Decode-only batch (one query token per sequence): segment ``pid2`` of sequence ``pid0``."""
+                            IEEE: tl.constexpr, UPCAST: tl.constexpr, count_ptr, out_ptr, stride_ot, stride_oh,
+                            MERGE: tl.constexpr, QPKV_P: tl.constexpr, USE_PDL: tl.constexpr):
+    """Decode-only batch (one query token per sequence): segment ``pid2`` of sequence ``pid0``.
+    MERGE: the last program of the (sequence, KV head) to arrive merges the segments into ``out``.
+    USE_PDL: a programmatic-dependent launch (the o_proj GEMV after it may start its weight loads;
+    this waits for the kernel before it first)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -207,6 +219,31 @@ def _split_kv_decode_kernel(part_out_ptr, part_m_ptr, part_l_ptr, q_ptr, kv_ptr,
     tl.store(part_m_ptr + ml_off, m_i, mask=row_ok)
     tl.store(part_l_ptr + ml_off, l_i, mask=row_ok)
     tl.store(part_out_ptr + ml_off[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
+    if MERGE:
+        # Every thread's partial stores come before the barrier; the acq_rel counter increment
+        # (one thread, GPU scope) publishes them, and the last arrival's acquire sees all of them.
+        tl.debug_barrier()
+        cnt_ptr = count_ptr + seq * tl.num_programs(1) + kv_head
+        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SEG - 1:
+            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")     # ready for the next launch
+            offs_h = tl.arange(0, QPKV_P)
+            offs_s = tl.arange(0, NUM_SEG)
+            hmask = offs_h < QPKV
+            row0 = seq.to(tl.int64)                        # decode-only: token index = sequence index
+            hrow = row0 * (tl.num_programs(1) * QPKV) + kv_head * QPKV + offs_h                # [H]
+            ml = hrow[:, None] * NUM_SEG + offs_s[None, :]                                    # [H, S]
+            m = tl.load(part_m_ptr + ml, mask=hmask[:, None], other=float("-inf"), cache_modifier=".cg")
+            l = tl.load(part_l_ptr + ml, mask=hmask[:, None], other=0.0, cache_modifier=".cg")
+            m_max = tl.max(m, axis=1)                                                         # [H]
+            m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
+            w = tl.exp2(m - m_max[:, None])               # log2 units; empty segments weigh 0  [H, S]
+            denom = tl.sum(l * w, axis=1)                                                     # [H]
+            parts = tl.load(part_out_ptr + ml[:, :, None] * HEAD_DIM_P + offs_d[None, None, :],
+                            mask=hmask[:, None, None], other=0.0, cache_modifier=".cg")       # [H, S, D]
+            o = tl.sum(parts * w[:, :, None], axis=1) / tl.where(denom > 0, denom, 1.0)[:, None]  # [H, D]
+            o_off = row0 * stride_ot + (kv_head * QPKV + offs_h)[:, None] * stride_oh + offs_d[None, :]
+            tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -241,14 +278,23 @@ def _common(query: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int, int,
     return T, hq, d, hk, hq // hk
 
 
+def _use_split(split_kv: bool | None, max_query_len: int, max_seq_len: int | None) -> bool:
+    if split_kv is None:
+        return max_query_len == 1 and (max_seq_len is None or max_seq_len >= _SPLIT_MIN_SEQ_LEN)
+    return bool(split_kv)
+
+
 def paged_attention_raw(query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                         seq_lens: torch.Tensor, block_tables: torch.Tensor, num_seqs: int, max_query_len: int,
                         scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
-                        split_kv: bool | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+                        split_kv: bool | None = None, max_seq_len: int | None = None,
+                        merge: str = "in_kernel", counters: torch.Tensor | None = None) -> torch.Tensor:
     """``query[T, Hq, D]`` attends to the paged cache; returns ``[T, Hq, D]`` (into ``out`` if given).
 
     ``split_kv=None`` picks the split-KV variant for decode-only batches whose longest context is at
-    least ``_SPLIT_MIN_SEQ_LEN`` (or unknown); CUDA-graph capture passes it explicitly.
+    least ``_SPLIT_MIN_SEQ_LEN`` (or unknown); CUDA-graph capture passes it explicitly. Its segments
+    are merged ``"in_kernel"`` (one launch; ``counters``: int32 [>= T * Hk] zeros, left zero again,
+    allocated here when not given) or ``"two_pass"`` (a second kernel).
     """
     T, hq, d, hk, qpkv = _common(query, kv_cache)
     if out is None:
@@ -261,23 +307,31 @@ def paged_attention_raw(query: torch.Tensor, kv_cache: torch.Tensor, query_start
     upcast = not ieee and os.environ.get("TRITON_INTERPRET") == "1"
     use_window = sliding_window is not None and sliding_window > 0
     window = int(sliding_window) if use_window else 0
-    if split_kv is None:
-        split_kv = max_query_len == 1 and (max_seq_len is None or max_seq_len >= _SPLIT_MIN_SEQ_LEN)
-    if split_kv:
+    if _use_split(split_kv, max_query_len, max_seq_len):
         assert max_query_len == 1 and T == num_seqs, "split-KV needs a decode-only batch"
         block_m = max(16, triton.next_power_of_2(qpkv))
         tile_n = 32 if ieee else 64
         part_out = torch.empty((T, hq, NUM_SEGMENTS, head_dim_p), dtype=torch.float32, device=query.device)
         part_m = torch.empty((T, hq, NUM_SEGMENTS), dtype=torch.float32, device=query.device)
         part_l = torch.empty_like(part_m)
+        if merge not in ("in_kernel", "two_pass"):
+            raise ValueError(f"merge: expected 'in_kernel' or 'two_pass'; got {merge!r}")
+        fused = merge == "in_kernel"
+        if fused and counters is None:
+            counters = torch.zeros(T * hk, dtype=torch.int32, device=query.device)
+        if fused and (counters.dtype != torch.int32 or counters.numel() < T * hk):
+            raise ValueError(f"counters: expected int32 [>= {T * hk}]; got {counters.dtype} [{counters.numel()}]")
         _split_kv_decode_kernel[(T, hk, NUM_SEGMENTS)](
             part_out, part_m, part_l, query, kv_cache, block_tables, seq_lens, scale, window, query.stride(0),
             query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             block_tables.stride(0), QPKV=qpkv, BLOCK_M=block_m, HEAD_DIM=d, HEAD_DIM_P=head_dim_p,
             BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SEG=NUM_SEGMENTS, USE_WINDOW=use_window, IEEE=ieee,
-            UPCAST=upcast, num_warps=4)
-        _split_kv_reduce_kernel[(T, hq)](out, part_out, part_m, part_l, out.stride(0), out.stride(1),
-                                         HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEG=NUM_SEGMENTS, num_warps=4)
+            UPCAST=upcast, count_ptr=counters if fused else part_m, out_ptr=out, stride_ot=out.stride(0),
+            stride_oh=out.stride(1), MERGE=fused, QPKV_P=triton.next_power_of_2(qpkv),
+            num_warps=4, **(pdl.launch_kwargs(query.device) if fused else {"USE_PDL": False}))
+        if not fused:
+            _split_kv_reduce_kernel[(T, hq)](out, part_out, part_m, part_l, out.stride(0), out.stride(1),
+                                             HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEG=NUM_SEGMENTS, num_warps=4)
         return out
     small = max_query_len <= max(1, 16 // qpkv)                                 # decodes (and tiny chunks)
     cfg = {"block_m": 16, "tile_n": 32 if ieee else 64, "num_warps": 4, "num_stages": 2} if small else PREFILL_TILE
@@ -300,7 +354,25 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata, 
     """The ``ops.paged_attention`` contract: ``query[T, Hq, D]`` over ``attn_metadata``'s batch."""
     md = attn_metadata
     num_seqs = int(md.seq_lens.shape[0])
-    split = getattr(md, "backend_state", {}).get("cuda_split_kv")   # fixed by the CUDA-graph capture
+    state = getattr(md, "backend_state", None)
+    state = state if isinstance(state, dict) else {}
+    split = state.get("cuda_split_kv")                              # fixed by the CUDA-graph capture
+    max_seq_len = int(md.max_seq_len) if md.max_seq_len is not None else None
+    counters = None
+    if query.shape[0] and _use_split(split, int(md.max_query_len), max_seq_len):
+        counters = _step_counters(state, query.shape[0] * kv_cache.shape[3], query.device)
     return paged_attention_raw(query, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables, num_seqs,
                                int(md.max_query_len), scale, sliding_window, split_kv=split,
-                               max_seq_len=int(md.max_seq_len) if md.max_seq_len is not None else None)
+                               max_seq_len=max_seq_len, counters=counters)
+
+
+def _step_counters(state: dict, n: int, device: torch.device) -> torch.Tensor:
+    """The split-KV arrival counters of one step, shared by its layers (each launch leaves them
+    zero). Allocated once per step (metadata), and once inside a CUDA-graph capture: the tensor
+    must belong to the graph's pool, since the metadata of a capture does not outlive it."""
+    key = "cuda_split_counters_graph" if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() \
+        else "cuda_split_counters"
+    c = state.get(key)
+    if c is None or c.numel() < n or c.device != device:
+        c = state[key] = torch.zeros(max(n, 1), dtype=torch.int32, device=device)
+    return c

@@ -3,7 +3,9 @@
 
 Owns the two norm kernels of the CUDA backend. Imports triton and torch only; must not import the
 package's models, layers or executor. The reference semantics are ``ops/reference.py``: the norm and the
-weight product are computed in float32 and cast back to the input dtype once.
+weight product are computed in float32 and cast back to the input dtype once. On Hopper both are
+programmatic-dependent launches (``pdl.py``): trigger, then wait for the kernel before, at their
+start.
 """
 from __future__ import annotations
 
@@ -11,11 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from mindie_llm.backends.cuda import pdl
+
 __all__ = ["rms_norm", "fused_add_rms_norm"]
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, H, eps, BLOCK_H: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, H, eps, BLOCK_H: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    if USE_PDL:   # the GEMV after this may start streaming its weights; wait for the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -29,7 +37,11 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, H, eps, BLOCK_
 
 @triton.jit
 def _fused_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, stride_x, stride_res,
-                               stride_out, stride_new_res, H, eps, BLOCK_H: tl.constexpr):
+                               stride_out, stride_new_res, H, eps, BLOCK_H: tl.constexpr,
+                               USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -65,7 +77,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if T == 0:
         return out.reshape(shape)
     block, warps = _launch_params(H)
-    _rms_norm_kernel[(T,)](x2, weight, out, x2.stride(0), out.stride(0), H, eps, BLOCK_H=block, num_warps=warps)
+    _rms_norm_kernel[(T,)](x2, weight, out, x2.stride(0), out.stride(0), H, eps, BLOCK_H=block,
+                           num_warps=warps, **pdl.launch_kwargs(x2.device))
     return out.reshape(shape)
 
 
@@ -82,5 +95,5 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         block, warps = _launch_params(H)
         _fused_add_rms_norm_kernel[(T,)](x2, r2, weight, out, new_res, x2.stride(0), r2.stride(0),
                                          out.stride(0), new_res.stride(0), H, eps,
-                                         BLOCK_H=block, num_warps=warps)
+                                         BLOCK_H=block, num_warps=warps, **pdl.launch_kwargs(x2.device))
     return out.reshape(shape), new_res.reshape(shape)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mindie_llm.backends.cuda import pdl
+
 __all__ = ["rotary_embedding", "write_kv_cache", "rotary_embedding_write_kv"]
 
 
@@ -85,7 +87,10 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, kv_ptr, slo
                             num_q_heads, num_k_heads, block_size, HEAD_DIM: tl.constexpr,
                             HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, IS_NEOX: tl.constexpr,
-                            HAS_PASS: tl.constexpr):
+                            HAS_PASS: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:   # a programmatic-dependent launch: trigger, then wait for the kernel before
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     tok = tl.program_id(0).to(tl.int64)
     cos, sin = _load_cos_sin(pos_ptr, cache_ptr, stride_cache, tok, HALF, BLOCK_R)
     _rotate_heads(q_ptr, stride_qt, tok, num_q_heads, cos, sin, HEAD_DIM, HALF, BLOCK_HQ, BLOCK_R, IS_NEOX)
@@ -184,5 +189,5 @@ def rotary_embedding_write_kv(positions: torch.Tensor, query: torch.Tensor, key:
         kv_cache.stride(3), hq, hk, kv_cache.shape[2], HEAD_DIM=head_dim, HALF=half,
         BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
         BLOCK_R=triton.next_power_of_2(half), BLOCK_D=triton.next_power_of_2(head_dim),
-        IS_NEOX=bool(is_neox), HAS_PASS=rot_dim < head_dim, num_warps=4)
+        IS_NEOX=bool(is_neox), HAS_PASS=rot_dim < head_dim, num_warps=4, **pdl.launch_kwargs(query.device))
     return query, key

@@ -6,6 +6,7 @@ Must not import torch or the model code; only the engine front's public types.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import itertools
 import os
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from mindie_llm.outputs import CompletionOutput, RequestMetrics
 
-__all__ = ["load_stubs", "new_request_id", "timings_ns", "DeltaTracker", "SampleDelta"]
+__all__ = ["load_stubs", "new_request_id", "off_loop", "timings_ns", "DeltaTracker", "SampleDelta"]
 
 _counter = itertools.count()
 _PREFIX = f"grpc-{os.getpid()}-{os.urandom(4).hex()}"
@@ -32,6 +33,15 @@ def load_stubs(stem: str) -> tuple[ModuleType, ModuleType]:
             f"gRPC stubs for {stem}.proto are missing; they are generated at build time: "
             "run `python setup.py build_ext --inplace` or `pip install -e .`") from e
     return pb2, pb2_grpc
+
+
+async def off_loop(llm: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` off the event loop (tokenizing is CPU-heavy): on the AsyncLLM's preparation
+    threads, or a worker thread for engine fronts without them."""
+    run = getattr(llm, "run_cpu", None)
+    if run is None:
+        return await asyncio.to_thread(fn, *args)
+    return await run(fn, *args)
 
 
 def new_request_id() -> str:

@@ -46,6 +46,8 @@ def status_for(exc: BaseException, *, admitted: bool = False) -> tuple[grpc.Stat
     """
     if isinstance(exc, RpcError):
         return exc.code, exc.message
+    if getattr(exc, "grpc_code", None) is not None:   # errors that carry their own status (PD router)
+        return exc.grpc_code, str(exc)[:_MAX_MESSAGE_CHARS]
     queue_full, draining, dead = _engine_errors()
     if isinstance(exc, queue_full):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the request queue is full; retry later"

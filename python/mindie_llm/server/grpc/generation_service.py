@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from mindie_llm.sampling_params import SamplingParams
-from mindie_llm.server.grpc.common import DeltaTracker, load_stubs, new_request_id, timings_ns
+from mindie_llm.server.grpc.common import DeltaTracker, load_stubs, new_request_id, off_loop, timings_ns
 from mindie_llm.server.grpc.errors import RpcError, abort_with, last_output
 from mindie_llm.server.protocol_limits import RequestLimits
 
@@ -45,6 +45,27 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
+def _guided_from_proto(g: Any) -> dict[str, Any]:
+    """SamplingParams.guided_decoding of a GuidedDecoding message (RpcError naming the field)."""
+    import json
+
+    which = g.WhichOneof("kind")
+    if which is None:
+        raise RpcError(_INVALID, "sampling.guided: set one of json_schema, json_object, regex, choice, grammar")
+    if which == "json_schema":
+        try:
+            return {"json": json.loads(g.json_schema)}
+        except ValueError:
+            raise RpcError(_INVALID, "sampling.guided.json_schema: not valid JSON") from None
+    if which == "json_object":
+        if not g.json_object:
+            raise RpcError(_INVALID, "sampling.guided.json_object: must be true when set")
+        return {"json_object": True}
+    if which == "choice":
+        return {"choice": list(g.choice.choices)}
+    return {which: getattr(g, which)}
+
+
 def sampling_params_from_proto(msg: Any, limits: RequestLimits, has_sampling: bool) -> SamplingParams:
     """Builds SamplingParams from a ``SamplingParameters`` message, checking the server caps.
 
@@ -62,6 +83,8 @@ def sampling_params_from_proto(msg: Any, limits: RequestLimits, has_sampling: bo
             kwargs["stop_token_ids"] = list(msg.stop_token_ids)
         kwargs["ignore_eos"] = msg.ignore_eos
         kwargs["include_stop_str_in_output"] = msg.include_stop_str_in_output
+        if msg.HasField("guided"):
+            kwargs["guided_decoding"] = _guided_from_proto(msg.guided)
     try:
         limits.check(n=kwargs.get("n"), max_tokens=kwargs.get("max_tokens"), stop=kwargs.get("stop"),
                      logprobs=kwargs.get("logprobs"))
@@ -151,10 +174,25 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
             raise RpcError(_INVALID, f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {vocab})")
         return prompt, params
 
+    async def _check_guided(self, spec: dict) -> None:
+        """Compiles a structured-output spec off the event loop; INVALID_ARGUMENT when it cannot match."""
+        so = getattr(getattr(self.llm, "engine", None), "structured_output", None)
+        if so is None:
+            raise RpcError(_INVALID, "sampling.guided: structured output is not available on this engine")
+        try:
+            await off_loop(self.llm, so.compile, spec)
+        except ValueError as e:
+            msg = str(e).partition(": ")[2] or str(e)
+            raise RpcError(_INVALID, f"sampling.guided.{getattr(e, 'key', 'spec')}: {msg[:300]}") from None
+
     async def _start(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[AsyncIterator[Any], Any]:
         """Validates and admits a request; returns (generator, first output). Aborts the RPC on error."""
         try:
             prompt, params = self._prepare(request)
+            if params.guided_decoding is not None:
+                await self._check_guided(params.guided_decoding)
+            if isinstance(prompt, str):
+                prompt = list(await off_loop(self.llm, self.llm.tokenizer.encode, prompt))
             gen = self.llm.generate(prompt, params, new_request_id(), priority=int(request.priority))
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             await abort_with(context, e)
@@ -234,7 +272,7 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
             if len(request.text) > self.limits.max_request_body_bytes:
                 raise RpcError(_INVALID, "text: longer than server.max_request_body_bytes")
             tok = self.llm.tokenizer
-            ids = [int(i) for i in tok.encode(request.text)]
+            ids = [int(i) for i in await off_loop(self.llm, tok.encode, request.text)]
             tokens = [t if isinstance(t, str) else "" for t in tok.convert_ids_to_tokens(ids)]
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)

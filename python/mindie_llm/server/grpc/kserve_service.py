@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from mindie_llm.sampling_params import SamplingParams
-from mindie_llm.server.grpc.common import DeltaTracker, new_request_id, timings_ns
+from mindie_llm.server.grpc.common import DeltaTracker, new_request_id, off_loop, timings_ns
 from mindie_llm.server.grpc.errors import RpcError, abort_with, last_output, status_for
 from mindie_llm.server.grpc.kserve_params import (INPUT_SAMPLING, INPUT_STREAM, INPUT_TEXT, OUTPUT_TEXT,
                                                   KServeRequest, decode_request, option_tensor_types,
@@ -124,7 +124,8 @@ class KServeServicer:
         decoded, params = self._prepare(request)
         if unary and decoded.stream:
             raise RpcError(_INVALID, "stream: streaming needs ModelStreamInfer (a decoupled stream)")
-        gen = self.llm.generate(decoded.prompt, params, new_request_id(), priority=decoded.priority)
+        ids = list(await off_loop(self.llm, self.llm.tokenizer.encode, decoded.prompt))
+        gen = self.llm.generate(ids, params, new_request_id(), priority=decoded.priority)
         try:
             first = await gen.__anext__()
         except BaseException:

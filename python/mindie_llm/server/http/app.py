@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The FastAPI application: OpenAI routes, ``/health``, ``/ready``, ``/metrics``, ``/v1/models``.
+"""The FastAPI application: OpenAI routes, ``/health``, ``/ready``, ``/metrics``, ``/v1/models``,
+and vLLM's ``/tokenize``, ``/detokenize`` and ``/version``.
 
-Owns routing and the middleware order (API key outermost, then body cap). Must not import torch or
+Owns routing and the middleware order (access log outermost, then API key, then body cap). Must not import torch or
 the ``LLMEngine``; it talks to ``AsyncLLM`` only.
 """
 from __future__ import annotations
@@ -13,8 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from mindie_llm.server.http.errors import error_response, install_error_handlers
-from mindie_llm.server.http.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from mindie_llm.server.http.protocol import ChatCompletionRequest, CompletionRequest
+from mindie_llm.server.http.middleware import AccessLogMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
+from mindie_llm.server.http.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from mindie_llm.server.http.serving import OpenAIServing
 from mindie_llm.server.metrics import CONTENT_TYPE, ServerMetrics
 from mindie_llm.server.protocol_limits import RequestLimits
@@ -26,7 +32,8 @@ def build_app(async_llm: Any, config: Any, metrics: ServerMetrics | None = None)
     """An ASGI app serving ``async_llm`` under ``config.server``'s limits and API key."""
     limits = RequestLimits.from_config(config)
     metrics = metrics or ServerMetrics(async_llm)
-    serving = OpenAIServing(async_llm, limits)
+    serving = OpenAIServing(async_llm, limits,
+                            chat_content_special_tokens=config.server.chat_content_special_tokens)
     created = int(time.time())
     app = FastAPI(title="mindie-llm", version="0.1.0",
                   description="OpenAI-compatible API of mindie-llm", docs_url=None, redoc_url=None,
@@ -64,10 +71,26 @@ def build_app(async_llm: Any, config: Any, metrics: ServerMetrics | None = None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request)
 
+    @app.post("/tokenize", summary="Token ids of a prompt or of chat messages (vLLM)")
+    async def tokenize(body: TokenizeRequest) -> Response:
+        return await serving.tokenize(body)
+
+    @app.post("/detokenize", summary="Text of token ids (vLLM)")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return await serving.detokenize(body)
+
+    @app.get("/version", summary="The server's version")
+    async def version() -> Response:
+        from mindie_llm import __version__
+
+        return JSONResponse({"version": __version__})
+
     app.state.metrics = metrics
     app.state.async_llm = async_llm
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_body_bytes)
     api_key = config.server.resolved_api_key()
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)  # added last = outermost
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if config.server.access_log:
+        app.add_middleware(AccessLogMiddleware)  # added last = outermost: sees refusals too
     return app

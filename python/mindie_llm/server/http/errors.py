@@ -19,6 +19,7 @@ from mindie_llm.engine.async_llm import (
     EngineDrainingError,
     QueueFullError,
 )
+from mindie_llm.server.protocol_limits import ModelNotFoundError
 
 __all__ = ["error_body", "error_for_exception", "error_response", "install_error_handlers", "param_of"]
 
@@ -60,6 +61,10 @@ def error_for_exception(exc: BaseException) -> tuple[int, str, str | None, str |
         return 503, "the server is shutting down", None, "draining"
     if isinstance(exc, EngineDeadError):
         return 500, "the engine has stopped; the server cannot serve requests", None, "engine_dead"
+    if isinstance(exc, ModelNotFoundError):
+        return 404, str(exc)[:512], "model", "model_not_found"
+    if getattr(exc, "http_status", None) is not None:   # errors that carry their own status (PD router)
+        return int(exc.http_status), str(exc).splitlines()[0][:512], None, "unavailable"
     if isinstance(exc, ValueError):
         msg = str(exc).splitlines()[0][:512] if str(exc) else "invalid request"
         return 400, msg, param_of(exc), "invalid_value"
@@ -93,6 +98,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if not errors:
             return error_response(400, "invalid request body", "body", "invalid_value")
         first = errors[0]
+        # A union field (prompt: str | list[int] | ...) reports one error per member: name the most
+        # specific one (prompt[0] out of range beats "prompt: should be a string").
+        head = tuple(first.get("loc", ()))[:2]
+        same = [e for e in errors if tuple(e.get("loc", ()))[:2] == head]
+        first = max(same, key=lambda e: len(_loc_to_param(tuple(e.get("loc", ())))))
         kind = first.get("type", "")
         if kind == "json_invalid":
             return error_response(400, "body: not valid JSON", "body", "invalid_json")

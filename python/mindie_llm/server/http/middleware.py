@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Pure-ASGI middleware of the HTTP server: API-key check and request-body size cap.
+"""Pure-ASGI middleware of the HTTP server: access log, API-key check and request-body size cap.
 
 Both run before routing, on every request, so that no route can be reached around them (plain ASGI
 rather than Starlette's BaseHTTPMiddleware, which streams and cancels badly). Must not import the
@@ -8,13 +8,19 @@ engine or torch.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mindie_llm.server.auth import api_key_matches, extract_api_key
 from mindie_llm.server.http.errors import error_body
 
-__all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware"]
+__all__ = ["AccessLogMiddleware", "ApiKeyMiddleware", "BodyLimitMiddleware", "USAGE_STATE_KEY"]
+
+access_logger = logging.getLogger("mindie_llm.access")
+# Handlers put (prompt_tokens, completion_tokens) under this key of scope["state"] for the access log.
+USAGE_STATE_KEY = "mindie_usage"
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -28,6 +34,18 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(payload)).encode()), *headers]})
     await send({"type": "http.response.body", "body": payload})
+
+
+async def _discard_body(receive: Receive, limit: int) -> None:
+    """Reads and drops what is left of a refused body (up to ``limit`` bytes) before the 413 is
+    sent, so that the server does not close with unread data: such a close sends a TCP reset, and
+    a client still uploading then loses the response."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -73,6 +91,8 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         too_big = error_body(413, f"body: larger than the limit of {self.max_bytes} bytes", "body", "body_too_large")
+        close = [(b"connection", b"close")]
+        drain_limit = max(16 << 20, 8 * self.max_bytes)
         length = _header(scope, b"content-length")
         if length is not None:
             try:
@@ -81,7 +101,9 @@ class BodyLimitMiddleware:
                 await _send_json(send, 400, error_body(400, "content-length: not an integer", "content-length"))
                 return
             if declared > self.max_bytes:
-                await _send_json(send, 413, too_big)
+                if declared <= drain_limit:
+                    await _discard_body(receive, drain_limit)
+                await _send_json(send, 413, too_big, close)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -92,7 +114,9 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _send_json(send, 413, too_big)
+                if message.get("more_body", False):
+                    await _discard_body(receive, drain_limit)
+                await _send_json(send, 413, too_big, close)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -107,3 +131,33 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class AccessLogMiddleware:
+    """One line per HTTP request once its response ends: client, method, route, status, latency
+    and, for generation routes, prompt and completion tokens (logger ``mindie_llm.access``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 0
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            usage = (scope.get("state") or {}).get(USAGE_STATE_KEY)
+            tokens = f" prompt_tokens={usage[0]} completion_tokens={usage[1]}" if usage else ""
+            access_logger.info('%s:%s "%s %s" %d %.1fms%s', client[0], client[1], scope.get("method", "-"),
+                               scope.get("path", "-"), status or 499, (time.perf_counter() - start) * 1e3, tokens)

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The CUDA backend's paged attention (unified mixed-batch kernel and split-KV decode kernel)
-against ops/reference.py's paged_attention, the oracle: random caches with shuffled block tables,
-poisoned outputs, odd lengths, one-token prompts, an empty decode set, 1 and 300 sequences."""
+"""The CUDA backend's paged attention (unified mixed-batch kernel and split-KV decode kernel, its
+segments merged in the same launch or by a second kernel) against ops/reference.py's
+paged_attention, the oracle: random caches with shuffled block tables, poisoned outputs, odd
+lengths, one-token prompts, an empty decode set, 1 and 300 sequences, GQA groups of 1, 3 and 4."""
 from __future__ import annotations
 
 import pytest
@@ -43,14 +44,14 @@ def make_batch(q_lens, ctx_lens, hq, hk, d, bs, dtype, seed, device, extra_block
 
 
 def check(device, q_lens, ctx_lens, dtype=torch.float32, hq=4, hk=2, d=32, bs=4, window=None,
-          split_kv=None, seed=0):
+          split_kv=None, seed=0, merge="in_kernel", counters=None):
     from mindie_llm.backends.cuda import attention
     q, kv, md, q_d, kv_d, md_d = make_batch(q_lens, ctx_lens, hq, hk, d, bs, dtype, seed, device)
     ref = reference.paged_attention(q, kv, md, d ** -0.5, window)
     out = torch.full_like(q_d, float("nan"))                              # poisoned: every row must be written
     attention.paged_attention_raw(q_d, kv_d, md_d.query_start_loc, md_d.seq_lens, md_d.block_tables,
                                   len(q_lens), md.max_query_len, d ** -0.5, window, out=out, split_kv=split_kv,
-                                  max_seq_len=md.max_seq_len)
+                                  max_seq_len=md.max_seq_len, merge=merge, counters=counters)
     err = rel_err(out, ref)
     assert err < TOL[dtype], (q_lens, ctx_lens, err)
     return out
@@ -92,6 +93,30 @@ def test_split_kv_decode(device, dtype):
     # long and short contexts, some shorter than the number of segments (empty segments)
     check(device, [1] * 5, [300, 0, 7, 129, 64], dtype=dtype, hq=4, hk=1, split_kv=True)
     check(device, [1] * 5, [300, 0, 7, 129, 64], dtype=dtype, hq=4, hk=1, split_kv=False)
+
+
+@pytest.mark.parametrize("qpkv,hk", [(1, 2), (3, 1)])
+def test_split_kv_merged_in_kernel_equals_two_pass(device, qpkv, hk):
+    """The one-launch split-KV decode (segments merged by the last program to arrive) against the
+    reference and the two-kernel form; the arrival counters are left zero for the next launch,
+    and a second launch on the same counters is right again."""
+    lens = [70, 3, 1]
+    counters = torch.zeros(3 * hk + 3, dtype=torch.int32, device=device)
+    for rep in range(2):
+        one = check(device, [1] * 3, lens, hq=hk * qpkv, hk=hk, split_kv=True, counters=counters, seed=rep)
+        assert int(counters.abs().sum()) == 0
+    two = check(device, [1] * 3, lens, hq=hk * qpkv, hk=hk, split_kv=True, merge="two_pass", seed=1)
+    assert rel_err(one, two) < 1e-5
+
+
+def test_split_kv_rejects_bad_counters_and_merge(device):
+    from mindie_llm.backends.cuda import attention
+    q, kv, md, q_d, kv_d, md_d = make_batch([1, 1], [5, 9], 4, 2, 32, 4, torch.float32, 0, device)
+    args = (q_d, kv_d, md_d.query_start_loc, md_d.seq_lens, md_d.block_tables, 2, 1, 0.1)
+    with pytest.raises(ValueError, match="counters"):
+        attention.paged_attention_raw(*args, split_kv=True, counters=torch.zeros(3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="merge"):
+        attention.paged_attention_raw(*args, split_kv=True, merge="tree")
 
 
 def test_sliding_window(device):

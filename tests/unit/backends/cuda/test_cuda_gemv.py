@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The one-row GEMV of the CUDA backend against torch's matmul in float64 (the oracle), every tile,
-odd N and K, with and without bias, fp32 and bf16; ``gemv_linear`` falls back to cuBLAS above one
-row; on a GPU, the start-up selection keeps the model's logits equal to the dense path's."""
+odd N and K (masked) and multiples of the tile (unmasked), with and without bias, fp32 and bf16,
+fp32 output from bf16 weights (the LM head); ``gemv_linear`` / ``gemv_lm_head`` fall back to
+cuBLAS above one row; on a GPU, the start-up selection keeps the model's logits equal to the dense
+path's and every shape's report is filled."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +12,7 @@ from cuda_checks import TOL, rel_err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,K,bias", [(37, 300, False), (64, 1030, True), (5, 17, True)])
+@pytest.mark.parametrize("N,K,bias", [(37, 300, False), (64, 1030, True), (5, 17, True), (32, 4096, False)])
 def test_gemv_matches_matmul(device, dtype, N, K, bias):
     from mindie_llm.backends.cuda import gemv as g
 
@@ -23,6 +25,33 @@ def test_gemv_matches_matmul(device, dtype, N, K, bias):
         out = g.gemv(x.to(device), w.to(device), b.to(device) if bias else None, tile)
         assert out.shape == (1, N) and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], tile
+
+
+def test_gemv_fp32_output_for_the_lm_head(device):
+    from mindie_llm.backends.cuda import gemv as g
+    from mindie_llm.layers.embedding import LMHead
+
+    gen = torch.Generator().manual_seed(3)
+    head = LMHead(200, 64)
+    head.weight.data = torch.randn(200, 64, generator=gen).to(torch.bfloat16).to(device)
+    head.gemv_tile = g.GEMV_TILES[0]
+    head.linear_method = g.gemv_lm_head
+    x = torch.randn(2, 64, generator=gen).to(torch.bfloat16).to(device)
+    ref = x.double() @ head.weight.double().T                                       # [2, 200]
+    one = head(x[:1])
+    assert one.dtype == torch.float32 and rel_err(one, ref[:1]) < 1e-5            # fp32 out: no bf16 rounding
+    assert rel_err(head(x), ref) < TOL[torch.bfloat16]
+
+
+def test_pdl_is_off_without_a_hopper_gpu(device):
+    """No programmatic dependent launch in the interpreter or on a CPU tensor: the kernels get
+    USE_PDL=False and no launch attribute (a GPU before sm_90 answers the same)."""
+    from mindie_llm.backends.cuda import pdl
+    assert pdl.supported("cpu") is False and pdl.launch_kwargs("cpu") == {"USE_PDL": False}
+    if device == "cpu":
+        assert pdl.supported() is False
+    elif torch.cuda.get_device_capability()[0] < 9:
+        assert pdl.supported("cuda") is False
 
 
 def test_gemv_rejects_bad_shapes(device):
@@ -73,10 +102,45 @@ def test_selection_keeps_the_model_output():
     pos = torch.tensor([0], device="cuda")
     dense = model.compute_logits(model(ids, pos, kv, md))                            # [1, vocab]
     report = g.select_gemv_linears(model)
-    assert report and all(len(v) == 3 for v in report.values())
+    assert len(report) == 5 and all(len(v) == 4 and v[0] > 0 and v[1] > 0 for v in report.values())
+    assert any("lm_head" in k[2] for k in report)                   # the head is timed too
+    chosen = model.compute_logits(model(ids, pos, kv, md))
+    assert chosen.dtype == torch.float32 and rel_err(chosen, dense) < TOL[torch.bfloat16]
     for m in model.modules():                        # force every layer through the GEMV as well
         if isinstance(m, LinearBase):
             m.gemv_tile = getattr(m, "gemv_tile", g.GEMV_TILES[0])
             m.linear_method = g.gemv_linear
+    model.lm_head.gemv_tile = g.GEMV_TILES[0]
+    model.lm_head.linear_method = g.gemv_lm_head
     out = model.compute_logits(model(ids, pos, kv, md))
     assert rel_err(out, dense) < TOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_pdl_gemv_waits_for_the_kernel_before_it():
+    """A programmatic-dependent GEMV after the norm that produces its input, replayed from a CUDA
+    graph with new inputs each time: it must read the norm's output of that replay (it prefetches
+    only weights before its wait). Oracle: float64 matmul of the reference norm."""
+    from mindie_llm.backends.cuda import gemv as g, norm, pdl
+    if not pdl.supported():
+        pytest.skip("programmatic dependent launch needs sm_90 and a Triton with gdc ops")
+    K, N = 4096, 6144
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    wn = torch.randn(K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    for tile in ((1, 2048, 4), (4, 1024, 4)):
+        norm.fused_add_rms_norm(x, r, wn, 1e-5)
+        g.gemv(x, w, None, tile, pdl=True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            h, _ = norm.fused_add_rms_norm(x, r, wn, 1e-5)
+            y = g.gemv(h, w, None, tile, pdl=True)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            s = (x.double() + r.double())
+            ref_h = (s / torch.sqrt((s * s).mean() + 1e-5) * wn.double()).to(torch.bfloat16)
+            assert rel_err(y, ref_h.double() @ w.double().T) < TOL[torch.bfloat16], tile

@@ -34,10 +34,15 @@ def _step(model, device, T, B):
 def test_runner_kwargs_follow_the_backend_section():
     from mindie_llm.backends.cuda.platform import CudaPlatform
 
+    def section(kw):     # the backend-section part (the rest are the platform's runner pieces)
+        return {k: kw[k] for k in ("enable_cuda_graph", "cuda_graph_max_batch_size")}
+
     cfg = EngineConfig.from_kwargs(enforce_eager=True)
-    assert CudaPlatform.runner_kwargs(cfg) == {"enable_cuda_graph": False, "cuda_graph_max_batch_size": 256}
+    kw = CudaPlatform.runner_kwargs(cfg)
+    assert section(kw) == {"enable_cuda_graph": False, "cuda_graph_max_batch_size": 256}
+    assert callable(kw["select_kernels"]) and kw["graph_wrapper_cls"].__name__ == "CudaGraphDecodeModel"
     cfg = EngineConfig.from_kwargs(backend__cuda_graph_max_batch_size=32)
-    assert CudaPlatform.runner_kwargs(cfg) == {"enable_cuda_graph": True, "cuda_graph_max_batch_size": 32}
+    assert section(CudaPlatform.runner_kwargs(cfg)) == {"enable_cuda_graph": True, "cuda_graph_max_batch_size": 32}
 
 
 @pytest.mark.parametrize("T,B", [(37, 8), (5, 16), (64, 1)])

@@ -76,11 +76,20 @@ public:
     using std::runtime_error::runtime_error;
 };
 
-/// @brief A request refused at admission (duplicate id, empty prompt, can never fit, bad field).
+/// @brief A request refused at admission (duplicate id, empty prompt, can never fit, bad field);
+/// field() names the request field at fault (snake_case, as in the API; empty: none in particular).
 class RequestRejectedError : public SchedulerError
 {
 public:
-    using SchedulerError::SchedulerError;
+    explicit RequestRejectedError(std::string const& msg, std::string field = {})
+        : SchedulerError(msg)
+        , mField(std::move(field))
+    {
+    }
+    [[nodiscard]] std::string const& field() const noexcept { return mField; }
+
+private:
+    std::string mField;
 };
 
 /// @brief add_prefilled could not get its blocks now (retry later); a kind of rejection.
@@ -112,6 +121,19 @@ public:
 };
 
 } // namespace mindie::scheduler
+
+/// @brief Throws RequestRejectedError naming `field` with a streamed message when `cond` is false.
+/// The message starts with the field. Usage: MINDIE_REJECT(n >= 1, "max_tokens", "must be >= 1, got " << n);
+#define MINDIE_REJECT(cond, field, msg)                                                                     \
+    do                                                                                                      \
+    {                                                                                                       \
+        if (__builtin_expect(!(cond), 0))                                                                   \
+        {                                                                                                   \
+            std::ostringstream mindieCheckOss_;                                                             \
+            mindieCheckOss_ << (field) << " " << msg;                                                       \
+            throw ::mindie::scheduler::RequestRejectedError(mindieCheckOss_.str(), (field));                \
+        }                                                                                                   \
+    } while (0)
 
 /// @brief Throws `ExcType` with a streamed message when `cond` is false (never aborts).
 /// Usage: MINDIE_CHECK(n > 0, RequestRejectedError, "max_tokens must be >= 1, got " << n);

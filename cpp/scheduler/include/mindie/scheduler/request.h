@@ -6,6 +6,7 @@
 
 #include "mindie/scheduler/common.h"
 
+#include <cstddef>
 #include <memory>
 #include <tuple>
 #include <vector>
@@ -35,16 +36,17 @@ struct SortKey
     }
 };
 
-/// @brief Per-request parameters given once at admission.
+/// @brief Per-request parameters given once at admission. The fields of the stop checks come
+/// first: inside Request they fill one cache line (what update() reads per token).
 struct RequestParams
 {
     SizeType32 maxTokens{1};
     SizeType32 minTokens{0};
-    std::int32_t priority{0};
-    double arrivalTime{0.0};
+    bool ignoreEos{false};
     std::vector<TokenId> eosTokenIds;
     std::vector<TokenId> stopTokenIds;
-    bool ignoreEos{false};
+    std::int32_t priority{0};
+    double arrivalTime{0.0};
     ReqId parentId{-1}; ///< n > 1: id of sample 0 (-1: none)
 };
 
@@ -53,6 +55,7 @@ struct RequestParams
 /// array itself is touched only for prefill chunks and appends.
 struct alignas(64) Request
 {
+    // NOTE: the static_asserts below the struct pin the hot fields to cache lines 0-2.
     // Cache line 0: read by every pass over the running set.
     ReqId id{0};
     std::vector<TokenId> tokens;      ///< prompt followed by the sampled tokens
@@ -68,13 +71,14 @@ struct alignas(64) Request
     TokenId lastToken{0};              ///< tokens.back()
     bool needsTableReset{true};        ///< next schedule sends the whole table with reset=true
     bool awaitingSample{false};        ///< scheduled with sample_mask=true, update() pending
-    std::int64_t scheduledAtStep{-1};  ///< the step that last scheduled it (no per-step reset pass)
-    std::int64_t preemptedAtStep{-1};  ///< not re-admitted in the step that preempted it
-    std::vector<TokenId> drafts;       ///< proposals for the tokens after tokens.back() (from update());
-                                       ///< begin/end stay in cache line 1 (read for every decode)
     SizeType32 lastNumSpec{0};         ///< proposed tokens (the row's last ones) of the last schedule()
-    SizeType32 blocksWithoutSpec{0};   ///< blocks held before the lookahead blocks of the last schedule()
+    std::int64_t scheduledAtStep{-1};  ///< the step that last scheduled it (no per-step reset pass)
+    std::vector<TokenId> drafts;       ///< proposals for the tokens after tokens.back() (from update())
+    // Cache line 2: the stop checks of update().
     RequestParams params;
+    // Cold: admission, preemption and lookahead bookkeeping.
+    std::int64_t preemptedAtStep{-1};  ///< not re-admitted in the step that preempted it
+    SizeType32 blocksWithoutSpec{0};   ///< blocks held before the lookahead blocks of the last schedule()
     SortKey key{};
     std::vector<BlockHash> hashes;     ///< chained hashes of full blocks (content-based, kept across preemption)
 
@@ -88,6 +92,11 @@ struct alignas(64) Request
         return numComputedTokens >= numPromptTokens && numTokens() - numComputedTokens == 1;
     }
 };
+
+static_assert(offsetof(Request, state) == 64 && offsetof(Request, drafts) + 2 * sizeof(void*) <= 128,
+    "line 1: step bookkeeping, drafts' begin/end included");
+static_assert(offsetof(Request, params) == 128 && offsetof(Request, params) + offsetof(RequestParams, priority) <= 192,
+    "line 2: the stop-check fields of RequestParams");
 
 /// @brief Slab allocator of Requests: live requests sit side by side in memory, so a pass over
 /// the running set walks a few pages instead of one heap page per request.

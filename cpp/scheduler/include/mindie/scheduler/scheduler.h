@@ -31,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
@@ -97,8 +98,12 @@ public:
     /// @brief Validates `config` (throws ConfigError) and creates the block pool.
     explicit Scheduler(SchedulerConfig const& config);
 
-    /// @brief Admits a request to the waiting queue (throws RequestRejectedError if it can never run).
+    /// @brief Admits a request to the waiting queue (throws RequestRejectedError naming the field if
+    /// it can never run).
     void addRequest(ReqId id, std::vector<TokenId> promptTokenIds, RequestParams params);
+    /// @brief The checks of addRequest on the request's fields (all but the id), without side effects:
+    /// callers validate before they assign ids or state (the one place of these rules).
+    void checkRequest(std::vector<TokenId> const& promptTokenIds, RequestParams const& params) const;
     /// @brief Plans one step. Advances num_computed_tokens of every scheduled request.
     std::shared_ptr<SchedulerOutput> schedule();
     /// @brief Takes the step's result (see the file comment): appends each row's tokens with stop
@@ -163,6 +168,7 @@ private:
     Admit tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     bool chunkAllowed(Request const& r) const;
     void validateNew(ReqId id, std::vector<TokenId> const& prompt, RequestParams const& params) const;
+    void validateFields(std::vector<TokenId> const& prompt, RequestParams const& params) const;
     void admitWaiting(SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     void priorityPreempt();
     bool isDeferredChild(Request const& r) const;
@@ -201,7 +207,10 @@ private:
     std::int64_t mPrefixHits{0};
     std::int64_t mNumPreemptions{0};
     std::vector<BlockId> mScratchBlocks;
-    std::vector<FinishReason> mScratchReasons; ///< per sampling row of update()
+    /// @brief Appends one sampling row's tokens, rolls back its rejected lookahead, stores its drafts;
+    /// returns the reason it finished (kNONE: still running).
+    __attribute__((always_inline)) inline FinishReason appendRow(
+        Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended);
     std::vector<BlockId> mScratchFree;
     std::vector<Row> mDecodeRows;  ///< reused across steps (no per-step allocation)
     std::vector<Row> mPrefillRows;
