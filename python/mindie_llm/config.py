@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 __all__ = [
     "ConfigError", "ModelConfig", "CacheConfig", "SchedulerConfig", "ParallelConfig",
-    "BackendConfig", "ServerConfig", "DisaggregationConfig", "EngineConfig", "KWARG_ALIASES",
+    "BackendConfig", "ServerConfig", "DisaggregationConfig", "SpeculativeConfig", "EngineConfig", "KWARG_ALIASES",
 ]
 
 
@@ -278,6 +278,37 @@ class DisaggregationConfig:
         return out
 
 
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses ``num_speculative_tokens`` tokens per request and
+    the target verifies them in one forward; the output is the same as without speculation.
+    Per request it switches itself off for ``auto_off_cooldown_steps`` steps when its acceptance
+    rate over the last ``auto_off_window`` proposed tokens falls below ``auto_off_min_acceptance``."""
+
+    method: str = "none"               # none | ngram | draft | eagle
+    num_speculative_tokens: int = 3
+    draft_model: str | None = None     # draft: a model directory / .gguf; eagle: a head directory
+    ngram_min: int = 1                 # ngram: shortest suffix looked up in the context
+    ngram_max: int = 4                 # ngram: longest suffix looked up in the context
+    auto_off_min_acceptance: float = 0.2   # 0 = never switch off
+    auto_off_window: int = 16
+    auto_off_cooldown_steps: int = 32
+    disable_by_batch_size: int = 8     # no proposals in a step with more sampling rows (0 = never)
+
+    def __post_init__(self) -> None:
+        _check(self.disable_by_batch_size >= 0, "speculative.disable_by_batch_size", "must be >= 0")
+        _check(self.method in ("none", "ngram", "draft", "eagle"), "speculative.method",
+               f"must be one of none, ngram, draft, eagle; got {self.method!r}")
+        _check(1 <= self.num_speculative_tokens <= 16, "speculative.num_speculative_tokens", "must be in [1, 16]")
+        _check(self.ngram_min >= 1, "speculative.ngram_min", "must be >= 1")
+        _check(self.ngram_max >= self.ngram_min, "speculative.ngram_max", "must be >= ngram_min")
+        _check(0 <= self.auto_off_min_acceptance <= 1, "speculative.auto_off_min_acceptance", "must be in [0, 1]")
+        _check(self.auto_off_window >= 1, "speculative.auto_off_window", "must be >= 1")
+        _check(self.auto_off_cooldown_steps >= 0, "speculative.auto_off_cooldown_steps", "must be >= 0")
+        _check(self.method != "eagle" or self.draft_model is not None, "speculative.draft_model",
+               "method eagle needs the path of an EAGLE head (a directory with config.json and safetensors)")
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "cache": CacheConfig,
@@ -286,6 +317,7 @@ _SECTIONS: dict[str, type] = {
     "backend": BackendConfig,
     "server": ServerConfig,
     "disaggregation": DisaggregationConfig,
+    "speculative": SpeculativeConfig,
 }
 
 # vLLM-style keyword arguments of LLM(...) -> dotted keys of the tree.
@@ -406,6 +438,7 @@ class EngineConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     source: str | None = field(default=None, compare=False)  # the YAML file it came from
 
     def __post_init__(self) -> None:

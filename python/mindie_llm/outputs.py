@@ -77,3 +77,18 @@ class EngineStats:
     num_prompt_tokens_total: int = 0  # cumulative
     num_generation_tokens_total: int = 0  # cumulative
     last_step_time: float = 0.0       # time.monotonic() of the last step
+    # Speculative decoding (cumulative): verify steps of rows with proposals, tokens proposed to
+    # the target, and of those, tokens it accepted.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted / proposed tokens (0 when nothing was proposed)."""
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a row with proposals emits per verify step (accepted + 1; 0 when none)."""
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0

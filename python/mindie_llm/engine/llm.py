@@ -43,12 +43,20 @@ class LLM:
     """An engine plus a blocking loop. ``model`` is a Hugging Face directory or a ``.gguf`` file
     (None: the embedded default); other keyword arguments are config overrides
     (``EngineConfig.from_kwargs``: ``max_model_len``, ``dtype``, ``block_size``, ``num_blocks``,
-    ``enable_prefix_caching``, ``enable_chunked_prefill``, ``max_num_seqs``, ``seed``, ...)."""
+    ``enable_prefix_caching``, ``enable_chunked_prefill``, ``max_num_seqs``, ``seed``, ...).
+    ``speculative_config``: the keys of the ``speculative`` section as a dict, e.g.
+    ``{"method": "ngram", "num_speculative_tokens": 4}``."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
-                 loaded_model: Any = None, **overrides: Any) -> None:
+                 loaded_model: Any = None, speculative_config: dict[str, Any] | None = None,
+                 **overrides: Any) -> None:
         if model is not None:
             overrides["model"] = model
+        if speculative_config is not None:
+            if not isinstance(speculative_config, dict):
+                raise InvalidRequestError("speculative_config", "must be a dict of speculative.* keys")
+            for k, v in speculative_config.items():
+                overrides[f"speculative__{k}"] = v
         self.config = EngineConfig.from_kwargs(base=config, **overrides)
         self.engine = LLMEngine(self.config, loaded_model=loaded_model)
         self._counter = 0

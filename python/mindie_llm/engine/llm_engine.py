@@ -92,6 +92,7 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._last_step_time = time.monotonic()
+        self._spec = [0, 0, 0]                 # drafts, draft tokens, accepted tokens (cumulative)
 
     @property
     def runner(self) -> Any:
@@ -262,6 +263,7 @@ class LLMEngine:
                     self._finish(s, "abort", None, abort=True)
                     touched[s.group.request_id] = s.group
             return self._emit(touched)
+        self._count_speculation(out, res)
         upd, num_appended = self._update(res)
         now = time.time()
         finished = dict(zip(np.asarray(upd.finished_ids).tolist(), np.asarray(upd.finish_reasons).tolist()))
@@ -318,6 +320,18 @@ class LLMEngine:
         upd = self.scheduler.update(res.req_ids, res.token_offsets, res.token_ids, res.draft_offsets,
                                     res.draft_token_ids)
         return upd, upd.num_appended
+
+    def _count_speculation(self, out: Any, res: ModelRunnerOutput) -> None:
+        """Acceptance counters: rows verified with proposals, proposals, accepted ones."""
+        offs = np.asarray(out.spec_offsets)
+        if not len(offs) or not offs[-1] or not res.num_rows:
+            return
+        nspec = np.diff(offs.astype(np.int64))[np.asarray(out.sample_mask, bool)]     # [S]
+        acc = np.diff(res.token_offsets.astype(np.int64)) - 1                        # [S]
+        has = nspec > 0
+        self._spec[0] += int(has.sum())
+        self._spec[1] += int(nspec.sum())
+        self._spec[2] += int(np.minimum(acc[has], nspec[has]).sum())
 
     def _token_logprobs(self, res: ModelRunnerOutput, row: int, k: int, s: Sample):
         if res.token_logprobs is None or s.logprobs is None or not res.logprob_rows[row]:
@@ -407,7 +421,9 @@ class LLMEngine:
             prefix_cache_queries=_stat(st, "prefix_cache_queries"), prefix_cache_hits=_stat(st, "prefix_cache_hits"),
             num_preemptions=_stat(st, "num_preemptions", "preemptions"),
             num_prompt_tokens_total=self._prompt_tokens_total,
-            num_generation_tokens_total=self._generation_tokens_total, last_step_time=self._last_step_time)
+            num_generation_tokens_total=self._generation_tokens_total, last_step_time=self._last_step_time,
+            spec_num_drafts=self._spec[0], spec_num_draft_tokens=self._spec[1],
+            spec_num_accepted_tokens=self._spec[2])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self.tokenizer is None:

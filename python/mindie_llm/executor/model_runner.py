@@ -80,6 +80,7 @@ class ModelRunner:
         self.query_start_loc_buf = torch.zeros(B + 1, **i32)
         self.seq_lens_buf = torch.zeros(B, **i32)
         self.block_tables_buf = torch.zeros(B, self.batch.max_blocks_per_seq, **i32)
+        self.last_step: tuple[FlatBatch, torch.Tensor | None] | None = None  # for a proposer's hook
 
     def has_request(self, req_id: int) -> bool:
         return req_id in self.batch.requests
@@ -99,6 +100,7 @@ class ModelRunner:
                           ) -> ModelRunnerOutput:
         """Logits of the sampling positions (unless given) -> tokens per row, verified against the
         proposals -> the runner's output; appends the accepted tokens to each request's state."""
+        self.last_step = (fb, hidden)         # the worker's speculator reads the hidden states
         L = fb.logits_indices.shape[0]
         if logits is None:
             rows = np.concatenate([fb.logits_indices, fb.prompt_rows]) if fb.prompt_rows.size else fb.logits_indices

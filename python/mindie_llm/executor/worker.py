@@ -95,9 +95,18 @@ class Worker:
         self.runner = runner_cls(model, arch.vocab_size, self.kv_caches, block_size=block_size,
                                  max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
                                  max_model_len=max_len, device=device, **platform.runner_kwargs(config))
+        from mindie_llm.spec_decode.speculator import make_speculator
+
+        self.speculator = make_speculator(self.config, target_model=self.model, device=device,
+                                          block_size=block_size, max_model_len=max_len)
         self.info = WorkerInfo(arch=arch, tokenizer=loaded.tokenizer,
                                model_name=config.model.served_model_name or loaded.name,
                                num_kv_blocks=num_blocks, max_model_len=max_len, block_size=block_size)
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(out)
+        if self.speculator is None:
+            return self.runner.execute(out)
+        self.runner.last_step = None
+        res = self.runner.execute(out)
+        self.speculator.after_step(out, res, self.runner)   # fills res.draft_* for the next step
+        return res

@@ -3,7 +3,9 @@
 against, and the fallback when a device registers nothing faster.
 
 Written to be obviously correct, not fast: loops over requests, explicit gathers, float32 math.
-Sampling reference ops live in ``ops/sampling.py``. Must not import anything of the package but
+Sampling reference ops live in ``ops/sampling.py``; ``rejection_sample`` here is the one-token-
+at-a-time loop its vectorized form is checked against (it borrows the seed mixing of
+``ops.sampling``, imported lazily). Must not import anything of the package but
 (lazily, for typing) ``layers.attention.AttentionMetadata``.
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache
            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "gguf_repack", "gguf_unpack",
            "gguf_matmul", "gguf_embedding", "quantize_per_token_int8", "w8a8_matmul", "w4a16_pack",
            "w4a16_unpack", "w4a16_dequantize", "w4a16_matmul", "KV_QUANT_DTYPES", "kv_quantize",
-           "kv_dequantize", "write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant"]
+           "kv_dequantize", "write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant",
+           "rejection_sample"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -306,6 +309,38 @@ def paged_attention_quant(query: torch.Tensor, kv_cache: torch.Tensor, attn_meta
     assert kv_cache.dtype in KV_QUANT_DTYPES, kv_cache.dtype
     return paged_attention(query, kv_cache, attn_metadata, scale, sliding_window)
 
+
+
+def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
+                     seeds: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop form of ``ops.sampling.rejection_sample`` (same arguments, same draws, same result):
+    per row, per proposal: accept if u < p(x)/q(x), else draw from norm(max(0, p - q)) and stop;
+    after k accepts draw the bonus token from p."""
+    from mindie_llm.ops.sampling import ACCEPT_STREAM, mix_seed
+
+    S, k1, V = target_probs.shape
+    out = torch.full((S, k1), -1, dtype=torch.int64)
+    num = torch.zeros(S, dtype=torch.int64)
+    for i in range(S):
+        n = 0
+        last_dist = target_probs[i, k1 - 1].float()
+        for j in range(k1 - 1):
+            x = int(draft_tokens[i, j])
+            p, q = target_probs[i, j].float(), draft_probs[i, j].float()
+            g = torch.Generator(device=target_probs.device).manual_seed(mix_seed(seeds[i] ^ ACCEPT_STREAM, positions[i] + j))
+            u = float(torch.rand((), generator=g, device=target_probs.device))
+            if u * float(q[x]) < float(p[x]):
+                out[i, j] = x
+                n += 1
+                continue
+            resid = (p - q).clamp_min(0)
+            last_dist = resid if float(resid.sum()) > 0 else p
+            break
+        g = torch.Generator(device=target_probs.device).manual_seed(mix_seed(seeds[i], positions[i] + n))
+        e = torch.empty_like(last_dist).exponential_(generator=g)
+        out[i, n] = int((last_dist / e).argmax())
+        num[i] = n + 1
+    return out, num
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Structured output: ``logits`` [S, V] with every token whose bit is 0 set to -inf.

@@ -16,7 +16,8 @@ import torch
 
 __all__ = [
     "apply_penalties", "apply_temperature", "apply_min_p", "apply_top_k_top_p", "mix_seed",
-    "sample_seeded", "compute_logprobs", "gather_logprobs", "apply_token_bitmask",
+    "sample_seeded", "compute_logprobs", "gather_logprobs", "apply_token_bitmask", "rejection_sample",
+    "ACCEPT_STREAM",
 ]
 
 _M64 = (1 << 64) - 1
@@ -109,6 +110,61 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: in
         top_ids = torch.empty((logprobs.shape[0], 0), dtype=torch.int64, device=logprobs.device)
     return top_ids, top_lp, tok_lp, rank
 
+
+ACCEPT_STREAM = 0x5EC0DE5EC0DE       # xor-ed into a seed for the accept/reject uniforms
+
+
+def _uniform(seed: int, position: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(mix_seed(seed ^ ACCEPT_STREAM, position))
+    return torch.rand((), generator=gen, device=device)
+
+
+def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
+                     seeds: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling for probabilistic drafts (Leviathan et al., Chen et al.): proposal j
+    of row i, drawn from q = ``draft_probs[i, j]``, is accepted with probability
+    min(1, p(x) / q(x)), p = ``target_probs[i, j]``; at the first rejection a token is drawn from
+    norm(max(0, p - q)) and the row stops; when all k are accepted a bonus token is drawn from
+    ``target_probs[i, k]``. The emitted tokens are distributed exactly as sampling from the
+    target. Randomness is counter-based per (seed, output position): the uniform of position
+    ``positions[i] + j`` comes from the ``ACCEPT_STREAM`` generator, the resampled or bonus token
+    from the exponential race of ``sample_seeded`` at the same position.
+
+    target_probs [S, k+1, V], draft_probs [S, k, V], draft_tokens [S, k] int64; seeds, positions:
+    S ints (``positions[i]``: output position of row i's first proposal).
+    Returns (tokens [S, k+1] int64 padded with -1, num_emitted [S] int64 in 1..k+1)."""
+    S, k1, V = target_probs.shape
+    k = k1 - 1
+    dev = target_probs.device
+    x = draft_tokens.to(torch.int64)                                              # [S, k]
+    p_x = target_probs[:, :k].gather(-1, x[..., None]).squeeze(-1)               # [S, k]
+    q_x = draft_probs.gather(-1, x[..., None]).squeeze(-1)                        # [S, k]
+    u = torch.stack([torch.stack([_uniform(sd, ps + j, dev) for j in range(k)]) if k else
+                     torch.zeros(0, device=dev) for sd, ps in zip(seeds, positions)]).reshape(S, k)
+    accept = u * q_x < p_x                                                        # u < p/q without dividing
+    n_acc = torch.cumprod(accept.to(torch.int64), dim=1).sum(dim=1)               # [S] leading accepts
+    # The distribution of the last token: the residual at the first rejection, else the bonus p.
+    rows = torch.arange(S, device=dev)
+    last_p = target_probs[rows, n_acc]                                            # [S, V]
+    rejected = n_acc < k
+    q_at = torch.zeros_like(last_p)
+    if k:
+        q_at[rejected] = draft_probs[rows[rejected], n_acc[rejected]]
+    resid = (last_p - q_at).clamp_min(0)
+    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, last_p)           # p == q: any p-draw is exact
+    q = torch.empty_like(resid)
+    gen = torch.Generator(device=dev)
+    for i, (sd, ps) in enumerate(zip(seeds, positions)):
+        gen.manual_seed(mix_seed(sd, ps + int(n_acc[i])))
+        q[i].exponential_(generator=gen)
+    last = (resid / q).argmax(dim=-1)                                             # [S]
+    out = torch.full((S, k1), -1, dtype=torch.int64, device=dev)
+    cols = torch.arange(k1, device=dev)[None, :]
+    if k:
+        out[:, :k] = torch.where(cols[:, :k] < n_acc[:, None], x, out[:, :k])
+    out[rows, n_acc] = last
+    return out, n_acc + 1
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """``logits`` [S, V] with the tokens a packed int32 mask [S, ceil(V/32)] forbids set to -inf

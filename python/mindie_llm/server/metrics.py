@@ -68,6 +68,14 @@ class _EngineCollector(Collector):
         yield counter("mindie_num_preemptions", "Requests preempted (recompute) since start.", s.num_preemptions)
         yield counter("mindie_prompt_tokens", "Prompt tokens processed since start.", s.num_prompt_tokens_total)
         yield counter("mindie_generation_tokens", "Tokens generated since start.", s.num_generation_tokens_total)
+        drafts, proposed = int(s.spec_num_drafts), int(s.spec_num_draft_tokens)
+        yield counter("mindie_spec_decode_draft_tokens", "Speculative tokens proposed to the target.", proposed)
+        yield counter("mindie_spec_decode_accepted_tokens", "Speculative tokens the target accepted.",
+                      s.spec_num_accepted_tokens)
+        yield gauge("mindie_spec_decode_acceptance_rate", "Accepted / proposed speculative tokens since start (0..1).",
+                    s.spec_num_accepted_tokens / proposed if proposed else 0.0)
+        yield gauge("mindie_spec_decode_mean_accepted_length", "Tokens per verify step of rows with proposals "
+                    "(accepted + 1; 0 before any).", 1 + s.spec_num_accepted_tokens / drafts if drafts else 0.0)
         yield gauge("mindie_engine_live", "1 while the engine loop makes progress.", 1.0 if self._llm.is_live() else 0.0)
         # vLLM's names (v1), under the mindie: prefix.
         yield gauge("mindie:num_requests_running", "Requests in the running batch.", s.num_running)
