@@ -27,7 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable)")
     p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--quantization", default=None, help="none | int8")
+    p.add_argument("--quantization", default=None,
+                   help="auto | none | int8 | gguf | w8a8 | w4a16 | awq | gptq (docs/configuration.md)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:

@@ -62,6 +62,11 @@ def _weight_bytes(model: Any, rows: int) -> int:
         from mindie_llm.layers.quantization import INT8_MAX_ROWS
     except ImportError:
         INT8_MAX_ROWS = 0
+    from mindie_llm.layers.quantization import weight_bytes
+
+    if any(getattr(m, "gguf_packed", None) is not None or getattr(m, "w4_qweight", None) is not None
+           for m in model.modules()):
+        return weight_bytes(model)          # packed GGUF / 4-bit blocks: the scheme knows its bytes
     seen, total = set(), 0
     for mod in model.modules():
         if isinstance(mod, nn.Embedding) or type(mod).__name__ in ("VocabEmbedding", "VocabParallelEmbedding"):
