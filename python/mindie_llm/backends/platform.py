@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Platform", "kv_cache_bytes_per_block", "import_qualname"]
+__all__ = ["Platform", "kv_cache_bytes_per_block", "import_qualname", "graph_batch_sizes", "eager_token_buckets"]
 
 
 def import_qualname(qualname: str) -> Any:
@@ -26,6 +26,20 @@ def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int
     """Bytes of one KV block across all layers: K and V of ``block_size`` tokens."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """Decode-graph buckets of every graph-capturing platform: 1, 2, 4, 8, then every 8 up to 64
+    and every 16 beyond, capped at ``max_batch_size``."""
+    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 1025, 16))
+    return sorted({s for s in sizes if s < max_batch_size} | {max_batch_size})
+
+
+def eager_token_buckets(max_tokens: int) -> list[int]:
+    """Token counts eager steps are padded to (16, 32, 64, every 64 to 1024, every 256 beyond): a
+    few GEMM shapes, each warmed at start-up, instead of one new shape per step."""
+    sizes = [16, 32] + list(range(64, 1025, 64)) + list(range(1280, max_tokens + 256, 256))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
 class Platform:

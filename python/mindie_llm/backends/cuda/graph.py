@@ -20,23 +20,10 @@ import torch
 from torch import nn
 
 from mindie_llm.backends.cuda.sampling import argmax as gpu_argmax
+from mindie_llm.backends.platform import eager_token_buckets, graph_batch_sizes
 from mindie_llm.ops.attention_metadata import AttentionMetadata
 
 __all__ = ["CudaGraphDecodeModel", "graph_batch_sizes", "eager_token_buckets"]
-
-
-def graph_batch_sizes(max_batch_size: int) -> list[int]:
-    """Buckets 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, capped at ``max_batch_size``."""
-    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 1025, 16))
-    out = [s for s in sizes if s < max_batch_size] + [max_batch_size]
-    return sorted(set(out))
-
-
-def eager_token_buckets(max_tokens: int) -> list[int]:
-    """Token counts eager steps are padded to (16, 32, 64, every 64 to 1024, every 256 beyond): a
-    few GEMM shapes, each warmed at start-up, instead of one new shape per step."""
-    sizes = [16, 32] + list(range(64, 1025, 64)) + list(range(1280, max_tokens + 256, 256))
-    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
 class CudaGraphDecodeModel(nn.Module):
@@ -45,8 +32,8 @@ class CudaGraphDecodeModel(nn.Module):
     tokens), so that a greedy decode step is one replay and one copy to the host."""
 
     # Bucket rules the runner asks the wrapper for (one place for both).
-    batch_sizes_for = staticmethod(lambda max_batch_size: graph_batch_sizes(max_batch_size))
-    eager_token_buckets = staticmethod(lambda max_tokens: eager_token_buckets(max_tokens))
+    batch_sizes_for = staticmethod(graph_batch_sizes)
+    eager_token_buckets = staticmethod(eager_token_buckets)
 
     def __init__(self, model: nn.Module, runner: Any, batch_sizes: Sequence[int],
                  num_kv_heads: int, max_model_len: int) -> None:

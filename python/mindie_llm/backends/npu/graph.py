@@ -23,29 +23,18 @@ from torch import nn
 
 from mindie_llm.backends.npu import runtime
 from mindie_llm.backends.npu.attention import build_plan
+from mindie_llm.backends.platform import eager_token_buckets, graph_batch_sizes
 from mindie_llm.ops.attention_metadata import AttentionMetadata
 
 __all__ = ["NPUGraphDecodeModel", "graph_batch_sizes", "eager_token_buckets"]
-
-
-def graph_batch_sizes(max_batch_size: int) -> list[int]:
-    """Buckets 1, 2, 4, 8, then every 8 up to 64 and every 16 beyond, capped at ``max_batch_size``."""
-    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 1025, 16))
-    return sorted({s for s in sizes if s < max_batch_size} | {max_batch_size})
-
-
-def eager_token_buckets(max_tokens: int) -> list[int]:
-    """Token counts eager steps are padded to (as on CUDA: a few shapes warmed at start-up)."""
-    sizes = [16, 32] + list(range(64, 1025, 64)) + list(range(1280, max_tokens + 256, 256))
-    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
 class NPUGraphDecodeModel(nn.Module):
     """Wraps the model: ``forward`` replays a captured graph for decode-only batches, else runs the
     model eagerly; a graph holds the forward, the logits and their argmax."""
 
-    batch_sizes_for = staticmethod(lambda max_batch_size: graph_batch_sizes(max_batch_size))
-    eager_token_buckets = staticmethod(lambda max_tokens: eager_token_buckets(max_tokens))
+    batch_sizes_for = staticmethod(graph_batch_sizes)
+    eager_token_buckets = staticmethod(eager_token_buckets)
 
     def __init__(self, model: nn.Module, runner: Any, batch_sizes: Sequence[int], num_kv_heads: int,
                  max_model_len: int) -> None:
