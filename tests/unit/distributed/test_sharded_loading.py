@@ -163,9 +163,10 @@ def test_gguf_and_dummy_load_sharded(tmp_path):
 
     path = str(tmp_path / "tiny.gguf")
     write_tiny_gguf(path)
-    full = load_model(ModelConfig(path=path), "cpu", torch.float32, progress=False).model
+    # Dense weights on both sides: at TP=1 the default would keep the GGUF's own blocks (no .weight).
+    full = load_model(ModelConfig(path=path, quantization="none"), "cpu", torch.float32, progress=False).model
     for rank in (0, 1):
-        shard = load_model(ModelConfig(path=path), "cpu", torch.float32, progress=False,
+        shard = load_model(ModelConfig(path=path, quantization="none"), "cpu", torch.float32, progress=False,
                            parallel=FakeRank(rank=rank, size=2)).model
         for i in range(2):
             f, g = full.model.layers[i], shard.model.layers[i]
