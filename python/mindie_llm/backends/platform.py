@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Platform", "kv_cache_bytes_per_block", "import_qualname", "graph_batch_sizes", "eager_token_buckets"]
+__all__ = ["Platform", "kv_cache_bytes_per_block", "import_qualname", "graph_batch_sizes", "eager_token_buckets",
+           "stage_decode_inputs"]
 
 
 def import_qualname(qualname: str) -> Any:
@@ -40,6 +41,19 @@ def eager_token_buckets(max_tokens: int) -> list[int]:
     few GEMM shapes, each warmed at start-up, instead of one new shape per step."""
     sizes = [16, 32] + list(range(64, 1025, 64)) + list(range(1280, max_tokens + 256, 256))
     return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
+
+
+def stage_decode_inputs(runner: Any, input_ids: torch.Tensor, positions: torch.Tensor, md: Any) -> None:
+    """Copies a decode batch's inputs into the runner's persistent buffers that a captured graph
+    reads, skipping tensors that already are those buffers (the runner's own step)."""
+    n = input_ids.shape[0]
+    for src, buf in ((input_ids, runner.input_ids_buf), (positions, runner.positions_buf),
+                     (md.slot_mapping, runner.slot_mapping_buf), (md.seq_lens, runner.seq_lens_buf)):
+        if src.data_ptr() != buf.data_ptr():
+            buf[:n].copy_(src)
+    bt = md.block_tables
+    if bt.data_ptr() != runner.block_tables_buf.data_ptr() or bt.stride(0) != runner.block_tables_buf.stride(0):
+        runner.block_tables_buf[:n, :bt.shape[1]].copy_(bt)
 
 
 class Platform:

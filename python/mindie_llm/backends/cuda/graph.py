@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mindie_llm.backends.cuda.sampling import argmax as gpu_argmax
-from mindie_llm.backends.platform import eager_token_buckets, graph_batch_sizes
+from mindie_llm.backends.platform import eager_token_buckets, graph_batch_sizes, stage_decode_inputs
 from mindie_llm.ops.attention_metadata import AttentionMetadata
 
 __all__ = ["CudaGraphDecodeModel", "graph_batch_sizes", "eager_token_buckets"]
@@ -121,13 +121,7 @@ class CudaGraphDecodeModel(nn.Module):
         if bs is None or torch.cuda.is_current_stream_capturing():
             return self.inner(input_ids, positions, kv_caches, attn_metadata)
         r = self.runner
-        for src, buf in ((input_ids, r.input_ids_buf), (positions, r.positions_buf),
-                         (attn_metadata.slot_mapping, r.slot_mapping_buf), (attn_metadata.seq_lens, r.seq_lens_buf)):
-            if src.data_ptr() != buf.data_ptr():
-                buf[:n].copy_(src)
-        bt = attn_metadata.block_tables
-        if bt.data_ptr() != r.block_tables_buf.data_ptr() or bt.stride(0) != r.block_tables_buf.stride(0):
-            r.block_tables_buf[:n, :bt.shape[1]].copy_(bt)
+        stage_decode_inputs(r, input_ids, positions, attn_metadata)
         if r.padded_batch_size != bs:
             self._pad(n, bs)
         r.padded_batch_size = 0
