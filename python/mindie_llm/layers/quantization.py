@@ -278,6 +278,7 @@ CHECKPOINT_SCHEMES: dict[str, tuple[str, str]] = {
     "w4a16": ("mindie_llm.layers.quant_w4a16", "W4A16Scheme"),
     "awq": ("mindie_llm.layers.quant_w4a16", "AWQScheme"),
     "gptq": ("mindie_llm.layers.quant_w4a16", "GPTQScheme"),
+    "fp8": ("mindie_llm.layers.quant_fp8", "FP8Scheme"),
 }
 
 

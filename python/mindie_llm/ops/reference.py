@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "gguf_repack", "gguf_unpack",
            "gguf_matmul", "gguf_embedding", "quantize_per_token_int8", "w8a8_matmul", "w4a16_pack",
-           "w4a16_unpack", "w4a16_dequantize", "w4a16_matmul", "KV_QUANT_DTYPES", "kv_quantize",
+           "w4a16_unpack", "w4a16_dequantize", "w4a16_matmul", "FP8_MAX", "quantize_fp8_rows", "fp8_matmul",
+           "KV_QUANT_DTYPES", "kv_quantize",
            "kv_dequantize", "write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant",
            "rejection_sample"]
 
@@ -258,6 +259,28 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  group_size: int) -> torch.Tensor:
     """x[T, K] @ W^T -> [T, N] float32, W the dequantized group-wise 4-bit weight."""
     return x.float() @ w4a16_dequantize(qweight, scales, zeros, group_size).T
+
+
+# --- FP8 linears (e4m3 weights per output channel, activations per token, both dynamic scales) ---
+FP8_MAX = 448.0   # the largest finite float8_e4m3fn
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[R, K] -> (xq[R, K] float8_e4m3fn, scale[R] float32), symmetric per row: x ~= xq * scale[:, None]
+    (round to nearest even, saturated at +-448). Used for weights (rows = output channels) and for
+    activations (rows = tokens)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX                    # [R]
+    xq = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return xq, scale
+
+
+def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """FP8: x[T, K] is quantized per token to e4m3; y[T, N] = (xq * sx) @ (qweight[N, K] e4m3 *
+    w_scale[N])^T, accumulated in float32, returned in x's dtype."""
+    xq, sx = quantize_fp8_rows(x)
+    w = qweight.float() * w_scale.float()[:, None]                              # [N, K]
+    return ((xq.float() * sx[:, None]) @ w.T).to(x.dtype)
 
 
 # --- Quantized KV cache (int8, fp8 e4m3) ------------------------------------------------------
