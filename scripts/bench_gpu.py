@@ -727,6 +727,26 @@ def _quant_kernels() -> None:
                 emit(f"quant {label} M=1 {name}", round(t * 1e6, 2), "us", round(n * k / CEIL["bw"] * 1e6, 2))
             except Exception as e:
                 emit(f"quant {label} M=1 {name}: FAILED", repr(e)[:200])
+        # many rows (prefill chunks, large decode batches): one weight, flops-bound
+        for m in (256, 2048):
+            xm = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            w0 = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+            qw4 = ref.w4a16_pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"))
+            s4 = torch.rand(n, k // 128, device="cuda") * 0.01
+            z4 = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda")
+            fl = 2 * m * n * k
+            for label, fn in (("bf16 cuBLAS", lambda: torch.nn.functional.linear(xm, w0)),
+                              ("W8A8 Triton", lambda: ql.w8a8_matmul(xm, q8[0][0], q8[0][1])),
+                              ("W8A8 _int_mm", lambda: ql.w8a8_matmul_int_mm(xm, q8[0][0], q8[0][1])),
+                              ("FP8 _scaled_mm", lambda: ql.fp8_matmul(xm, f8[0][0], f8[0][1])),
+                              ("W4A16 Triton", lambda: ql.w4a16_matmul(xm, qw4, s4, z4, 128))):
+                try:
+                    t = time_in_graph([fn], reps=10)
+                    emit(f"quant {label} M={m} {name}", round(t * 1e6, 1), "us", None,
+                         f"{fl / t / 1e12:.0f} TFLOP/s")
+                except Exception as e:
+                    emit(f"quant {label} M={m} {name}: FAILED", repr(e)[:200])
+            del xm, w0, qw4, s4, z4
         del q8, f8
         torch.cuda.empty_cache()
     ql.GEMV_TILES.update(chosen)

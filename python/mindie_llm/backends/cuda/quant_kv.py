@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from mindie_llm.backends.cuda.attention import _find_seq_idx, _q_tile
+from mindie_llm.backends.cuda.quant_linear import e4m3_round
 from mindie_llm.backends.cuda.rotary import rotary_embedding
 
 __all__ = ["write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant",
@@ -38,7 +39,7 @@ _QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 @triton.jit
 def _write_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, HALF, ENTRY, HK, QMAX,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr, ROUND_HERE: tl.constexpr):
     t, h, which = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -51,7 +52,10 @@ def _write_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_vt, HALF,
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8) / QMAX
         y = x / scale
         if IS_FP8:   # e4m3 codes stored through the cache's int8 view
-            q = tl.minimum(tl.maximum(y, -448.0), 448.0).to(tl.float8e4nv).to(tl.int8, bitcast=True)
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            if ROUND_HERE:   # the interpreter's conversion mis-rounds (quant_linear.e4m3_round)
+                y = e4m3_round(y)
+            q = y.to(tl.float8e4nv).to(tl.int8, bitcast=True)
         else:
             q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
             q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
@@ -81,7 +85,8 @@ def write_kv_cache_quant(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
     half = kv_cache[0].numel()
     _write_kernel[(t, hk, 2)](key, value, kv_cache.view(torch.int8), slot_mapping, key.stride(0), value.stride(0), half, d + 4, hk,
                               _QMAX[kv_cache.dtype], D=d, BLOCK_D=triton.next_power_of_2(d),
-                              IS_FP8=kv_cache.dtype == torch.float8_e4m3fn)
+                              IS_FP8=kv_cache.dtype == torch.float8_e4m3fn,
+                              ROUND_HERE=os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def rotary_embedding_write_kv_quant(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quantize_per_token_int8", "w8a8_matmul", "w4a16_matmul", "w4a16_gemv", "GEMV_TILES",
-           "GEMV_CANDIDATES", "quantize_fp8_rows", "fp8_matmul"]
+__all__ = ["quantize_per_token_int8", "w8a8_matmul", "w8a8_matmul_int_mm", "W8A8_INT_MM_MIN_ROWS", "w4a16_matmul", "w4a16_gemv", "GEMV_TILES",
+           "GEMV_CANDIDATES", "quantize_fp8_rows", "fp8_matmul", "e4m3_round"]
 
 
 @triton.jit
@@ -95,9 +95,41 @@ def _w8a8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, c_ptr, M, N, K, stride_am, str
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+# rows from which W8A8 uses cuBLAS's int8 GEMM (torch._int_mm, then one rescale pass) instead of
+# the Triton GEMM; None: always Triton (the benchmark times both)
+W8A8_INT_MM_MIN_ROWS: int | None = None
+
+
+@triton.jit
+def _rescale_kernel(acc_ptr, sa_ptr, sb_ptr, c_ptr, N, stride_am, stride_cm, BLOCK_N: tl.constexpr):
+    row, pid_n = tl.program_id(0), tl.program_id(1)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = offs < N
+    acc = tl.load(acc_ptr + row * stride_am + offs, mask=m, other=0).to(tl.float32)
+    sa = tl.load(sa_ptr + row)
+    sb = tl.load(sb_ptr + offs, mask=m, other=0.0)
+    tl.store(c_ptr + row * stride_cm + offs, acc * sa * sb, mask=m)
+
+
+def w8a8_matmul_int_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                       act_mul: torch.Tensor | None = None) -> torch.Tensor:
+    """``w8a8_matmul`` through ``torch._int_mm`` (needs T > 16, K and N multiples of 8)."""
+    xq, sx = quantize_per_token_int8(x, act_mul)
+    acc = torch._int_mm(xq, qweight.t())                                          # [T, N] int32
+    m, n = acc.shape
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    _rescale_kernel[(m, triton.cdiv(n, 1024))](acc, sx, w_scale.float().contiguous(), out, n, acc.stride(0),
+                                               out.stride(0), BLOCK_N=1024)
+    return out
+
+
 def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
                 act_mul: torch.Tensor | None = None) -> torch.Tensor:
     """x[T, K] -> [T, N] float32; qweight[N, K] int8, w_scale[N] (see ops/reference.py)."""
+    lim = W8A8_INT_MM_MIN_ROWS
+    if lim is not None and x.shape[0] >= max(lim, 17) and x.is_cuda and x.shape[1] % 8 == 0 \
+            and qweight.shape[0] % 8 == 0:
+        return w8a8_matmul_int_mm(x, qweight, w_scale, act_mul)
     xq, sx = quantize_per_token_int8(x, act_mul)
     m, k = xq.shape
     n = qweight.shape[0]
@@ -251,7 +283,20 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 # FP8 (e4m3) weights with dynamic per-token activation scales: torch._scaled_mm
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _quant_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
+def e4m3_round(y):
+    """y (fp32, |y| <= 448) rounded to the nearest e4m3 value (ties away from zero), in fp32: the
+    Triton interpreter's fp32 -> fp8 conversion mis-rounds where the rounding carries into the
+    exponent (31 -> 16), so under the interpreter the codes are rounded here and converted exactly."""
+    a = tl.abs(y)
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), -6.0)          # subnormals: spacing 2^-9
+    step = tl.exp2(e - 3.0)
+    r = tl.floor(a / step + 0.5) * step
+    return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def _quant_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr,
+                      ROUND_HERE: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), tl.float32)
@@ -265,6 +310,8 @@ def _quant_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.c
         m = k + offs < K
         x = tl.load(x_ptr + row * stride_x + k + offs, mask=m, other=0.0).to(tl.float32)
         y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        if ROUND_HERE:
+            y = e4m3_round(y)
         tl.store(xq_ptr + row * stride_q + k + offs, y.to(tl.float8e4nv).to(tl.int8, bitcast=True), mask=m)
 
 
@@ -276,7 +323,8 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((t,), dtype=torch.float32, device=x.device)
     if t:
         _quant_fp8_kernel[(t,)](x, xq.view(torch.int8), s, k, x.stride(0), xq.stride(0),
-                                BLOCK_K=min(1024, triton.next_power_of_2(k)))
+                                BLOCK_K=min(1024, triton.next_power_of_2(k)),
+                                ROUND_HERE=os.environ.get("TRITON_INTERPRET") == "1")
     return xq, s
 
 
