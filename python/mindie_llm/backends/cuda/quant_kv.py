@@ -83,7 +83,8 @@ def write_kv_cache_quant(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     half = kv_cache[0].numel()
-    _write_kernel[(t, hk, 2)](key, value, kv_cache.view(torch.int8), slot_mapping, key.stride(0), value.stride(0), half, d + 4, hk,
+    _write_kernel[(t, hk, 2)](key, value, kv_cache.view(torch.int8), slot_mapping, key.stride(0), value.stride(0),
+                              half, d + 4, hk,
                               _QMAX[kv_cache.dtype], D=d, BLOCK_D=triton.next_power_of_2(d),
                               IS_FP8=kv_cache.dtype == torch.float8_e4m3fn,
                               ROUND_HERE=os.environ.get("TRITON_INTERPRET") == "1")
@@ -214,7 +215,8 @@ def paged_attention_quant(query: torch.Tensor, kv_cache: torch.Tensor, attn_meta
     use_window = sliding_window is not None and sliding_window > 0
     bt = md.block_tables
     _qattn_kernel[(T // block_q + num_seqs, hk)](
-        out, query, kv_cache.view(torch.int8), bt, md.seq_lens, md.query_start_loc, scale, int(sliding_window) if use_window else 0,
+        out, query, kv_cache.view(torch.int8), bt, md.seq_lens, md.query_start_loc, scale,
+        int(sliding_window) if use_window else 0,
         num_seqs, query.stride(0), query.stride(1), out.stride(0), out.stride(1), kv_cache.stride(0),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), bt.stride(0), QPKV=qpkv, BLOCK_Q=block_q,
         BLOCK_M=block_m, HEAD_DIM=d, HEAD_DIM_P=triton.next_power_of_2(d), BLOCK_SIZE=kv_cache.shape[2],
@@ -274,7 +276,8 @@ def paged_decode_attention_quant(query: torch.Tensor, kv_cache: torch.Tensor, bl
     q = query.reshape(b, hq * d).contiguous()
     out = torch.empty((b, hq * d), dtype=torch.float32, device=query.device)
     bt = block_tables.contiguous()
-    _decode_kernel[(b, hq)](q, kv_cache.view(torch.int8), bt, seq_lens.contiguous(), out, scale, kv_cache[0].numel(), entry, hk,
+    _decode_kernel[(b, hq)](q, kv_cache.view(torch.int8), bt, seq_lens.contiguous(), out, scale, kv_cache[0].numel(),
+                            entry, hk,
                             hq // hk, q.stride(0), bt.stride(0), BS=bs, D=d, BLOCK_D=triton.next_power_of_2(d),
                             IS_FP8=kv_cache.dtype == torch.float8_e4m3fn)
     return out.reshape(b, hq, d)

@@ -1,12 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Triton kernels of the quantized linears: ``w8a8_matmul`` (per-token int8 quantization of the
-activations, then int8 x int8 -> int32 tiles, rescaled) and ``w4a16_matmul`` (4-bit codes unpacked
-and dequantized per group inside the GEMM tile loop, never to a full-precision copy).
+"""Kernels of the quantized linears on CUDA: ``w8a8_matmul`` (per-token int8 quantization of the
+activations, then int8 x int8 -> int32 Triton tiles, rescaled; ``w8a8_matmul_int_mm`` the same
+through cuBLAS's int8 GEMM), ``w4a16_matmul`` (4-bit codes unpacked and dequantized per group
+inside the GEMM tile loop, never to a full-precision copy; up to ``GEMV_MAX_ROWS`` rows a split-K
+GEMV, ``w4a16_gemv``, whose tile per weight shape comes from ``GEMV_TILES``) and ``fp8_matmul``
+(per-token e4m3 activations, ``torch._scaled_mm`` with row-wise scales).
 
-Signatures and semantics are those of ``ops/reference.py`` (the oracle). Verified only under
-``TRITON_INTERPRET=1`` on CPU tensors (tests/unit/backends/cuda/test_quant_triton.py): no GPU
-has run these kernels, and their speed is not measured. Rounding of the activation quantizer is
-round-half-away-from-zero (the reference rounds half to even; they differ only on exact ties).
+Signatures and semantics are those of ``ops/reference.py`` (the oracle), checked by
+tests/unit/backends/cuda/test_quant_triton.py (on a GPU, or under ``TRITON_INTERPRET=1`` on CPU
+tensors). Rounding of the int8 activation quantizer is round-half-away-from-zero (the reference
+rounds half to even; they differ only on exact ties).
 
 Must not import models, layers or executor.
 """
@@ -18,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quantize_per_token_int8", "w8a8_matmul", "w8a8_matmul_int_mm", "W8A8_INT_MM_MIN_ROWS", "w4a16_matmul", "w4a16_gemv", "GEMV_TILES",
+__all__ = ["quantize_per_token_int8", "w8a8_matmul", "w8a8_matmul_int_mm", "W8A8_INT_MM_MIN_ROWS",
+           "w4a16_matmul", "w4a16_gemv", "GEMV_TILES",
            "GEMV_CANDIDATES", "quantize_fp8_rows", "fp8_matmul", "e4m3_round"]
 
 

@@ -172,7 +172,7 @@ def test_fp8_refused_below_sm89(monkeypatch):
         resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, torch.device("cuda"))
 
 
-@pytest.mark.parametrize("quant,kv", [("w8a8", "int8"), ("w4a16", "auto"), ("fp8", "fp8_e4m3")])
+@pytest.mark.parametrize("quant,kv", [("w4a16", "int8"), ("fp8", "fp8_e4m3")])
 def test_engine_end_to_end(tmp_path, quant, kv):
     """The engine (config -> loader -> executor -> graph runner) with a scheme and a KV dtype on
     CUDA, against the same engine config run on the reference ops without CUDA graphs."""

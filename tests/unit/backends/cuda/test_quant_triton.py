@@ -78,7 +78,7 @@ def test_w4a16_gemv_few_rows(device, m, n, k, group):
     qw = ref.w4a16_pack(codes)
     want = ref.w4a16_matmul(x, qw, scales, zeros, group)
     args = (x.to(device), qw.to(device), scales.to(device), zeros.to(device), group)
-    tiles = ql.GEMV_CANDIDATES if device == "cuda" else ql.GEMV_CANDIDATES[:3]
+    tiles = ql.GEMV_CANDIDATES if device == "cuda" and m == 1 else ql.GEMV_CANDIDATES[:2]   # compile time
     for tile in tiles:
         got = ql.w4a16_gemv(*args, tile=tile)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=str(tile))
