@@ -753,53 +753,80 @@ def _quant_kernels() -> None:
     emit("quant W4A16 GEMV tiles chosen (paste into GEMV_TILES)", json.dumps({f"{n},{k}": t for (n, k), t in chosen.items()}))
 
 
+def _quant_engine(sch: str) -> None:
+    """One scheme's engine figures (run in its own process: an engine's KV cache holds the card)."""
+    quant, kv = QUANT_SCHEMES[sch]
+    try:
+        eng = make_engine("llama3-8b", quantization=quant, kv_cache_dtype=kv)
+    except Exception as e:
+        emit(f"quant {sch}: start-up FAILED", repr(e)[:300])
+        traceback.print_exc()
+        return
+    try:
+        V = eng.arch.vocab_size
+        wb = quant_weight_bytes(eng.model)
+        floor = wb / CEIL["bw"]
+        run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)
+        dt, n, _, _ = run(eng, prompts(1, 128, 128, V), [128])
+        emit(f"quant 8B {sch} batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
+             f"weights {wb / 1e9:.2f} GB", scheme=sch, kind="bs1")
+        g = decode_gpu_time(eng, 1)
+        if g:
+            emit(f"quant 8B {sch} batch-1 decode graph replay", round(g * 1e3, 3), "ms", round(floor * 1e3, 3),
+                 f"{floor / g * 100:.0f}% of the byte floor")
+        dt, n, _, _ = run(eng, prompts(256, 64, 512, V), [128] * 256)
+        emit(f"quant 8B {sch} offline 256 x (64-512 -> 128)", round(n / dt, 1), "out tok/s", None, f"{dt:.2f} s",
+             scheme=sch, kind="offline")
+    except Exception as e:
+        emit(f"quant {sch}: FAILED", repr(e)[:300])
+        traceback.print_exc()
+    finally:
+        eng.shutdown()
+
+
 @guarded("quant")
 def quant_section(out_dir: str | None, schemes: str = "bf16,w4a16,w8a8,fp8,kv-int8,kv-fp8",
                   kernels: bool = True) -> None:
-    """Llama-3-8B shapes, dummy weights, per scheme: batch-1 decode (128+128) against the weight
-    bytes floor, the decode graph's replay time, and the offline workload (256 x (64-512 -> 128))."""
+    """Llama-3-8B shapes, dummy weights, per scheme (each engine in its own process): batch-1
+    decode (128+128) against the weight-bytes floor, the decode graph's replay time, and the
+    offline workload (256 x (64-512 -> 128)); ratios against the bf16 engine of the same run."""
+    from mindie_llm.backends.cuda import quant_linear as ql
+
     if kernels:
         try:
             _quant_kernels()
         except Exception as e:
             emit("quant kernels: FAILED", repr(e)[:300])
             traceback.print_exc()
-    base = {}
+    base: dict[str, float] = {}
+    tiles = json.dumps({f"{n},{k}": list(t) for (n, k), t in ql.GEMV_TILES.items()})
     for sch in schemes.split(","):
-        quant, kv = QUANT_SCHEMES[sch]
+        cmd = [sys.executable, os.path.abspath(__file__), "--quant-child", sch, "--quant-bw", str(CEIL["bw"]),
+               "--quant-gemv-tiles", tiles]
         try:
-            eng = make_engine("llama3-8b", quantization=quant, kv_cache_dtype=kv)
-        except Exception as e:
-            emit(f"quant {sch}: start-up FAILED", repr(e)[:300])
-            traceback.print_exc()
-            continue
-        try:
-            V = eng.arch.vocab_size
-            wb = quant_weight_bytes(eng.model)
-            floor = wb / CEIL["bw"]
-            run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)
-            dt, n, _, _ = run(eng, prompts(1, 128, 128, V), [128])
-            bs1 = n / dt
-            base.setdefault("bs1", bs1 if sch == "bf16" else None)
-            rel = f"; {bs1 / base['bs1']:.2f}x bf16" if base.get("bs1") else ""
-            emit(f"quant 8B {sch} batch-1 decode 128+128", round(bs1, 1), "tok/s", round(1 / floor, 1),
-                 f"weights {wb / 1e9:.2f} GB{rel}")
-            g = decode_gpu_time(eng, 1)
-            if g:
-                emit(f"quant 8B {sch} batch-1 decode graph replay", round(g * 1e3, 3), "ms", round(floor * 1e3, 3),
-                     f"{floor / g * 100:.0f}% of the byte floor")
-            dt, n, _, _ = run(eng, prompts(256, 64, 512, V), [128] * 256)
-            off = n / dt
-            base.setdefault("off", off if sch == "bf16" else None)
-            rel = f"; {off / base['off']:.2f}x bf16" if base.get("off") else ""
-            emit(f"quant 8B {sch} offline 256 x (64-512 -> 128)", round(off, 1), "out tok/s", None, f"{dt:.2f} s{rel}")
-        except Exception as e:
-            emit(f"quant {sch}: FAILED", repr(e)[:300])
-            traceback.print_exc()
-        finally:
-            eng.shutdown()
-            del eng
-            torch.cuda.empty_cache()
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+            out, rc = res.stdout, res.returncode
+        except subprocess.TimeoutExpired as e:
+            out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        for line in out.splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            kind = row.pop("kind", None)
+            row.pop("scheme", None)
+            fig = row.pop("figure")
+            note = row.pop("note", "") or ""
+            if kind in ("bs1", "offline") and isinstance(row.get("value"), (int, float)):
+                if sch == "bf16":
+                    base[kind] = row["value"]
+                elif base.get(kind):
+                    note += f"; {row['value'] / base[kind]:.2f}x bf16"
+            emit(fig, row.pop("value"), row.pop("unit", ""), row.pop("floor", None), note, **row)
+        if rc != 0:
+            emit(f"quant {sch}: child exit", rc, note=(res.stderr[-300:] if rc != "timeout" else ""))
 
 
 def print_table() -> str:
@@ -823,7 +850,19 @@ def main() -> None:
     ap.add_argument("--quant-schemes", default="bf16,w4a16,w8a8,fp8,kv-int8,kv-fp8",
                     help="quant section: schemes to run (" + ",".join(QUANT_SCHEMES) + ")")
     ap.add_argument("--quant-no-kernels", action="store_true", help="quant section: skip the per-linear timings")
+    ap.add_argument("--quant-child", default=None, help=argparse.SUPPRESS)     # one scheme's engine, then exit
+    ap.add_argument("--quant-bw", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quant-gemv-tiles", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quant_child:
+        from mindie_llm.backends.cuda import quant_linear as ql
+        if args.quant_bw:
+            CEIL["bw"] = args.quant_bw
+        for key, t in json.loads(args.quant_gemv_tiles or "{}").items():
+            n, k = map(int, key.split(","))
+            ql.GEMV_TILES[(n, k)] = tuple(t)
+        _quant_engine(args.quant_child)
+        return
     secs = set(args.sections.split(","))
     LABEL[0] = f"[{args.label}] " if args.label else ""
     if args.no_pdl:

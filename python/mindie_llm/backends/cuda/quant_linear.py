@@ -334,14 +334,19 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x[T, K] -> [T, N] in x's dtype; qweight[N, K] float8_e4m3fn (row-major), w_scale[N] float32.
-    ``torch._scaled_mm`` with row-wise scales (bf16 out) where the shape allows (K and N multiples of
-    16), else the dequantized product."""
+    ``torch._scaled_mm`` with row-wise scales (bf16 out; for fp32 x, unit scales and fp32 out, the
+    scales applied after) where the shape allows (K and N multiples of 16), else the dequantized
+    product."""
     m, k = x.shape
     n = qweight.shape[0]
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
     xq, sx = quantize_fp8_rows(x)
     if x.is_cuda and k % 16 == 0 and n % 16 == 0:
+        if x.dtype == torch.float32:   # row-wise scales need bf16 out: fp32 out, scales applied after
+            one = torch.ones((), dtype=torch.float32, device=x.device)
+            y = torch._scaled_mm(xq, qweight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+            return y.mul_(sx[:, None]).mul_(w_scale[None, :])                        # [T, N]
         y = torch._scaled_mm(xq, qweight.t(), scale_a=sx[:, None], scale_b=w_scale[None, :],
                              out_dtype=torch.bfloat16)                               # [T, N]
         return y if y.dtype == x.dtype else y.to(x.dtype)
