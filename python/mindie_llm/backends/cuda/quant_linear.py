@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["quantize_per_token_int8", "w8a8_matmul", "w8a8_matmul_int_mm", "W8A8_INT_MM_MIN_ROWS",
-           "w4a16_matmul", "w4a16_gemv", "GEMV_TILES",
+           "w4a16_matmul", "w4a16_matmul_triton", "w4a16_gemv", "w4a16_dequantize", "W4A16_GEMM", "GEMV_TILES",
            "GEMV_CANDIDATES", "quantize_fp8_rows", "fp8_matmul", "e4m3_round"]
 
 
@@ -179,9 +179,14 @@ def _w4a16_mm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, M, N, K, GROUP, stride_x
              mask=(offs_m[:, None] < M) & mn[None, :])
 
 
+# the many-row path: "dequant" (transient float weight + cuBLAS) or "triton" (the GEMM kernel)
+W4A16_GEMM = "dequant"
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int) -> torch.Tensor:
-    """x[T, K] @ W^T -> [T, N] float32; qweight[N, K/2] uint8, scales/zeros[N, K/G]."""
+    """x[T, K] @ W^T -> [T, N]; qweight[N, K/2] uint8, scales/zeros[N, K/G]. Float32 out up to
+    ``GEMV_MAX_ROWS`` rows (the GEMV) and from the Triton GEMM; x's dtype from the dequant path."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[0]
@@ -189,6 +194,20 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     assert zeros.stride(0) == scales.stride(0) and group_size % 32 == 0, (zeros.stride(), group_size)
     if 0 < m <= GEMV_MAX_ROWS:
         return w4a16_gemv(x, qweight, scales, zeros, group_size)
+    if m > GEMV_MAX_ROWS and W4A16_GEMM == "dequant":
+        # the Triton GEMM below reached ~46 TFLOP/s on an H200 (8B shapes, M = 256-2048), slower than
+        # writing the layer's bf16 weight and calling cuBLAS; out in x's dtype
+        return torch.nn.functional.linear(x, w4a16_dequantize(qweight, scales, zeros, group_size, x.dtype))
+    return w4a16_matmul_triton(x, qweight, scales, zeros, group_size)
+
+
+def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """The Triton GEMM (codes dequantized per tile inside the K loop) -> [T, N] float32."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    scales, zeros = scales.float().contiguous(), zeros.contiguous()
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
     if m:
         bm, bn, bk, warps, stages = _mm_tile(m, min(64, group_size))
@@ -202,60 +221,50 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 
 # ---------------------------------------------------------------------------------------------
-# W4A16 GEMV for a few rows (batch-1..4 decode): split-K over the packed weight
+# W4A16 for a few rows (batch-1..4 decode): a split-K GEMV over the packed weight
 # ---------------------------------------------------------------------------------------------
 GEMV_MAX_ROWS = 4
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) by (N, K); a shape not listed uses GEMV_DEFAULT_TILE.
-# BLOCK_K codes (BLOCK_K / 2 bytes) per row per step; a step spans BLOCK_K / group_size groups
-# (or lies inside one group). The tile candidates are the ones the benchmark sweeps.
-GEMV_DEFAULT_TILE = (16, 256, 4, 4)
+# (BLOCK_N, groups per step, SPLIT_K or 0 = chosen from the shape, num_warps) by (N, K); a shape
+# not listed uses GEMV_DEFAULT_TILE. The candidates are the tiles the benchmark sweeps.
+GEMV_DEFAULT_TILE = (16, 2, 0, 4)
 GEMV_TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-GEMV_CANDIDATES = ((16, 128, 4, 4), (16, 256, 4, 4), (8, 512, 4, 4), (16, 512, 2, 4), (32, 256, 4, 8),
-                   (32, 512, 2, 8), (64, 256, 2, 8), (16, 1024, 1, 8), (8, 1024, 2, 4), (16, 256, 8, 4),
-                   (8, 256, 8, 2), (32, 128, 8, 4))
+GEMV_CANDIDATES = ((16, 2, 0, 4), (8, 2, 0, 4), (16, 1, 0, 4), (32, 1, 0, 4), (16, 4, 0, 8), (8, 4, 0, 4),
+                   (32, 2, 0, 8), (16, 2, 1, 4), (16, 2, 4, 4), (8, 1, 0, 2))
+_GEMV_MIN_PROGRAMS = 512          # SPLIT_K 0: the smallest split giving at least this many programs
 
 
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, GROUP, stride_xm, stride_qn, stride_sn,
-                       stride_os, stride_om, K_PER_SPLIT, M_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, NG: tl.constexpr):
-    """Program (n, s): rows [n*BLOCK_N, +BLOCK_N) over K slice s (K_PER_SPLIT codes), BLOCK_K codes
-    (NG groups, or part of one when NG = 1) a step: y += s * (codes . x - z * sum(x)) per group,
-    the exact algebra of sum((c - z) * s * x)."""
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_os,
+                       stride_om, K_PER_SPLIT, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+    """Program (m, n, s): output row m, weight rows [n*BLOCK_N, +BLOCK_N), K slice s. A step reads
+    NG whole groups of BLOCK_N rows as one [BLOCK_N, NG, GROUP/2] byte tile (16-byte loads along
+    the row) and accumulates (lo * x_even + hi * x_odd) * scale elementwise; the zero points enter
+    once per group as z * scale * sum(x). The row sums are taken once, at the end."""
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    HALF: tl.constexpr = GROUP // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [BN]
-    nmask = offs_n < N
-    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)                            # in bounds; never stored
-    offs_b = tl.arange(0, BLOCK_K // 2)                                          # byte offsets in a step
-    offs_m = tl.arange(0, M_P)
-    mmask = offs_m < M
-    acc = tl.zeros((M_P, BLOCK_N), tl.float32)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)                              # in bounds; never stored
+    offs_g = tl.arange(0, NG)
+    offs_b = tl.arange(0, HALF)
+    byte_off = offs_g[:, None] * HALF + offs_b[None, :]                          # [NG, G/2]
+    q_rows = q_ptr + rows[:, None, None] * stride_qn                             # [BN, 1, 1]
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros((BLOCK_N, NG, HALF), tl.float32)
+    acc_z = tl.zeros((BLOCK_N, NG), tl.float32)
     k_lo = pid_s * K_PER_SPLIT
-    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BLOCK_K):
-        packed = tl.load(q_ptr + rows_n[:, None] * stride_qn + (k0 // 2 + offs_b)[None, :],
-                         eviction_policy="evict_first")                               # [BN, BK/2] uint8
+    for k0 in range(k_lo, k_lo + K_PER_SPLIT, NG * GROUP):
+        packed = tl.load(q_rows + (k0 // 2 + byte_off)[None, :, :], eviction_policy="evict_first")  # [BN,NG,G/2]
+        xe = tl.load(x_row + k0 + 2 * byte_off).to(tl.float32)                   # [NG, G/2] even k
+        xo = tl.load(x_row + k0 + 2 * byte_off + 1).to(tl.float32)               # odd k
+        g = k0 // GROUP + offs_g                                                 # [NG]
+        sc = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :])             # [BN, NG]
+        z = tl.load(z_ptr + rows[:, None] * stride_sn + g[None, :]).to(tl.float32)
         lo = (packed & 0xF).to(tl.float32)
         hi = (packed >> 4).to(tl.float32)
-        xk = x_ptr + offs_m[:, None] * stride_xm + (k0 + 2 * offs_b)[None, :]
-        xe = tl.load(xk, mask=mmask[:, None], other=0.0).to(tl.float32)              # [M, BK/2] even k
-        xo = tl.load(xk + 1, mask=mmask[:, None], other=0.0).to(tl.float32)          # odd k
-        prod = lo[None, :, :] * xe[:, None, :] + hi[None, :, :] * xo[:, None, :]      # [M, BN, BK/2]
-        g0 = k0 // GROUP
-        if NG == 1:
-            dot = tl.sum(prod, axis=2)                                               # [M, BN]
-            xs = tl.sum(xe + xo, axis=1)                                             # [M]
-            sc = tl.load(s_ptr + rows_n * stride_sn + g0)                            # [BN]
-            z = tl.load(z_ptr + rows_n * stride_sn + g0).to(tl.float32)
-            acc += sc[None, :] * (dot - z[None, :] * xs[:, None])
-        else:
-            dot = tl.sum(tl.reshape(prod, (M_P, BLOCK_N, NG, BLOCK_K // 2 // NG)), axis=3)     # [M, BN, NG]
-            xs = tl.sum(tl.reshape(xe + xo, (M_P, NG, BLOCK_K // 2 // NG)), axis=2)             # [M, NG]
-            gs = rows_n[:, None] * stride_sn + g0 + tl.arange(0, NG)[None, :]                  # [BN, NG]
-            sc = tl.load(s_ptr + gs)
-            z = tl.load(z_ptr + gs).to(tl.float32)
-            acc += tl.sum(sc[None, :, :] * (dot - z[None, :, :] * xs[:, None, :]), axis=2)
-    o = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(o, acc, mask=mmask[:, None] & nmask[None, :])
+        acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * sc[:, :, None]
+        acc_z += z * sc * tl.sum(xe + xo, axis=1)[None, :]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(acc_z, axis=1)            # [BN]
+    tl.store(out_ptr + pid_s * stride_os + pid_m * stride_om + offs_n, y, mask=offs_n < N)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -264,23 +273,59 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     fixed order, so the result does not depend on scheduling)."""
     m, k = x.shape
     n = qweight.shape[0]
-    bn, bk, split, warps = tile or GEMV_TILES.get((n, k), GEMV_DEFAULT_TILE)
-    while bk > 32 and k % bk:
-        bk //= 2
-    while split > 1 and k % (split * bk):
+    bn, ng, split, warps = tile or GEMV_TILES.get((n, k), GEMV_DEFAULT_TILE)
+    while ng > 1 and (k // group_size) % ng:
+        ng //= 2
+    step = ng * group_size
+    if k % step:
+        raise ValueError(f"w4a16_gemv: K={k} is not a multiple of group_size {group_size}")
+    if split == 0:
+        split = 1
+        while triton.cdiv(n, bn) * m * split < _GEMV_MIN_PROGRAMS and k % (2 * split * step) == 0 \
+                and k // (2 * split) >= 4 * step:
+            split *= 2
+    while split > 1 and k % (split * step):
         split //= 2
-    if k % bk or (bk % group_size and group_size % bk):
-        raise ValueError(f"w4a16_gemv: K={k} / group {group_size} do not fit the step {bk}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     scales = scales if scales.dtype == torch.float32 and scales.is_contiguous() else scales.float().contiguous()
     zeros = zeros.contiguous()
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)      # [S, M, N]
-    m_p = 1 if m == 1 else (2 if m == 2 else 4)
-    _w4a16_gemv_kernel[(triton.cdiv(n, bn), split)](
-        x, qweight, scales, zeros, part, m, n, k, group_size, x.stride(0), qweight.stride(0), scales.stride(0),
-        part.stride(0), part.stride(1), k // split, M_P=m_p, BLOCK_N=bn, BLOCK_K=bk, NG=max(1, bk // group_size),
-        num_warps=warps)
+    _w4a16_gemv_kernel[(m, triton.cdiv(n, bn), split)](
+        x, qweight, scales, zeros, part, n, k, x.stride(0), qweight.stride(0), scales.stride(0), part.stride(0),
+        part.stride(1), k // split, GROUP=group_size, BLOCK_N=bn, NG=ng, num_warps=warps)
     return part[0] if split == 1 else part.sum(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# W4A16 for many rows: the layer's weight dequantized into a transient bf16/fp32 buffer, then cuBLAS
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _w4a16_dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn, GROUP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (cols < K)[None, :]
+    rows = offs_n.to(tl.int64)[:, None]
+    b = tl.load(q_ptr + rows * stride_qn + (cols // 2)[None, :], mask=mask, other=0)              # [BN, BK]
+    c = ((b >> ((cols % 2) * 4).to(tl.uint8)[None, :]) & 0xF).to(tl.float32)
+    g = (cols // GROUP)[None, :]
+    sc = tl.load(s_ptr + rows * stride_sn + g, mask=mask, other=0.0)
+    z = tl.load(z_ptr + rows * stride_sn + g, mask=mask, other=0).to(tl.float32)
+    tl.store(w_ptr + rows * stride_wn + cols[None, :], ((c - z) * sc).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def w4a16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The float weight W[N, K] = (code - zero) * scale in ``dtype`` (a transient buffer)."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * 2
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    bn, bk = 8, 512
+    _w4a16_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        qweight, scales, zeros, w, n, k, qweight.stride(0), scales.stride(0), w.stride(0), GROUP=group_size,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return w
 
 
 # ---------------------------------------------------------------------------------------------

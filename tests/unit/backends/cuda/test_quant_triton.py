@@ -36,9 +36,13 @@ def test_w4a16_matmul(device, m, n, k, group):
     scales = torch.rand(n, k // group, generator=g) * 0.1
     zeros = torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.uint8)
     qw = ref.w4a16_pack(codes)
-    got = ql.w4a16_matmul(x.to(device), qw.to(device), scales.to(device), zeros.to(device), group)
+    args = (x.to(device), qw.to(device), scales.to(device), zeros.to(device), group)
     want = ref.w4a16_matmul(x, qw, scales, zeros, group)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    for fn in (ql.w4a16_matmul, ql.w4a16_matmul_triton):     # the dispatch (GEMV / dequant) and the GEMM
+        got = fn(*args)
+        torch.testing.assert_close(got.cpu().float(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    torch.testing.assert_close(ql.w4a16_dequantize(qw.to(device), scales.to(device), zeros.to(device), group,
+                                                   torch.float32).cpu(), ref.w4a16_dequantize(qw, scales, zeros, group))
 
 
 def test_kv_int8_write_and_decode_attention(device):
