@@ -242,34 +242,34 @@ _GEMV_MIN_PROGRAMS = 512          # SPLIT_K 0: the smallest split giving at leas
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_os,
                        stride_om, K_PER_SPLIT, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
-    """Program (m, n, s): output row m, weight rows [n*BLOCK_N, +BLOCK_N), K slice s. A step reads
-    NG whole groups of BLOCK_N rows as one [BLOCK_N, NG, GROUP/2] byte tile (16-byte loads along
-    the row) and accumulates (lo * x_even + hi * x_odd) * scale elementwise; the zero points enter
-    once per group as z * scale * sum(x). The row sums are taken once, at the end."""
+    """Program (m, n, s): output row m, weight rows [n*BLOCK_N, +BLOCK_N), K slice s. The weight is
+    read as int32 words (8 codes each, code 8w + i in nibble i), NG whole groups of BLOCK_N rows per
+    step as one [BLOCK_N, NG, GROUP/8] word tile (16-byte loads along the row). Each nibble becomes a
+    float without a conversion instruction (bits 0x4B000000 | c are the float 2^23 + c, so the zero
+    point and 2^23 leave in one subtraction); per word t = sum_i (c_i - z) * x_{8w+i}, then acc += t * s.
+    The row sums are taken once, at the end."""
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    HALF: tl.constexpr = GROUP // 2
+    WORDS: tl.constexpr = GROUP // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [BN]
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)                              # in bounds; never stored
     offs_g = tl.arange(0, NG)
-    offs_b = tl.arange(0, HALF)
-    byte_off = offs_g[:, None] * HALF + offs_b[None, :]                          # [NG, G/2]
+    word_off = offs_g[:, None] * WORDS + tl.arange(0, WORDS)[None, :]           # [NG, G/8]
     q_rows = q_ptr + rows[:, None, None] * stride_qn                             # [BN, 1, 1]
     x_row = x_ptr + pid_m * stride_xm
-    acc = tl.zeros((BLOCK_N, NG, HALF), tl.float32)
-    acc_z = tl.zeros((BLOCK_N, NG), tl.float32)
+    acc = tl.zeros((BLOCK_N, NG, WORDS), tl.float32)
     k_lo = pid_s * K_PER_SPLIT
     for k0 in range(k_lo, k_lo + K_PER_SPLIT, NG * GROUP):
-        packed = tl.load(q_rows + (k0 // 2 + byte_off)[None, :, :], eviction_policy="evict_first")  # [BN,NG,G/2]
-        xe = tl.load(x_row + k0 + 2 * byte_off).to(tl.float32)                   # [NG, G/2] even k
-        xo = tl.load(x_row + k0 + 2 * byte_off + 1).to(tl.float32)               # odd k
+        words = tl.load(q_rows + (k0 // 8 + word_off)[None, :, :], eviction_policy="evict_first")  # [BN,NG,G/8]
         g = k0 // GROUP + offs_g                                                 # [NG]
         sc = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :])             # [BN, NG]
-        z = tl.load(z_ptr + rows[:, None] * stride_sn + g[None, :]).to(tl.float32)
-        lo = (packed & 0xF).to(tl.float32)
-        hi = (packed >> 4).to(tl.float32)
-        acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * sc[:, :, None]
-        acc_z += z * sc * tl.sum(xe + xo, axis=1)[None, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(acc_z, axis=1)            # [BN]
+        zc = tl.load(z_ptr + rows[:, None] * stride_sn + g[None, :]).to(tl.float32) + 8388608.0
+        t = tl.zeros((BLOCK_N, NG, WORDS), tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_row + k0 + 8 * word_off + i).to(tl.float32)           # [NG, G/8]
+            c = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)   # 2^23 + code
+            t += (c - zc[:, :, None]) * xi[None, :, :]
+        acc += t * sc[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)                                      # [BN]
     tl.store(out_ptr + pid_s * stride_os + pid_m * stride_om + offs_n, y, mask=offs_n < N)
 
 
@@ -296,8 +296,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     scales = scales if scales.dtype == torch.float32 and scales.is_contiguous() else scales.float().contiguous()
     zeros = zeros.contiguous()
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)      # [S, M, N]
+    words = qweight.view(torch.int32)                                           # [N, K/8]
     _w4a16_gemv_kernel[(m, triton.cdiv(n, bn), split)](
-        x, qweight, scales, zeros, part, n, k, x.stride(0), qweight.stride(0), scales.stride(0), part.stride(0),
+        x, words, scales, zeros, part, n, k, x.stride(0), words.stride(0), scales.stride(0), part.stride(0),
         part.stride(1), k // split, GROUP=group_size, BLOCK_N=bn, NG=ng, num_warps=warps)
     return part[0] if split == 1 else part.sum(dim=0)
 
