@@ -85,14 +85,18 @@ def _mm_tile(m: int, bk: int, n: int | None = None) -> tuple[int, int, int, int,
 
 @triton.jit
 def _w8a8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+                    K_PER_SPLIT, stride_cs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile (m, n) over K slice s (split-K for few rows: each slice's rescaled partial is stored at
+    ``c_ptr + s * stride_cs``; the caller sums them)."""
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-    for k in range(0, K, BLOCK_K):
-        mk = k + offs_k < K
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        mk = k + offs_k < k_hi
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k + offs_k)[None, :],
                     mask=(offs_m[:, None] < M) & mk[None, :], other=0)                  # [BM, BK] int8
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + (k + offs_k)[:, None],
@@ -101,7 +105,7 @@ def _w8a8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, c_ptr, M, N, K, stride_am, str
     sa = tl.load(sa_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=offs_n < N, other=0.0)
     c = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], c,
+    tl.store(c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :], c,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -134,8 +138,9 @@ def w8a8_matmul_int_mm(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
 
 
 def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-                act_mul: torch.Tensor | None = None) -> torch.Tensor:
-    """x[T, K] -> [T, N] float32; qweight[N, K] int8, w_scale[N] (see ops/reference.py)."""
+                act_mul: torch.Tensor | None = None, split: int | None = None) -> torch.Tensor:
+    """x[T, K] -> [T, N] float32; qweight[N, K] int8, w_scale[N] (see ops/reference.py).
+    ``split``: the split-K factor (default: chosen from the shape for T <= 16, else 1)."""
     lim = W8A8_INT_MM_MIN_ROWS
     if lim is not None and x.shape[0] >= max(lim, 17) and x.is_cuda and x.shape[1] % 8 == 0 \
             and qweight.shape[0] % 8 == 0:
@@ -144,13 +149,20 @@ def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
     m, k = xq.shape
     n = qweight.shape[0]
     w = qweight.contiguous()
-    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    if m:
-        bm, bn, bk, warps, stages = _mm_tile(m, 128, n)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-        _w8a8_mm_kernel[grid](xq, w, sx, w_scale.float().contiguous(), out, m, n, k, xq.stride(0), w.stride(0),
-                              out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    return out
+    if not m:
+        return torch.empty((0, n), dtype=torch.float32, device=x.device)
+    bm, bn, bk, warps, stages = _mm_tile(m, 128, n)
+    if split is None:
+        split = 1
+        while m <= 16 and os.environ.get("TRITON_INTERPRET") != "1" and \
+                 triton.cdiv(n, bn) * split * 2 <= 264 and k % (split * 2 * bk) == 0 and k // (split * 2) >= 4 * bk:
+            split *= 2                     # few rows: split K until about two programs per SM
+    out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)          # [S, T, N]
+    _w8a8_mm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
+        xq, w, sx, w_scale.float().contiguous(), out, m, n, k, xq.stride(0), w.stride(0), out.stride(1),
+        triton.cdiv(k, split), out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=stages)
+    return out[0] if split == 1 else out.sum(dim=0)
 
 
 @triton.jit

@@ -24,6 +24,9 @@ def test_w8a8_matmul(device, m, n, k, smooth):
     got = ql.w8a8_matmul(x.to(device), qw.to(device), ws.to(device), None if mul is None else mul.to(device))
     want = ref.w8a8_matmul(x, qw, ws, mul)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-3 * float(want.abs().max()))
+    got2 = ql.w8a8_matmul(x.to(device), qw.to(device), ws.to(device), None if mul is None else mul.to(device),
+                          split=2)                                        # split-K (few-row decode path)
+    torch.testing.assert_close(got2.cpu(), want, rtol=1e-4, atol=1e-3 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("m,n,k,group", [(2, 64, 128, 32), (17, 72, 256, 128)])
