@@ -48,9 +48,10 @@ def test_plus_100_forces_the_token_on_completions_and_chat(srv, client, sampling
     chat = client.chat.completions.create(model=M, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4,
                                           logit_bias={str(t): 100}, **sampling)
     assert chat.choices[0].message.content == want and chat.choices[0].finish_reason == "length"
-    stream = client.completions.create(model=M, prompt=PROMPT, max_tokens=4, logit_bias={str(t): 100}, stream=True,
-                                       **sampling)
-    assert "".join(c.choices[0].text for c in stream if c.choices) == want
+    if sampling["temperature"] == 0:   # one streamed case is enough (the bias is not a streaming matter)
+        stream = client.completions.create(model=M, prompt=PROMPT, max_tokens=4, logit_bias={str(t): 100},
+                                           stream=True, **sampling)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want
 
 
 def test_minus_100_bans_the_greedy_token_and_logprobs_stay_unbiased(srv, client):
