@@ -65,6 +65,7 @@ import torch  # noqa: E402
 
 ROWS: list[dict] = []
 OUT: str | None = None
+DEV = "cuda"               # --device cpu: a smoke run of the code paths on a machine without a GPU
 SECRET = "gpu-dist-secret-0123456789abcdef"
 BF16_TOL = 3e-2            # tests/unit/backends/cuda: model logits vs the reference, bf16
 FP32_TOL = 1e-3
@@ -98,12 +99,12 @@ def guarded(fn):
 
 
 def ngpu() -> int:
-    return torch.cuda.device_count()
+    return torch.cuda.device_count() if DEV == "cuda" else 1
 
 
 def tp_backend(world: int) -> str:
     """NCCL when every rank has a GPU of its own, else gloo (ranks share a card)."""
-    return "nccl" if ngpu() >= world else "gloo"
+    return "nccl" if DEV == "cuda" and ngpu() >= world else "gloo"
 
 
 def free_port() -> int:
@@ -152,10 +153,11 @@ def write_random(root: Path, shape: str, layers: int, dtype: torch.dtype, name: 
     H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     nh, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = H // nh
-    g = torch.Generator(device="cuda").manual_seed(1)
+    gen_dev = "cuda" if DEV == "cuda" else "cpu"
+    g = torch.Generator(device=gen_dev).manual_seed(1)
 
     def rnd(*shp, std=0.02):
-        return (torch.randn(*shp, generator=g, device="cuda") * std).to(dtype).cpu()
+        return (torch.randn(*shp, generator=g, device=gen_dev) * std).to(dtype).cpu()
 
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(V, H, std=1.0), "model.norm.weight":
                                   torch.ones(H, dtype=dtype)}
@@ -183,9 +185,12 @@ def write_random(root: Path, shape: str, layers: int, dtype: torch.dtype, name: 
 # ---------------------------------------------------------------------------------- env
 @guarded
 def env() -> None:
-    props = [torch.cuda.get_device_name(i) for i in range(ngpu())]
+    props = [torch.cuda.get_device_name(i) for i in range(ngpu())] if DEV == "cuda" else ["cpu smoke run"]
     emit("env", "GPUs", ngpu(), note=", ".join(props))
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:  # noqa: BLE001 - a CPU build
+        nccl = "none"
     emit("env", "torch / NCCL", f"{torch.__version__} / {nccl}")
     mine = {k: os.environ.get(k) for k in MULTICAST_OFF}
     code = "import os,json;print(json.dumps({k: os.environ.get(k) for k in %r}))" % sorted(MULTICAST_OFF)
@@ -223,8 +228,8 @@ def spawn_ranks(job: str, world: int, tmp: Path, timeout: float = 180, extra: li
         outs.append(out)
         e = with_comm_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--job", job, "--job-out", str(out), *(extra or [])],
-                                      env=e))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--job", job, "--job-out", str(out), "--device", DEV,
+                                       *(extra or [])], env=e))
     try:
         for p in procs:
             p.wait(timeout)
@@ -260,7 +265,7 @@ def run_llm(path: str, tp: int, *, backend: str = "auto", overlap: bool = False,
             max_tokens: int = 12, graphs: bool = True) -> dict:
     from mindie_llm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype=dtype, device="cuda", num_blocks=128, block_size=16, tensor_parallel_size=tp,
+    llm = LLM(model=path, dtype=dtype, device=DEV, num_blocks=128, block_size=16, tensor_parallel_size=tp,
               max_num_batched_tokens=32, max_model_len=256, enable_prefix_caching=True,
               parallel__micro_batch_overlap=overlap, parallel__comm_backend=backend, enforce_eager=not graphs)
     try:
@@ -300,7 +305,8 @@ def harness(section: str, what: str, jobs: list[dict], world: int, backend: str,
 
     from mindie_llm.distributed.parallel_state import ParallelContext
 
-    want = [tp_harness.run_job(j, ParallelContext.single(), torch.device("cuda", 0)) for j in jobs]
+    want = [tp_harness.run_job(j, ParallelContext.single(), torch.device(DEV, 0) if DEV == "cuda" else "cpu")
+            for j in jobs]
     gc.collect()
     torch.cuda.empty_cache()
     got = tp_harness.run_ranks(jobs, str(tmp / f"harness-{section}"), world=world, timeout=400,
@@ -325,12 +331,12 @@ def tp_tiny(tmp: Path) -> None:
     path = write_tiny(tmp)
     backend = tp_backend(2)
     want = run_llm(path, 1)
-    emit("tp_tiny", "TP=1 engine on cuda", "ran", note=f"decode graphs {want['graphs']}, {want['replays']} replays")
+    emit("tp_tiny", f"TP=1 engine on {DEV}", "ran", note=f"decode graphs {want['graphs']}, {want['replays']} replays")
     for overlap in (False, True):
         got = run_llm(path, 2, backend=backend, overlap=overlap)
         compare_llm("tp_tiny", f"engine TP=2 {backend} overlap={'on' if overlap else 'off'}", want, got, FP32_TOL)
     jobs = [dict(name="tiny", model=path, overlap=ov, logits=True, greedy=[[1, 50, 34, 28, 4, 20], [1, 90, 42, 12]],
-                 device="cuda", dtype="float32", block=16) for ov in (False, True)]
+                 device=DEV, dtype="float32", block=16) for ov in (False, True)]
     harness("tp_tiny", f"model TP=2 {backend}", jobs, 2, backend, tmp, FP32_TOL)
 
 
@@ -348,7 +354,7 @@ def tp_small(tmp: Path) -> None:
     backend = tp_backend(world)
     emit("tp_small", "model", src)
     jobs = [dict(name="smol", model=path, overlap=ov, logits=True, greedy=[[1, 50, 34, 28, 4, 20], [1, 90, 42, 12]],
-                 device="cuda", dtype=dtype, block=16) for ov in (False, True)]
+                 device=DEV, dtype=dtype, block=16) for ov in (False, True)]
     harness("tp_small", f"model TP=3 {backend}", jobs, world, backend, tmp, FP32_TOL)
 
 
@@ -357,7 +363,7 @@ def tp_8b(tmp: Path, layers: int) -> None:
     path = write_random(tmp, "llama3-8b", layers, torch.bfloat16, "llama8b")
     backend = tp_backend(2)
     jobs = [dict(name="8b", model=path, overlap=ov, logits=True, greedy=[[1, 50, 34, 28, 4, 20], [1, 90, 42, 12]],
-                 device="cuda", dtype="bfloat16", block=16) for ov in (False, True)]
+                 device=DEV, dtype="bfloat16", block=16) for ov in (False, True)]
     harness("tp_8b", f"Llama-3-8B shapes x{layers} layers, TP=2 {backend}", jobs, 2, backend, tmp, BF16_TOL)
     shutil.rmtree(path, ignore_errors=True)
 
@@ -370,8 +376,9 @@ def _job_allreduce(args) -> None:
 
     import torch.distributed as dist
 
-    device = get_platform("cuda").rank_device(int(os.environ["LOCAL_RANK"]))
+    device = get_platform(DEV).rank_device(int(os.environ["LOCAL_RANK"]))
     backend = args.job_arg or "nccl"
+    sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
     ctx = init_from_env(backend, tensor_parallel_size=int(os.environ["WORLD_SIZE"]), timeout_s=120, device=device)
     res = {}
     sizes = [8192 * 2, 64 << 10, 1 << 20, 16 << 20, 256 << 20] if backend == "nccl" else [8192 * 2, 1 << 20]
@@ -383,11 +390,11 @@ def _job_allreduce(args) -> None:
             for _ in range(3):
                 fn()
             ctx.barrier()
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             for _ in range(reps):
                 fn()
-            torch.cuda.synchronize()
+            sync()
             res[f"{label}:{nbytes}"] = (time.perf_counter() - t0) / reps
     if ctx.rank == 0:
         Path(args.job_out).write_text(json.dumps(res))
@@ -407,8 +414,9 @@ def tp_allreduce(tmp: Path) -> None:
         ours, ref = res[key], res[f"torch:{nbytes}"]
         bus = nbytes / ours / 1e9 * 2 * (n - 1) / n
         emit("tp_allreduce", f"all-reduce {nbytes} B fp32, TP=2 {backend}", round(ours * 1e6, 1), "us",
-             note=f"busbw {bus:.1f} GB/s; torch.distributed.all_reduce {ref * 1e6:.1f} us "
-                  f"({ref / ours:.2f}x ours)" + ("" if backend == "nccl" else " (gloo staged through host: not a figure)"))
+             note=f"busbw {bus:.1f} GB/s; torch.distributed.all_reduce on the same group {ref * 1e6:.1f} us "
+                  f"(ours takes {ours / ref:.2f}x its time)"
+                  + ("" if backend == "nccl" else "; gloo staged through host memory: not a figure"))
 
 
 def _engine_perf(tp: int, overlap: bool, label: str) -> None:
@@ -576,14 +584,14 @@ def _pd_base(path: str, dtype: str) -> dict:
     return {"model": {"path": path, "dtype": dtype, "max_seq_len": 512},
             "cache": {"cache_block_size": 16, "gpu_memory_utilization": 0.9, "enable_prefix_caching": False},
             "scheduler": {"max_batch_size": 32, "max_prefill_tokens": 1024},
-            "backend": {"device": "cuda"},
+            "backend": {"device": DEV},
             "disaggregation": {"transfer_timeout_s": 30.0}}
 
 
 def _colocated(path: str, dtype: str) -> list:
     from mindie_llm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype=dtype, device="cuda", num_blocks=256, block_size=16, max_model_len=512,
+    llm = LLM(model=path, dtype=dtype, device=DEV, num_blocks=256, block_size=16, max_model_len=512,
               enable_prefix_caching=False)
     try:
         out = []
@@ -652,7 +660,7 @@ def pd(tmp: Path) -> None:
     emit("pd", "colocated oracle (SmolLM2 shapes, random fp32, one request at a time)", f"{len(want)} requests")
     two = ngpu() >= 2
     cases = [("tcp", "gloo"), ("p2p", "gloo")] + ([("p2p", "nccl")] if two else [])
-    where = "prefill cuda:0, decode cuda:1" if two else "both instances on cuda:0"
+    where = "prefill cuda:0, decode cuda:1" if two else f"both instances on {DEV}:0"
     for connector, backend in cases:
         label = connector if connector == "tcp" else f"p2p over {backend}"
         try:
@@ -673,16 +681,22 @@ def pd(tmp: Path) -> None:
 @guarded
 def pd_bw(tmp: Path) -> None:
     two = ngpu() >= 2
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_pd.py"), "transfer", "--device", "cuda:0", "--peer-device",
-           "cuda:1" if two else "cuda:0", "--layout", "llama3-8b", "--blocks", "64", "--repeats", "5",
+    d0 = "cuda:0" if DEV == "cuda" else "cpu"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_pd.py"), "transfer", "--device", d0, "--peer-device",
+           "cuda:1" if two else d0, "--layout", "llama3-8b", "--blocks", "64", "--repeats", "5",
            "--connectors", "tcp,p2p-gloo" + (",p2p-nccl" if two else "")]
     r = subprocess.run(cmd, env=with_comm_env(), capture_output=True, text=True, timeout=400)
     print(r.stdout[-3000:], r.stderr[-3000:])
-    lines = [l for l in r.stdout.splitlines() if "MB/s" in l or "floor" in l or "connector" in l]
-    for l in lines:
-        bad = "MISMATCH" in l or "failed" in l
-        emit("pd_bw", l[:44].strip(), l[44:].strip(), "MB/s" if "KV transfer" not in l else "",
-             ok=(not bad) if "connector" in l else None)
+    head = next((l for l in r.stdout.splitlines() if l.startswith("KV transfer")), "")
+    for l in r.stdout.splitlines():
+        if not ("floor" in l or "connector" in l) or l.startswith("KV transfer"):
+            continue
+        parts = l[44:].split()
+        check = " ".join(parts[3:])
+        emit("pd_bw", l[:44].strip(), parts[0] if parts else "?", "MB/s",
+             ok=(check == "bit-exact") if "connector" in l else None,
+             note=f"min {parts[1] if len(parts) > 1 else '?'} max {parts[2] if len(parts) > 2 else '?'}; {check}; "
+                  f"{head}")
     if r.returncode:
         emit("pd_bw", "bench_pd.py transfer", f"exit {r.returncode}", ok=False, note=r.stderr[-300:])
 
@@ -742,16 +756,18 @@ ONE_GPU = ["env", "nccl", "tp_tiny", "tp_small", "tp_8b", "tp_allreduce", "pd", 
 
 
 def main() -> int:
-    global OUT
+    global OUT, DEV
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default="auto", help="comma-separated, or auto: every section on two or more "
                     "GPUs, the single-GPU parts on one (tp_perf and pd_load then record what was not measured)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--layers", type=int, default=4, help="tp_8b: Llama-3-8B layers in the random checkpoint")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu = a smoke run of the code paths (no figures)")
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--job-out", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--job-arg", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    DEV = args.device
     if args.job:
         {"nccl": _job_nccl, "allreduce": _job_allreduce, "pd": _job_pd}[args.job](args)
         sys.stdout.flush()
