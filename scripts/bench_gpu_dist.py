@@ -21,6 +21,8 @@ Sections (``--sections``; all by default, each skips itself where the GPUs do no
               TP=3 vs TP=1 (9 heads do not split in two): logits and greedy tokens
   tp_8b       Llama-3-8B shapes (``--layers`` of them), random bf16 checkpoint: TP=2 vs TP=1,
               logits within the bf16 tolerance of tests/ (relative norm 3e-2), greedy tokens
+  tp_allreduce  all-reduce time and bus bandwidth, ours against torch.distributed's on the group
+  kv_share    KV pools sized from gpu_memory_utilization: one rank at 0.9, two ranks sharing a card
   tp_perf     (2 GPUs) 8B, random bf16: TP=1 and TP=2, batch-1 decode and the offline 256-request
               workload of bench_gpu.py, micro_batch_overlap off and on; step time, comm time and
               share hidden (scripts/bench_tp.py); all-reduce bandwidth against torch.distributed's
@@ -366,6 +368,37 @@ def tp_8b(tmp: Path, layers: int) -> None:
                  device=DEV, dtype="bfloat16", block=16) for ov in (False, True)]
     harness("tp_8b", f"Llama-3-8B shapes x{layers} layers, TP=2 {backend}", jobs, 2, backend, tmp, BF16_TOL)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@guarded
+def kv_share(tmp: Path) -> None:
+    """KV pools sized from the memory fraction (no cache.num_blocks): one rank alone at 0.9, then
+    two tensor-parallel ranks sharing the card (each sizes from 0.45): the card stays under the
+    fraction and TP=2 decodes what TP=1 does."""
+    from mindie_llm import LLM, SamplingParams
+
+    path = write_tiny(tmp)
+    outs = []
+    for tp in (1, 2):
+        llm = LLM(model=path, dtype="float32", device=DEV, tensor_parallel_size=tp, max_model_len=256,
+                  parallel__comm_backend="auto" if tp == 1 else tp_backend(2), gpu_memory_utilization=0.9)
+        try:
+            free, total = torch.cuda.mem_get_info() if DEV == "cuda" else (0, 1)
+            used = (total - free) / total
+            g = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            outs.append([r.outputs[0].token_ids for r in g])
+            cfg = llm.engine.config.cache
+            emit("kv_share", f"TP={tp}{' (2 ranks on one card)' if tp == 2 and ngpu() < 2 else ''}: card in use with "
+                 "the pools allocated", round(100 * used, 1), "%", ok=used <= 0.93 if DEV == "cuda" else None,
+                 note=f"{llm.engine.num_kv_blocks} KV blocks of the tiny Llama; rank 0's "
+                      f"gpu_memory_utilization {cfg.gpu_memory_utilization:.3f}")
+        finally:
+            llm.engine.shutdown()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+    emit("kv_share", "TP=2 greedy tokens identical to TP=1 (both sized from the fraction)", outs[0] == outs[1],
+         ok=outs[0] == outs[1])
 
 
 # ---------------------------------------------------------------------------------- tp performance
@@ -750,9 +783,10 @@ def print_table() -> str:
     return text
 
 
-SECTIONS = ["env", "nccl", "tp_tiny", "tp_small", "tp_8b", "tp_allreduce", "pd", "pd_bw", "tp_perf", "pd_load",
-            "cuda_tests"]
-ONE_GPU = ["env", "nccl", "tp_tiny", "tp_small", "tp_8b", "tp_allreduce", "pd", "pd_bw", "tp_perf", "pd_load"]
+SECTIONS = ["env", "nccl", "tp_tiny", "tp_small", "tp_8b", "tp_allreduce", "kv_share", "pd", "pd_bw", "tp_perf",
+            "pd_load", "cuda_tests"]
+ONE_GPU = ["env", "nccl", "tp_tiny", "tp_small", "tp_8b", "tp_allreduce", "kv_share", "pd", "pd_bw", "tp_perf",
+           "pd_load"]
 
 
 def main() -> int:

@@ -318,10 +318,14 @@ def init_from_env(backend: str, *, tensor_parallel_size: int, timeout_s: float =
         dist.init_process_group(backend, store=dist.PrefixStore("pg/", store), rank=env.rank,
                                 world_size=env.world_size, timeout=td, **kwargs)
     except (RuntimeError, OSError) as e:
-        msg = " ".join(str(e).split())[:400]
+        msg = " ".join(str(e).split())
         if backend in _STREAM_ORDERED:
+            last = msg.partition("Last error:")[2].strip()          # NCCL's own reason, when it gives one
+            hint = (" (NCCL needs one GPU per rank; ranks that share a card run with parallel.comm_backend=gloo)"
+                    if "Duplicate GPU" in msg else "")
             raise RuntimeError(f"parallel: rank {env.rank}: the {backend} communicator of {env.world_size} ranks "
-                               f"could not be created on {device}: {msg}") from None
+                               f"could not be created on {device}: {last or msg[:400]}{hint}") from None
+        msg = msg[:400]
         raise JoinTimeout(f"parallel: rank {env.rank}: the rendezvous at {where} did not gather "
                           f"{env.world_size} ranks within {join:g} s (a node never joined, or "
                           f"master_addr/master_port differ between nodes): {msg}") from None
