@@ -335,8 +335,16 @@ def tp_tiny(tmp: Path) -> None:
     want = run_llm(path, 1)
     emit("tp_tiny", f"TP=1 engine on {DEV}", "ran", note=f"decode graphs {want['graphs']}, {want['replays']} replays")
     for overlap in (False, True):
-        got = run_llm(path, 2, backend=backend, overlap=overlap)
-        compare_llm("tp_tiny", f"engine TP=2 {backend} overlap={'on' if overlap else 'off'}", want, got, FP32_TOL)
+        label = f"engine TP=2 {backend} overlap={'on' if overlap else 'off'}"
+        try:
+            got = run_llm(path, 2, backend=backend, overlap=overlap)
+        except Exception as e:  # noqa: BLE001 - e.g. a decode-graph capture with the all-reduce inside
+            traceback.print_exc()
+            emit("tp_tiny", f"{label}, decode graphs on", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                 ok=False)
+            label += ", decode graphs off (retry)"
+            got = run_llm(path, 2, backend=backend, overlap=overlap, graphs=False)
+        compare_llm("tp_tiny", label, want, got, FP32_TOL)
     jobs = [dict(name="tiny", model=path, overlap=ov, logits=True, greedy=[[1, 50, 34, 28, 4, 20], [1, 90, 42, 12]],
                  device=DEV, dtype="float32", block=16) for ov in (False, True)]
     harness("tp_tiny", f"model TP=2 {backend}", jobs, 2, backend, tmp, FP32_TOL)
