@@ -245,3 +245,29 @@ def test_multi_node_launcher_children_get_the_environment(monkeypatch, tmp_path)
     assert launch.main(["--set", "parallel.tensor_parallel_size=2"]) == 0
     assert len(envs) == 1 and {k: envs[0][k] for k in MULTICAST_OFF} == MULTICAST_OFF
     assert "MINDIE_RANK0_PIDFILE" in envs[0]
+
+
+def test_nccl_refusal_names_its_reason_and_the_way_out(monkeypatch):
+    """NCCL's own text, as the H200 gave it for two ranks on one GPU, reaches the user in one line."""
+    import torch.distributed as dist
+
+    from mindie_llm.distributed import parallel_state as ps
+
+    class Store:
+        def __init__(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(dist, "TCPStore", Store)
+    monkeypatch.setattr(dist, "PrefixStore", lambda prefix, store: store)
+
+    def refuse(*a, **k):
+        raise RuntimeError("NCCL error in: NCCLUtils.cpp:93, invalid usage (run with NCCL_DEBUG=WARN for details), "
+                           "NCCL version 2.28.9\nncclInvalidUsage: This usually reflects invalid usage of NCCL library."
+                           "\nLast error:\nDuplicate GPU detected : rank 0 and rank 1 both on CUDA device 60")
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    with pytest.raises(RuntimeError) as e:
+        ps.init_from_env("nccl", tensor_parallel_size=2, env=ps.TorchrunEnv(1, 2, 1, "127.0.0.1", 1))
+    msg = str(e.value)
+    assert msg.startswith("parallel: rank 1: the nccl communicator of 2 ranks could not be created")
+    assert "Duplicate GPU detected : rank 0 and rank 1 both on CUDA device 60" in msg
+    assert "parallel.comm_backend=gloo" in msg and "\n" not in msg
