@@ -21,6 +21,12 @@ inline VI load_u8(const std::uint8_t* p) { return *p; }
 inline VI load_i8(const std::int8_t* p) { return *p; }
 inline VI vand15(VI v) { return v & 15; }
 inline VI vshr4(VI v) { return v >> 4; }
+inline VI vor(VI a, VI b) { return a | b; }
+inline VI vandc(VI v, int c) { return v & c; }
+inline VI vsubc(VI v, int c) { return v - c; }
+inline VI vshl2(VI v) { return v << 2; }
+inline VI vshl4(VI v) { return v << 4; }
+inline VI vshr2(VI v) { return v >> 2; }
 inline VF load_f16(const std::uint16_t* p) { return mindie_kernels::half_to_float(*p); }
 }  // namespace
 
