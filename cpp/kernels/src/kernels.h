@@ -87,14 +87,17 @@ struct AttnArgs {
 // Implementations per instruction set (kernels_impl.h compiled three times).
 namespace avx512 {
 void gemm_tile(const GemmArgs& a, std::int64_t tile, std::int64_t t0, std::int64_t t1);
+void silu_rows(const float* x, std::int64_t ldx, std::int64_t i, std::int64_t r0, std::int64_t r1, float* out);
 void attn_item(const AttnArgs& a, std::int64_t tok, std::int64_t kvh, float* scratch);
 }
 namespace avx2 {
 void gemm_tile(const GemmArgs& a, std::int64_t tile, std::int64_t t0, std::int64_t t1);
+void silu_rows(const float* x, std::int64_t ldx, std::int64_t i, std::int64_t r0, std::int64_t r1, float* out);
 void attn_item(const AttnArgs& a, std::int64_t tok, std::int64_t kvh, float* scratch);
 }
 namespace portable {
 void gemm_tile(const GemmArgs& a, std::int64_t tile, std::int64_t t0, std::int64_t t1);
+void silu_rows(const float* x, std::int64_t ldx, std::int64_t i, std::int64_t r0, std::int64_t r1, float* out);
 void attn_item(const AttnArgs& a, std::int64_t tok, std::int64_t kvh, float* scratch);
 }
 

@@ -211,7 +211,44 @@ inline float dot16(const float* x, const float* y, std::int64_t n) {
   return p[0];
 }
 
+// expf (Cephes' range reduction and polynomial, ~1 ulp): the same operations on every ISA.
+inline VF vexp(VF x) {
+  x = vmin(vmax(x, vset1(-87.0f)), vset1(88.0f));
+  const VF n = vround(vmul(x, vset1(1.44269504088896341f)));
+  VF r = vfma(n, vset1(-0.693359375f), x);
+  r = vfma(n, vset1(2.12194440e-4f), r);
+  VF p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+  return vmul(p, vpow2i(n));
+}
+
+inline VF vsilu_mul(VF g, VF u) {
+  return vmul(vdiv(g, vadd(vset1(1.0f), vexp(vmul(g, vset1(-1.0f))))), u);
+}
+
 }  // namespace
+
+void silu_rows(const float* x, std::int64_t ldx, std::int64_t i, std::int64_t r0, std::int64_t r1, float* out) {
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const float* g = x + r * ldx;
+    const float* u = g + i;
+    float* o = out + r * i;
+    std::int64_t j = 0;
+    for (; j + W <= i; j += W) vstore(o + j, vsilu_mul(vload(g + j), vload(u + j)));
+    if (j < i) {  // the tail through one padded vector: the same operations as the body
+      alignas(64) float tg[W] = {0}, tu[W] = {0}, to[W];
+      std::memcpy(tg, g + j, sizeof(float) * static_cast<std::size_t>(i - j));
+      std::memcpy(tu, u + j, sizeof(float) * static_cast<std::size_t>(i - j));
+      vstore(to, vsilu_mul(vload(tg), vload(tu)));
+      std::memcpy(o + j, to, sizeof(float) * static_cast<std::size_t>(i - j));
+    }
+  }
+}
 
 void gemm_tile(const GemmArgs& a, std::int64_t tile, std::int64_t t0, std::int64_t t1) {
   for (int sub = 0; sub < kSubs; ++sub) {

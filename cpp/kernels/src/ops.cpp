@@ -41,21 +41,24 @@ namespace {
 
 using GemmFn = void (*)(const GemmArgs&, std::int64_t, std::int64_t, std::int64_t);
 using AttnFn = void (*)(const AttnArgs&, std::int64_t, std::int64_t, float*);
+using SiluFn = void (*)(const float*, std::int64_t, std::int64_t, std::int64_t, std::int64_t, float*);
 
 struct Isa {
   const char* name;
   GemmFn gemm;
   AttnFn attn;
+  SiluFn silu;
 };
+
+#define MK_ISA(ns) Isa{#ns, ns::gemm_tile, ns::attn_item, ns::silu_rows}
 
 Isa detect() {
 #if defined(MINDIE_KERNELS_X86)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return {"avx512", avx512::gemm_tile, avx512::attn_item};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {"avx2", avx2::gemm_tile, avx2::attn_item};
+  if (__builtin_cpu_supports("avx512f")) return MK_ISA(avx512);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return MK_ISA(avx2);
 #endif
-  return {"portable", portable::gemm_tile, portable::attn_item};
+  return MK_ISA(portable);
 }
 
 Isa& current_isa() {
@@ -240,10 +243,10 @@ const char* isa() { return current_isa().name; }
 void set_isa(const std::string& name) {
   Isa best = detect();
   if (name == "portable") {
-    current_isa() = {"portable", portable::gemm_tile, portable::attn_item};
+    current_isa() = MK_ISA(portable);
 #if defined(MINDIE_KERNELS_X86)
   } else if (name == "avx2" && (std::string(best.name) == "avx2" || std::string(best.name) == "avx512")) {
-    current_isa() = {"avx2", avx2::gemm_tile, avx2::attn_item};
+    current_isa() = MK_ISA(avx2);
 #endif
   } else if (name == "avx512" && std::string(best.name) == "avx512") {
     current_isa() = best;
@@ -443,23 +446,19 @@ struct SiluCtx {
   const float* x;
   std::int64_t ldx, i, rows_per_item, t;
   float* out;
+  SiluFn fn;
 };
 void silu_item(void* ctx, std::int64_t item, int) {
   auto* c = static_cast<SiluCtx*>(ctx);
-  const std::int64_t r1 = std::min(c->t, (item + 1) * c->rows_per_item);
-  for (std::int64_t r = item * c->rows_per_item; r < r1; ++r) {
-    const float* g = c->x + r * c->ldx;
-    const float* u = g + c->i;
-    float* o = c->out + r * c->i;
-    for (std::int64_t j = 0; j < c->i; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-  }
+  const std::int64_t r0 = item * c->rows_per_item, r1 = std::min(c->t, r0 + c->rows_per_item);
+  c->fn(c->x, c->ldx, c->i, r0, r1, c->out);
 }
 }  // namespace
 
 void silu_and_mul(const float* x, std::int64_t t, std::int64_t i, std::int64_t ldx, float* out) {
   // One item per 16k outputs at least: a decode row stays on the caller (no wake-up cost).
   const std::int64_t rows = std::max<std::int64_t>(1, (16384 + i - 1) / i);
-  SiluCtx c{x, ldx, i, rows, t, out};
+  SiluCtx c{x, ldx, i, rows, t, out, current_isa().silu};
   const std::int64_t items = (t + rows - 1) / rows;
   if (items == 1) {
     silu_item(&c, 0, 0);

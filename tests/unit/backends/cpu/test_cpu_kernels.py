@@ -153,11 +153,19 @@ def test_malformed_kquant_blocks_are_refused_naming_row_and_block(ggml_type):
         K.repack(raw[:, :-1], ggml_type, n, k)
 
 
-@pytest.mark.parametrize("t,i", [(1, 96), (3, 1536), (40, 1000)])
-def test_silu_and_mul_matches_reference(t, i):
+@pytest.mark.parametrize("t,i", [(1, 96), (3, 1536), (40, 1003)])
+def test_silu_and_mul_matches_reference_on_every_isa(t, i):
     x = torch.randn(t, 2 * i) * 4
-    got = fast_ops.silu_and_mul(x)
+    outs = []
+    try:
+        for name in _isas():
+            K.set_isa(name)
+            outs.append(fast_ops.silu_and_mul(x))
+    finally:
+        K.set_isa("auto")
+    got = outs[0]
     torch.testing.assert_close(got, ref.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(y, got) for y in outs)                     # bit-identical across ISAs
     wide = torch.zeros(t, 2 * i + 16)
     wide[:, :2 * i] = x
     assert torch.equal(fast_ops.silu_and_mul(wide[:, :2 * i]), got)     # a strided row view
