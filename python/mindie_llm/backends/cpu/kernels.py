@@ -35,6 +35,7 @@ _TILE_BYTES = {2: 288, 3: 320, 8: 544, 12: 2368, 14: 3360}  # one 16-row x one-b
 # Idle spin before sleeping: covers the gap between two kernels of a decode step (tens of us)
 # but not the gap between steps of an idle server. Measured in docs/performance.md.
 SPIN_US = int(os.environ.get("MINDIE_CPU_SPIN_US", "200"))
+_F32, _U8 = torch.float32, torch.uint8
 
 
 def available() -> bool:
@@ -103,15 +104,20 @@ def _check_packed(packed: torch.Tensor, ggml_type: int, n: int, k: int) -> None:
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
     """x[T, K] float32 -> x @ W^T [T, N] float32, W the packed GGUF weight [N, K]."""
-    _check_packed(packed, ggml_type, n, k)
-    if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32:
+    bt = _TILE_BYTES.get(ggml_type)  # the common case checked inline (a decode step has ~120 calls)
+    if not (bt is not None and packed.dtype is _U8 and packed.is_contiguous()
+            and packed.numel() == (n + 15) // 16 * (k // BLOCK_VALUES[ggml_type]) * bt
+            and k % BLOCK_VALUES[ggml_type] == 0):
+        _check_packed(packed, ggml_type, n, k)
+    if x.dtype is not _F32 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"gguf matmul: x must be float32 [T, {k}], got {x.dtype} {list(x.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     t = x.shape[0]
-    y = torch.empty(t, n, dtype=torch.float32)
+    y = torch.empty(t, n, dtype=_F32)
     if t:
-        ensure_threads()
+        if _ck.num_threads() != torch.get_num_threads():
+            ensure_threads()
         _ck.gemm(x.data_ptr(), t, x.stride(0), packed.data_ptr(), ggml_type, n, k, y.data_ptr(), n)
     return y
 
