@@ -354,6 +354,12 @@ Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector
         {
             mBlocks.acquire(b);
         }
+        // The table and the hashes never outgrow the request's whole length: one allocation each.
+        auto const maxBlocks = static_cast<size_t>(mBlocks.blocksFor(
+            static_cast<SizeType32>(std::min<std::int64_t>(std::int64_t{r.numPromptTokens} + r.params.maxTokens,
+                mConfig.maxModelLen))));
+        r.blocks.reserve(maxBlocks);
+        r.hashes.reserve(maxBlocks);
         r.blocks = hits;
         r.numRegisteredBlocks = static_cast<SizeType32>(hits.size());
         r.numComputedTokens = start;
