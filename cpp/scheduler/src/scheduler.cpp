@@ -167,10 +167,7 @@ SizeType32 Scheduler::scheduleLookahead(Request& r, SizeType32 budgetLeft)
         return 0;
     }
     auto const numSpec = static_cast<SizeType32>(k);
-    for (SizeType32 n = mBlocks.blocksFor(end + numSpec) - held; n > 0; --n)
-    {
-        r.blocks.push_back(mBlocks.allocate());
-    }
+    mBlocks.allocate(mBlocks.blocksFor(end + numSpec) - held, r.blocks);
     return numSpec;
 }
 
@@ -248,10 +245,7 @@ bool Scheduler::allocateOrPreempt(Request& r, SizeType32 numTokens)
         }
         preempt(*victim);
     }
-    for (SizeType32 k = 0; k < need; ++k)
-    {
-        r.blocks.push_back(mBlocks.allocate());
-    }
+    mBlocks.allocate(need, r.blocks);
     return true;
 }
 
@@ -369,10 +363,7 @@ Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector
             mPrefixHits += start;
         }
     }
-    for (SizeType32 k = 0; k < need; ++k)
-    {
-        r.blocks.push_back(mBlocks.allocate());
-    }
+    mBlocks.allocate(need, r.blocks);
     r.state = RequestState::kRUNNING;
     insertRunning(&r);
     if (numNew > 0)
@@ -444,14 +435,31 @@ void Scheduler::registerFullBlocks(Request& r)
     }
     SizeType32 const bs = mBlocks.blockSize();
     auto const numBlocks = static_cast<SizeType32>(r.blocks.size());
+    SizeType32 const start = r.numRegisteredBlocks;
     // No division on this per-row path: most steps complete no block.
-    for (SizeType32 i = r.numRegisteredBlocks; i < numBlocks && (i + 1) * bs <= r.numComputedTokens; ++i)
+    if (start >= numBlocks || (start + 1) * bs > r.numComputedTokens)
     {
-        while (static_cast<SizeType32>(r.hashes.size()) <= i)
+        return;
+    }
+    SizeType32 const end = std::min(numBlocks, r.numComputedTokens / bs);
+    while (static_cast<SizeType32>(r.hashes.size()) < end)
+    {
+        size_t const k = r.hashes.size();
+        BlockHash const parent = k == 0 ? 0 : r.hashes[k - 1];
+        r.hashes.push_back(mBlocks.hashBlock(parent, r.tokens.data() + k * bs));
+    }
+    // A prefill chunk completes many blocks: the table slots and block entries they go to are
+    // fetched a few blocks ahead, so the cache misses overlap instead of queueing one by one.
+    constexpr SizeType32 kAhead = 8;
+    for (SizeType32 i = start; i < std::min(end, start + kAhead); ++i)
+    {
+        mBlocks.prefetchForCache(r.blocks[i], r.hashes[i]);
+    }
+    for (SizeType32 i = start; i < end; ++i)
+    {
+        if (i + kAhead < end)
         {
-            size_t const k = r.hashes.size();
-            BlockHash const parent = k == 0 ? 0 : r.hashes[k - 1];
-            r.hashes.push_back(mBlocks.hashBlock(parent, r.tokens.data() + k * bs));
+            mBlocks.prefetchForCache(r.blocks[i + kAhead], r.hashes[i + kAhead]);
         }
         BlockHash const parent = i == 0 ? 0 : r.hashes[i - 1];
         mBlocks.cacheBlock(r.blocks[i], r.hashes[i], parent, r.tokens.data() + static_cast<size_t>(i) * bs);
