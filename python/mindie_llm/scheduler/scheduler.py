@@ -115,11 +115,11 @@ def _contract_error(name: str, message: str) -> SchedulerContractError:
 
 
 def _step_array(name: str, values) -> np.ndarray | None:
-    return None if values is None else np.ascontiguousarray(_int32_array(name, values, _contract_error))
+    return None if values is None else np.require(_int32_array(name, values, _contract_error), requirements="CA")
 
 
 def _update_arrays(req_ids, token_offsets, token_ids, draft_offsets, draft_token_ids) -> tuple:
-    """update()'s arguments as 1-D contiguous int64 / int32 arrays (SchedulerContractError names
+    """update()'s arguments as 1-D aligned contiguous int64 / int32 arrays (SchedulerContractError names
     the field of a non-int or out-of-range one)."""
     ids = np.asarray(req_ids)
     if ids.dtype != np.int64:
@@ -128,7 +128,7 @@ def _update_arrays(req_ids, token_offsets, token_ids, draft_offsets, draft_token
         ids = ids.astype(np.int64)
     if ids.ndim != 1 or token_ids is None:
         raise SchedulerContractError("update(): req_ids must be 1-D and token_ids given")
-    return (np.ascontiguousarray(ids), _step_array("token_offsets", token_offsets),
+    return (np.require(ids, requirements="CA"), _step_array("token_offsets", token_offsets),
             _step_array("token_ids", token_ids), _step_array("draft_offsets", draft_offsets),
             _step_array("draft_token_ids", draft_token_ids))
 

@@ -98,6 +98,15 @@ def test_update_accepts_lists_other_dtypes_and_strided_arrays_alike():
     assert exact == run(lambda i, o, t: (i.astype(np.int32), o.astype(np.int64), t.astype(np.int64)))
     assert exact == run(lambda i, o, t: (np.repeat(i, 2)[::2], np.repeat(o, 2)[::2], np.repeat(t, 2)[::2]))
 
+    def unaligned(a):
+        raw = np.zeros(a.nbytes + 1, np.uint8)
+        u = np.ndarray(a.shape, a.dtype, raw.data, offset=1)
+        u[...] = a
+        assert not u.flags.aligned or a.size == 0
+        return u
+
+    assert exact == run(lambda i, o, t: (unaligned(i), unaligned(o), unaligned(t)))
+
 
 def test_shared_step_arrays_are_read_only_and_right():
     s = make()
