@@ -142,6 +142,10 @@ class LLMEngine:
             v = getattr(params, name)
             if v is not None and v > self.arch.vocab_size:
                 raise InvalidRequestError(name, f"{v} is above the vocabulary size {self.arch.vocab_size}")
+        bad_bias = next((t for t in params.logit_bias or () if t >= self.arch.vocab_size), None)
+        if bad_bias is not None:
+            raise InvalidRequestError("logit_bias", f"token id {bad_bias} is outside the vocabulary "
+                                      f"[0, {self.arch.vocab_size})")
         if getattr(params, "guided_decoding", None) is not None:
             self.structured_output.compile(params.guided_decoding)   # GuidedDecodingError names the key
         return ids

@@ -117,14 +117,14 @@ class GraphModelRunner(ModelRunner):
         nsched = np.asarray(out.num_scheduled_tokens)
         if not (nsched == 1).all() or not np.asarray(out.sample_mask).all():
             return None
-        greedy = True
+        greedy = len(out.grammar_req_ids) == 0         # a grammar mask needs the Sampler
         ncomp = np.asarray(out.num_computed_tokens).tolist()
         for rid, nc in zip(np.asarray(out.req_ids).tolist(), ncomp):
             st = self.batch.requests.get(rid)
             if st is None or (st.want_prompt_logprobs and nc < st.num_prompt - 1):
                 return None
             p = st.sampling
-            if greedy and (p.temperature > 0 or p.logprobs >= 0 or p.has_penalties
+            if greedy and (p.temperature > 0 or p.logprobs >= 0 or p.has_penalties or p.bias_ids.size
                            or (len(st.output_token_ids) < p.min_tokens and p.banned.size)):
                 greedy = False
         return "greedy" if greedy else "sample"
@@ -200,7 +200,8 @@ class GraphModelRunner(ModelRunner):
                 and np.array_equal(np.asarray(out.num_computed_tokens, np.int64), spec.ncomp)
                 and (np.asarray(out.num_scheduled_tokens) == 1).all() and np.asarray(out.sample_mask).all()
                 and len(out.new_block_ids) == 0 and not np.asarray(out.block_table_reset).any()
-                and out.new_requests.num_reqs == 0 and self._last_sampled is not None
+                and out.new_requests.num_reqs == 0 and len(out.grammar_req_ids) == 0
+                and self._last_sampled is not None
                 and np.array_equal(np.asarray(out.input_token_ids, np.int64), self._last_sampled.astype(np.int64))
                 and all(int(r) in self.batch.requests for r in spec.req_ids))
 

@@ -195,6 +195,7 @@ class ModelRunner:
         if banned_r:
             md.banned_rows = torch.tensor(banned_r, dtype=torch.int64, device=dev)
             md.banned_tokens = torch.tensor(banned_t, dtype=torch.int64, device=dev)
+        self._logit_bias(md, sp)
         G = int(pos.grammar_req_ids.shape[0])
         if G:   # structured output: each constrained request's mask on its logits rows, the rest all-allowed
             words = -(-self.vocab_size // 32)
@@ -209,6 +210,18 @@ class ModelRunner:
                     full[r] = masks[g]
             md.token_bitmask = t(full)
         return md
+
+    def _logit_bias(self, md: SamplingMetadata, rows: list) -> None:
+        """``md.bias_*``: the (row, token, bias) triples of the rows' logit_bias maps (ids outside
+        the vocabulary, which the engine refuses at admission, are dropped)."""
+        if not any(p.bias_ids.size for p in rows):
+            return
+        r = np.concatenate([np.full(p.bias_ids.size, i, np.int64) for i, p in enumerate(rows)])     # [K]
+        ids = np.concatenate([p.bias_ids for p in rows]).astype(np.int64)                           # [K]
+        vals = np.concatenate([p.bias_values for p in rows]).astype(np.float32)                     # [K]
+        ok = (ids >= 0) & (ids < self.vocab_size)
+        md.bias_rows, md.bias_tokens, md.bias_values = (torch.from_numpy(a[ok]).to(self.device)
+                                                        for a in (r, ids, vals))
 
     def _token_stats(self, pos: SamplingPositions) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt-token mask and output-token counts [L, V] of each logits row (its request's
