@@ -21,6 +21,10 @@ __all__ = ["NewRequestTable"]
 class NewRequestTable:
     def __init__(self) -> None:
         self._rows: dict[int, tuple] = {}
+        # Most steps carry no new request: one empty message with read-only arrays, not ~20 new arrays.
+        self._none = NewRequests()
+        for name in NewRequests.__slots__:
+            getattr(self._none, name).flags.writeable = False
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -34,13 +38,18 @@ class NewRequestTable:
     def discard(self, req_id: int) -> None:
         self._rows.pop(int(req_id), None)
 
-    def take(self, req_ids: np.ndarray) -> NewRequests:
-        """The rows among ``req_ids`` not sent before, in batch order (removed from the table)."""
+    def take(self, req_ids: np.ndarray, block_table_reset: np.ndarray | None = None) -> NewRequests:
+        """The rows among ``req_ids`` not sent before, in batch order (removed from the table).
+        ``block_table_reset`` (the plan's bool[B]) narrows the search: a row a worker has never
+        seen always sends its whole table, so only rows with a reset can be new."""
         if not self._rows:
-            return NewRequests()
-        ids = [r for r in np.asarray(req_ids).tolist() if r in self._rows]
+            return self._none
+        cand = np.asarray(req_ids)
+        if block_table_reset is not None:
+            cand = cand[np.asarray(block_table_reset, bool)]
+        ids = [r for r in cand.tolist() if r in self._rows]
         if not ids:
-            return NewRequests()
+            return self._none
         rows = [self._rows.pop(r) for r in ids]
         ps = [row[1] for row in rows]
         biases = [_bias_arrays(p.logit_bias) for p in ps]
