@@ -434,6 +434,8 @@ def decode_gpu_time(eng, bs: int = 1) -> float | None:
 
 
 def profile(eng, ps, outs, path: str | None, label: str) -> None:
+    if os.environ.get("BENCH_NO_PROFILE") == "1":      # the torch profiler can crash a long run
+        return
     from torch.profiler import ProfilerActivity, profile as tprof
     with tprof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run(eng, ps, outs)
@@ -446,6 +448,8 @@ def profile(eng, ps, outs, path: str | None, label: str) -> None:
 
 
 def host_profile(eng, ps, outs, path: str | None) -> None:
+    if os.environ.get("BENCH_NO_PROFILE") == "1":
+        return
     """Where the host's time goes in engine steps (cProfile, cumulative)."""
     import cProfile
     import io
@@ -554,7 +558,7 @@ def bench_8b(out_dir: str | None) -> None:
     profile(eng, prompts(1, 1024, 1024, V, seed=20), [1], prof_path, "8B prefill 1024 (fresh prompt)")
     # offline: 256 requests, prompts 64-512, 128 new
     ps = prompts(256, 64, 512, V)
-    dt, n, _, waste = run(eng, ps, [128] * 256, kv_sample_every=8)
+    dt, n, _, waste = run(eng, ps, [128] * 256, kv_sample_every=0 if os.environ.get("BENCH_NO_KV_SAMPLE") == "1" else 8)
     emit("8B offline 256 x (64-512 -> 128)", round(n / dt, 1), "out tok/s", None,
          f"{dt:.2f} s; vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['offline']}; {n / dt / ISSUE_VLLM['offline']:.2f}x vLLM")
     if waste:

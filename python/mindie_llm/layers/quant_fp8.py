@@ -13,6 +13,8 @@ Must not import models, the engine, the loader or a backend.
 """
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import torch
@@ -23,7 +25,10 @@ from mindie_llm.layers.linear import LinearBase
 from mindie_llm.layers.quant_base import CheckpointLinearScheme, QuantCheckpointError, expect, set_linear, shard_rows
 from mindie_llm.ops import reference as ref
 
-__all__ = ["FP8Scheme", "fp8_linear", "fp8_supported"]
+__all__ = ["FP8Scheme", "fp8_linear", "fp8_supported", "UNVERIFIED_ENV"]
+
+# Set to 1 only by the CUDA accuracy tests, which must run the refused path to see when it passes.
+UNVERIFIED_ENV = "MINDIE_TEST_UNVERIFIED_FP8_WEIGHTS"
 
 
 def fp8_supported(device: torch.device) -> str | None:
@@ -37,6 +42,12 @@ def fp8_supported(device: torch.device) -> str | None:
         if cap < (8, 9):
             return (f"FP8 matmuls need a GPU of compute capability 8.9 or newer (this one is {cap[0]}.{cap[1]}); "
                     "use w8a8 or w4a16")
+        if os.environ.get(UNVERIFIED_ENV) != "1":
+            # On an H200 (2026-12-01) the tiny model's prefill logits were 6.1e-2 from the same FP8
+            # weights on the reference ops (bound 3e-2) and the engine check failed: refused until
+            # tests/unit/backends/cuda/test_quant_model_cuda.py passes (it sets UNVERIFIED_ENV).
+            return ("FP8 weights on CUDA do not yet pass their accuracy check against the reference ops; "
+                    "use w8a8 or w4a16 (an fp8 KV cache, cache.cache_dtype=fp8_e4m3, is verified)")
         return None
     return f"no FP8 matmul on the {device.type} backend yet"
 
