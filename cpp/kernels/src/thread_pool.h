@@ -33,6 +33,7 @@ class ThreadPool {
   void run(std::int64_t n_items, ItemFn fn, void* ctx);
   int size() const { return static_cast<int>(workers_.size()) + 1; }
   bool solo() const;  // currently running jobs on the caller alone (degraded by contention)
+  bool workers_asleep() const { return sleepers_.load(std::memory_order_relaxed) > 0; }  // past their spin
 
  private:
   struct Slot {
