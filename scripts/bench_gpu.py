@@ -405,6 +405,25 @@ def run(eng, ps, outs, *, arrivals=None, kv_sample_every=0):
     return time.perf_counter() - t0, sum(seen.values()), times, waste
 
 
+def gpu_idle(eng, ps, outs, label: str) -> tuple[float, float]:
+    """Runs the workload with a StepTimer on the runner: CUDA events at each step's first and last
+    device operation give the GPU time per step and the gaps between steps (the GPU waiting on the
+    host). Emits "GPU idle between steps" (ms/step and % of wall) and the host's time per step;
+    returns (out tok/s, idle % of wall)."""
+    from mindie_llm.executor.step_timer import StepTimer
+    timer = StepTimer(lambda: torch.cuda.Event(enable_timing=True))
+    eng.runner.step_timer = timer
+    try:
+        dt, n, _, _ = run(eng, ps, outs)
+    finally:
+        eng.runner.step_timer = None
+    s = timer.summary()
+    emit(f"{label}: GPU idle between steps", round(s.idle_ms_per_step, 3), "ms/step",
+         note=f"{s.idle_pct_of_wall:.1f}% of wall; {s.steps} steps, GPU busy {s.busy_ms / max(s.steps, 1):.2f} ms/step, "
+              f"host {s.host_ms_per_step:.2f} ms/step; {n / dt:.0f} out tok/s")
+    return n / dt, s.idle_pct_of_wall
+
+
 def weight_bytes(eng) -> int:
     """Bytes a decode step must read: every parameter except the input embedding (one row)."""
     tot = 0
@@ -554,6 +573,7 @@ def bench_8b(out_dir: str | None) -> None:
     dt, n, _, waste = run(eng, ps, [128] * 256, kv_sample_every=8)
     emit("8B offline 256 x (64-512 -> 128)", round(n / dt, 1), "out tok/s", None,
          f"{dt:.2f} s; vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['offline']}; {n / dt / ISSUE_VLLM['offline']:.2f}x vLLM")
+    gpu_idle(eng, ps, [128] * 256, "8B offline 256 x (64-512 -> 128)")
     if waste:
         emit("KV memory waste (blocks held vs tokens stored)", round(100 * float(np.mean(waste)), 2), "%",
              note=f"mean of {len(waste)} samples, max {100 * max(waste):.2f}%, block {eng.block_size}")
@@ -692,6 +712,7 @@ def main() -> None:
         bench_8b(args.out)
     if "1b" in secs:
         bench_1b(args.out)
+
     if "kernels" in secs:      # after the engines: nothing it leaves behind can touch their figures
         kernels()
     if "peers" in secs and args.hf_peers:
