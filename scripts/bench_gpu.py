@@ -22,6 +22,8 @@ Sections (``--sections``, comma separated, all by default):
              continuous vs static (uniform and log-normal outputs), SplitFuse vs prefill_first
              under Poisson load, KV waste, profiles
   1b         Llama-3.2-1B shapes: batch-1 decode
+  idle       Llama-3-8B offline 256 x (64-512 -> 128) with asynchronous scheduling off and on: out
+             tok/s and the GPU idle time between steps (CUDA events, executor/step_timer.py)
   peers      transformers on the same card (the ``--hf-peers`` script), run after ours
 
 Workloads copy vLLM's peer script (token-id prompts from random.Random(seed), ignore EOS, no
@@ -424,6 +426,37 @@ def gpu_idle(eng, ps, outs, label: str) -> tuple[float, float]:
     return n / dt, s.idle_pct_of_wall
 
 
+def set_async(eng, on: bool) -> None:
+    """Asynchronous scheduling on or off on a running engine: the runner's mode and a scheduler
+    that hands out the lookahead slot (a fresh scheduler: call between runs only)."""
+    eng.runner.set_async_scheduling(on)
+    set_scheduler(eng, num_lookahead_slots=1 if on else 0)
+
+
+@guarded("idle")
+def bench_idle(out_dir: str | None) -> None:
+    """Llama-3-8B offline 256 x (64-512 -> 128): out tok/s and GPU idle between steps with
+    asynchronous scheduling off and on (one engine, the same requests)."""
+    eng = make_engine("llama3-8b")
+    V = eng.arch.vocab_size
+    run(eng, prompts(8, 64, 128, V, seed=9), [8] * 8)                          # warm-up
+    ps = prompts(256, 64, 512, V)
+    res = {}
+    for on in (False, True):
+        set_async(eng, on)
+        run(eng, prompts(16, 64, 128, V, seed=10), [8] * 16)                  # warm-up of the mode
+        res[on] = gpu_idle(eng, ps, [128] * 256, f"8B offline 256 x (64-512 -> 128) async={'on' if on else 'off'}")
+        if on:
+            emit("async scheduling: steps queued ahead used / dropped",
+                 f"{eng.runner.num_ahead_used} / {eng.runner.num_ahead_dropped}", "",
+                 note=f"{eng.runner.num_ahead_trimmed} used without rows that had finished")
+    set_async(eng, False)
+    emit("async scheduling on / off, 8B offline", round(res[True][0] / res[False][0], 3), "x",
+         note=f"idle {res[False][1]:.1f}% -> {res[True][1]:.1f}% of wall")
+    del eng
+    torch.cuda.empty_cache()
+
+
 def weight_bytes(eng) -> int:
     """Bytes a decode step must read: every parameter except the input embedding (one row)."""
     tot = 0
@@ -712,7 +745,8 @@ def main() -> None:
         bench_8b(args.out)
     if "1b" in secs:
         bench_1b(args.out)
-
+    if "idle" in secs:
+        bench_idle(args.out)
     if "kernels" in secs:      # after the engines: nothing it leaves behind can touch their figures
         kernels()
     if "peers" in secs and args.hf_peers:

@@ -59,7 +59,8 @@ class GraphModelRunner(ModelRunner):
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, device: torch.device,
                  graph_wrapper_cls: type, event_cls: type, synchronize: Callable[[torch.device], None],
                  select_kernels: Callable[[nn.Module], dict] | None = None, pin_memory: bool = True,
-                 enable_cuda_graph: bool | None = None, cuda_graph_max_batch_size: int | None = None) -> None:
+                 enable_cuda_graph: bool | None = None, cuda_graph_max_batch_size: int | None = None,
+                 async_scheduling: bool = False) -> None:
         # The engine passes the platform's pieces and the deployment's backend section
         # (Platform.runner_kwargs).
         if enable_cuda_graph is None:
@@ -70,7 +71,7 @@ class GraphModelRunner(ModelRunner):
             raise ValueError(f"cuda_graph_max_batch_size: must be >= 1; got {cuda_graph_max_batch_size}")
         super().__init__(model, vocab_size, kv_caches, block_size=block_size, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                         device=device)
+                         device=device, async_scheduling=async_scheduling)
         self._event_cls = event_cls
         self._synchronize = synchronize
         T, B, W = max_num_batched_tokens, max_num_seqs, self.block_tables_buf.shape[1]
@@ -130,6 +131,21 @@ class GraphModelRunner(ModelRunner):
                 or np.any(banned):
             return "sample"
         return "greedy"
+
+    def set_async_scheduling(self, on: bool) -> None:
+        super().set_async_scheduling(on)
+        self._inflight = None
+
+    def _step_logits(self, fb: FlatBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """A plain decode batch that fits a graph bucket replays it (asynchronous scheduling)."""
+        n = fb.input_ids.shape[0]
+        gm = self.graph_model
+        if gm is None or not fb.num_decodes_only or n != fb.seq_lens.shape[0] or gm._bucket(n) is None:
+            return super()._step_logits(fb, prev_tokens)
+        self._prepare(fb)
+        if prev_tokens is not None:
+            self.input_ids_buf[:n].copy_(prev_tokens)
+        return gm.logits[gm.replay(n)][:n]
 
     def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         spec, self._inflight = self._inflight, None

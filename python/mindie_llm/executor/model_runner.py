@@ -27,6 +27,7 @@ from torch import nn
 from mindie_llm.contract import ModelRunnerOutput, PromptLogprobs, SchedulerOutput
 from mindie_llm.executor.input_batch import FlatBatch, InputBatch
 from mindie_llm.executor.penalty_state import PenaltyState
+from mindie_llm.executor.step_ahead import AheadStep, is_plain_decode, match, predict_next
 from mindie_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
 from mindie_llm.ops.attention_metadata import AttentionMetadata
 
@@ -68,7 +69,7 @@ class SamplingPositions:
 class ModelRunner:
     def __init__(self, model: nn.Module, vocab_size: int, kv_caches: list[torch.Tensor], *, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 device: torch.device) -> None:
+                 device: torch.device, async_scheduling: bool = False) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.kv_caches = kv_caches
@@ -89,7 +90,19 @@ class ModelRunner:
         self.seq_lens_buf = torch.zeros(B, **i32)
         self.block_tables_buf = torch.zeros(B, self.batch.max_blocks_per_seq, **i32)
         self.last_step: tuple[FlatBatch, torch.Tensor | None] | None = None  # for a proposer's hook
+        # Asynchronous scheduling (step_ahead.py): the decode step queued one step early.
+        self.async_scheduling = bool(async_scheduling)
+        self._ahead: AheadStep | None = None
+        self.num_ahead_used = 0          # steps whose message matched the queued step
+        self.num_ahead_dropped = 0       # queued steps discarded (the message differed)
+        self.num_ahead_trimmed = 0       # of the used ones, those without rows that had finished
         self.step_timer = None           # a StepTimer (step_timer.py) while the idle time is measured
+
+    def set_async_scheduling(self, on: bool) -> None:
+        """Switches asynchronous scheduling between runs (benchmarks); the scheduler must hand out
+        lookahead slots while it is on. Drops any step queued ahead."""
+        self.async_scheduling = bool(on)
+        self._ahead = None
 
     def has_request(self, req_id: int) -> bool:
         return req_id in self.batch.requests
@@ -98,7 +111,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         try:
-            return self._execute(out)
+            return self._execute_async(out) if self.async_scheduling else self._execute(out)
         finally:
             if self.step_timer is not None:
                 self.step_timer.step_end()
@@ -112,6 +125,86 @@ class ModelRunner:
         input_ids, positions, md = self._prepare(fb)
         hidden = self.model(input_ids, positions, self.kv_caches, md)        # [T, H]
         return self.sample_and_verify(fb, hidden)
+
+    # ------------------------------------------------------------------------------------ async
+    def _execute_async(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Asynchronous scheduling (step_ahead.py): use the step queued during the last call when
+        ``out`` is it (or it without some rows), queue the next one, then read this one's tokens."""
+        ahead, self._ahead = self._ahead, None
+        keep = match(ahead, out) if ahead is not None else None
+        self.apply(out)
+        if out.num_reqs == 0:
+            return ModelRunnerOutput.empty()
+        if keep is not None:
+            self.num_ahead_used += 1
+            so = ahead.launched
+            if keep.shape[0] != ahead.req_ids.shape[0]:      # rows finished at the last step: drop theirs
+                self.num_ahead_trimmed += 1
+                so = _take_rows(so, torch.from_numpy(keep).to(self.device))
+            slots = self.batch.slots.slots_of(out.req_ids)
+            self._count_penalized(slots, so.sampled)          # the step is real now
+            req_ids = np.asarray(out.req_ids, np.int64)
+        else:
+            self.num_ahead_dropped += ahead is not None
+            fb = self.batch.build(out)
+            if not is_plain_decode(out):                      # prefill, mixed, proposals, grammar
+                input_ids, positions, md = self._prepare(fb)
+                return self.sample_and_verify(fb, self.model(input_ids, positions, self.kv_caches, md))
+            so = self._launch(fb, None, ahead=0)
+            req_ids, slots = fb.sample_req_ids, fb.sample_slots
+        nxt = self._queue_ahead(out, so.sampled)               # step n+1 behind step n on the device
+        result = self._collect(req_ids, slots, so)             # the host sync
+        if nxt is not None:
+            nxt.prev_tokens = result.token_ids.astype(np.int64)
+            self._ahead = nxt
+        return result
+
+    def _queue_ahead(self, out: SchedulerOutput, sampled: torch.Tensor) -> AheadStep | None:
+        """Queues the predicted next decode of ``out``'s rows, inputs from ``sampled`` ([B] int64
+        on the device), when every row already holds the block of its next position."""
+        if not is_plain_decode(out):
+            return None
+        tab = self.batch.slots
+        rows = tab.row[tab.slots_of(out.req_ids)]
+        nxt = np.asarray(out.num_computed_tokens, np.int64) + 1              # [B] next position
+        if (nxt + 1 > self.max_model_len).any() or (self.batch.num_blocks[rows] * self.block_size <= nxt).any():
+            return None
+        pred = predict_next(out)
+        fb = self.batch.build(pred)
+        so = self._launch(fb, sampled, ahead=1)
+        return AheadStep(pred.req_ids, nxt, np.zeros(0, np.int64), so)
+
+    def _launch(self, fb: FlatBatch, prev_tokens: torch.Tensor | None, ahead: int) -> SamplerOutput:
+        """Queues a plain decode step: forward and sampling, on the device, no host sync.
+        ``prev_tokens`` ([B] int64, device): input tokens that are not on the host yet."""
+        logits = self._step_logits(fb, prev_tokens)                          # [B, V]
+        pos = SamplingPositions(fb)
+        so = self.sampler(logits, self._sampling_metadata(pos, ahead))
+        if not ahead:
+            self._count_penalized(pos.slots, so.sampled)
+        return so
+
+    def _step_logits(self, fb: FlatBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Logits of a plain decode step's rows ([B, V]); a graph runner replays a graph here."""
+        input_ids, positions, md = self._prepare(fb)
+        if prev_tokens is not None:
+            input_ids[:prev_tokens.shape[0]].copy_(prev_tokens)
+        hidden = self.model(input_ids, positions, self.kv_caches, md)        # [T, H]
+        idx = torch.from_numpy(fb.logits_indices).to(self.device)
+        return self.model.compute_logits(hidden.index_select(0, idx))
+
+    def _collect(self, req_ids: np.ndarray, slots: np.ndarray, so: SamplerOutput) -> ModelRunnerOutput:
+        """Reads a plain decode step's tokens (one per row) and logprobs; appends the tokens."""
+        sampled = so.sampled.to("cpu", torch.int32).numpy()                  # [B] the host sync
+        result = ModelRunnerOutput.one_token_each(req_ids, sampled)
+        if so.token_logprob is not None:
+            result.token_logprobs = so.token_logprob.cpu().numpy()
+            result.token_ranks = so.token_rank.cpu().numpy()
+            result.top_ids = so.top_ids.cpu().numpy()
+            result.top_logprobs = so.top_logprobs.cpu().numpy()
+            result.logprob_rows = self.batch.slots.logprobs[slots] >= 0
+        self.batch.slots.append(slots, result.token_offsets, result.token_ids)
+        return result
 
     def apply(self, out: SchedulerOutput) -> None:
         """The step message's state changes: the batch's (requests, rows, blocks), then the
@@ -293,3 +386,10 @@ class ModelRunner:
                 positions=fb.prompt_pos[sel], token_ids=fb.prompt_targets[sel], logprobs=tok_lp[sel],
                 ranks=rank[sel], top_ids=top_ids[sel, :n], top_logprobs=top_lp[sel, :n])
 
+
+def _take_rows(so: SamplerOutput, idx: torch.Tensor) -> SamplerOutput:
+    """The rows ``idx`` ([k] int64, device) of a sampler output."""
+    pick = (lambda t: None if t is None else t.index_select(0, idx))
+    return SamplerOutput(sampled=so.sampled.index_select(0, idx), top_ids=pick(so.top_ids),
+                         top_logprobs=pick(so.top_logprobs), token_logprob=pick(so.token_logprob),
+                         token_rank=pick(so.token_rank))

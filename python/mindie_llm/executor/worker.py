@@ -92,9 +92,10 @@ class Worker:
         if config.parallel.micro_batch_overlap and parallel.size > 1:
             from mindie_llm.distributed.micro_batch import OverlappedModel
             model = OverlappedModel(model)      # two micro-batches, all-reduces overlapped
+        extra = dict(async_scheduling=True) if sc.async_scheduling else {}   # the runner queues step n+1 ahead
         self.runner = runner_cls(model, arch.vocab_size, self.kv_caches, block_size=block_size,
                                  max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
-                                 max_model_len=max_len, device=device, **platform.runner_kwargs(config))
+                                 max_model_len=max_len, device=device, **extra, **platform.runner_kwargs(config))
         from mindie_llm.spec_decode.speculator import make_speculator
 
         self.speculator = make_speculator(self.config, target_model=self.model, device=device,

@@ -162,6 +162,7 @@ private:
     void scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows);
     bool scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& rows);
     SizeType32 scheduleLookahead(Request& r, SizeType32 budgetLeft);
+    void reserveNextBlock(Request& r, SizeType32 numTokens);
     void trimBlocks(Request& r, SizeType32 keep);
     void validateUpdate(UpdateInput const& in);
     bool allocateOrPreempt(Request& r, SizeType32 numTokens);
