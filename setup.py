@@ -3,7 +3,7 @@
 
 ``pip install -e .`` (or a wheel build) runs CMake on the top-level CMakeLists.txt, which builds
 cpp/scheduler into ``mindie_llm/_scheduler*.so`` and cpp/kernels into ``mindie_llm/_cpu_kernels*.so``
-(built by the same CMake run, hence one Extension entry), and grpcio-tools on server/proto/*.proto.
+(built by the same CMake run; both are registered so that setuptools copies both into the tree), and grpcio-tools on server/proto/*.proto.
 """
 import glob
 import os
@@ -25,7 +25,14 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    """One CMake run builds every extension of ``EXTENSIONS`` into the package directory; each is
+    still registered with setuptools, which copies only registered outputs into the source tree
+    (``pip install -e .``, ``build_ext --inplace``)."""
+
     def build_extension(self, ext: Extension) -> None:
+        if getattr(self, "_cmake_done", False):
+            return
+        self._cmake_done = True
         import pybind11
 
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -80,6 +87,6 @@ class BuildExtWithProtos(CMakeBuild):
 
 
 setup(
-    ext_modules=[CMakeExtension("mindie_llm._scheduler")],
+    ext_modules=[CMakeExtension("mindie_llm._scheduler"), CMakeExtension("mindie_llm._cpu_kernels")],
     cmdclass={"build_ext": BuildExtWithProtos, "build_py": BuildPyWithProtos},
 )

@@ -87,8 +87,9 @@ def _mindie_rows(args: argparse.Namespace, overrides: list[str], label: str, bat
 
     res = {"b1": [batch1() for _ in range(args.repeats)], "wbytes": wbytes}
     if batch:
-        with busy_core():
-            res["b1_busy"] = [batch1() for _ in range(args.repeats)]
+        if not args.no_busy:
+            with busy_core():
+                res["b1_busy"] = [batch1() for _ in range(args.repeats)]
         spn = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
         prompts = [f"{PROMPT} Story number {i}." for i in range(args.num_requests)]
         agg = []
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-python", default=None, help="interpreter that has llama-cpp-python")
     p.add_argument("--fp32", action="store_true", help="also the fp32 reference (model.quantization=none)")
     p.add_argument("--transformers", action="store_true", help="also transformers fp32 (slow)")
+    p.add_argument("--no-busy", action="store_true", help="skip the one-core-busy cases (they take long when "
+                   "a system collapses under contention)")
     args = p.parse_args(argv)
     args.set = list(args.set) + [f"backend.num_threads={args.threads}"]
     import torch
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         systems.append(_mindie_rows(args, args.set + ["model.quantization=none"], "mindie-llm fp32 reference",
                                     batch=False))
     lc = [r for r in (_llamacpp(args, path, False) for _ in range(args.repeats)) if r]
-    lc_busy = [r for r in (_llamacpp(args, path, True) for _ in range(args.repeats)) if r] if lc else []
+    lc_busy = [r for r in (_llamacpp(args, path, True) for _ in range(args.repeats)) if r] \
+        if lc and not args.no_busy else []
     skip = next((r["skip"] for r in lc if "skip" in r), None)
     lc = [r for r in lc if "skip" not in r]
     lc_busy = [r for r in lc_busy if "skip" not in r]

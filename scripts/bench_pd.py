@@ -3,11 +3,15 @@
 """Prefill/decode disaggregation benchmark; prints tables.
 
     python scripts/bench_pd.py transfer [--blocks 64 --repeats 5]
+    python scripts/bench_pd.py transfer --device cuda:0 --peer-device cuda:1 --layout llama3-8b \\
+        --connectors tcp,p2p-gloo,p2p-nccl                      # GPU to GPU (NCCL over NVLink)
     python scripts/bench_pd.py load [--rates 1,2,4 --requests 24 --ttft-slo 2.0 --itl-slo 0.2]
 
-``transfer``: KV transfer bandwidth of each connector (TCP, TCP+TLS, gloo point-to-point between
-two processes) for the embedded SmolLM2's KV layout, against two floors: an in-process block copy
-(index_select + index_copy_ per layer) and raw loopback TCP (one sendall of the same bytes).
+``transfer``: KV transfer bandwidth of each connector (TCP, TCP+TLS, gloo or NCCL point-to-point
+between two processes) for a KV layout (the embedded SmolLM2's, or Llama-3-8B's in bf16), against
+floors: an in-process block copy (index_select + index_copy_ per layer; across two GPUs a peer
+copy) and raw loopback TCP on the CPU, one contiguous device copy on a GPU. Pools on a GPU are
+checked bit for bit after the transfers.
 
 ``load``: a Poisson arrival process at rising request rates against a colocated server (one
 instance, 2 threads) and a PD deployment (router + 1 prefill + 1 decode, 1 thread each: the same
@@ -45,18 +49,34 @@ def _spread(xs: list[float]) -> str:
 
 
 # ---------------------------------------------------------------------------------- transfer
-def _layout():
+LAYOUTS = {   # (layers, KV heads, head dim, block size, dtype name)
+    "smollm2": (30, 3, 64, 16, "float32"),        # SmolLM2-135M, fp32 KV (the CPU deployment)
+    "llama3-8b": (32, 8, 128, 16, "bfloat16"),    # Llama-3-8B, bf16 KV (2 MiB a block)
+}
+
+
+def _layout(name: str = "smollm2"):
     import torch
 
-    return dict(layers=30, heads=3, dim=64, bs=16, dtype=torch.float32)   # SmolLM2-135M, fp32 KV
+    layers, heads, dim, bs, dtype = LAYOUTS[name]
+    return dict(layers=layers, heads=heads, dim=dim, bs=bs, dtype=getattr(torch, dtype))
 
 
-def _caches(nblocks: int, fill: bool):
+def _caches(nblocks: int, fill: bool, device: str = "cpu", layout: str = "smollm2"):
     import torch
 
-    lay = _layout()
+    lay = _layout(layout)
     shape = (2, nblocks, lay["bs"], lay["heads"], lay["dim"])
-    return [torch.randn(shape) if fill else torch.zeros(shape) for _ in range(lay["layers"])]
+    g = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(shape, generator=g, device=device).to(lay["dtype"]) if fill
+            else torch.zeros(shape, dtype=lay["dtype"], device=device) for _ in range(lay["layers"])]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _tls(tmp: Path):
@@ -86,31 +106,81 @@ def _tls(tmp: Path):
     return srv, cli
 
 
-def _p2p_worker(rank: int, port: int, nblocks: int, repeats: int, ready_q, res_q) -> None:
+def _p2p_worker(rank: int, port: int, nblocks: int, repeats: int, ready_q, res_q, device: str = "cpu",
+                layout: str = "smollm2", backend: str = "gloo") -> None:
+    from mindie_llm.distributed.comm_env import apply_comm_env
     from mindie_llm.distributed.kv_transfer.p2p import P2PConnector, make_transfer_group
 
     import torch
 
+    apply_comm_env()
     torch.set_num_threads(1)
-    group = make_transfer_group(f"127.0.0.1:{port}", rank, 2, timeout_s=60)
-    ids = np.arange(1, nblocks, dtype=np.int64)
-    if rank == 1:
-        conn = P2PConnector(_caches(nblocks, False), group=group, receive=True)
-        for r in range(repeats + 1):
-            fut = conn.expect(r + 1, ids, timeout_s=60)
-            ready_q.put(r)
-            fut.result(60)
-        time.sleep(1)
-    else:
-        conn = P2PConnector(_caches(nblocks, True), group=group, receive=False)
-        times = []
-        for r in range(repeats + 1):
-            assert ready_q.get(timeout=60) == r
-            t0 = time.perf_counter()
-            res = conn.send(r + 1, ids, "1", ids, timeout_s=60)
-            if r:
-                times.append((res.num_bytes, time.perf_counter() - t0))
-        res_q.put(times)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    try:
+        group = make_transfer_group(f"127.0.0.1:{port}", rank, 2, timeout_s=60, backend=backend)
+        ids = np.arange(1, nblocks, dtype=np.int64)
+        if rank == 1:
+            conn = P2PConnector(_caches(nblocks, False, device, layout), group=group, receive=True)
+            want = _caches(nblocks, True, device, layout) if device.startswith("cuda") else None
+            for r in range(repeats + 1):
+                fut = conn.expect(r + 1, ids, timeout_s=60)
+                ready_q.put(r)
+                res = fut.result(60)
+                if not res.ok:
+                    res_q.put(("rx", f"transfer {r} failed: {res.reason}"))
+                    return
+            exact = want is None or all(torch.equal(a[:, 1:].view(torch.uint8), b[:, 1:].view(torch.uint8))
+                                        for a, b in zip(conn.kv_caches, want))
+            res_q.put(("rx", "bit-exact" if exact else "MISMATCH"))
+            time.sleep(1)
+        else:
+            conn = P2PConnector(_caches(nblocks, True, device, layout), group=group, receive=False)
+            times = []
+            for r in range(repeats + 1):
+                assert ready_q.get(timeout=60) == r
+                _sync(device)
+                t0 = time.perf_counter()
+                res = conn.send(r + 1, ids, "1", ids, timeout_s=60)
+                if not res.ok:
+                    res_q.put(("tx", f"send failed: {res.reason}"))
+                    return
+                if r:
+                    times.append((res.num_bytes, time.perf_counter() - t0))
+            res_q.put(("tx", times))
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        res_q.put(("tx" if rank == 0 else "rx", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"))
+
+
+def _p2p_run(nb: int, repeats: int, devices: tuple[str, str], layout: str, backend: str) -> tuple[list, str]:
+    """(MB/s of each timed send, the receiver's verdict) of the p2p connector between two processes."""
+    ctx = mp.get_context("spawn")
+    ready_q, res_q = ctx.Queue(), ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_p2p_worker, args=(r, port, nb, repeats, ready_q, res_q, devices[r], layout, backend))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got: dict = {}
+    try:
+        while len(got) < 2:
+            kind, val = res_q.get(timeout=240)
+            got[kind] = val
+            if isinstance(val, str) and not val.startswith("bit-exact"):
+                break
+    except Exception as e:  # noqa: BLE001
+        got.setdefault("tx", f"no result: {type(e).__name__}")
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    tx, rx = got.get("tx", "no result"), got.get("rx", "no verdict")
+    if isinstance(tx, str):
+        return [], tx
+    return [b / t / 1e6 for b, t in tx], rx
 
 
 def bench_transfer(args: argparse.Namespace) -> None:
@@ -119,50 +189,72 @@ def bench_transfer(args: argparse.Namespace) -> None:
     from mindie_llm.distributed.kv_transfer.tcp import TcpConnector
 
     torch.set_num_threads(args.threads)     # on a shared, oversubscribed box 2+ threads spin: 10x slower copies
+    dev = args.device
+    peer = args.peer_device or dev
     nb = args.blocks + 1
-    src, dst = _caches(nb, True), _caches(nb, False)
+    src, dst = _caches(nb, True, dev, args.layout), _caches(nb, False, peer, args.layout)
     ids = np.arange(1, nb, dtype=np.int64)
-    nbytes = sum(c[:, 1:].numel() * 4 for c in src)
+    nbytes = sum(c[:, 1:].numel() * c.element_size() for c in src)
     rows = []
 
-    idx = torch.from_numpy(ids)
+    idx, pidx = torch.from_numpy(ids).to(dev), torch.from_numpy(ids).to(peer)
     ts = []
     for _ in range(args.repeats):
+        _sync(dev)
         t0 = time.perf_counter()
         for s, d in zip(src, dst):
-            d.index_copy_(1, idx, s.index_select(1, idx))
+            d.index_copy_(1, pidx, s.index_select(1, idx).to(peer))
+        _sync(dev)
+        _sync(peer)
         ts.append(nbytes / (time.perf_counter() - t0) / 1e6)
-    rows.append(("in-process block copy (floor)", ts))
+    where = "in-process block copy" if peer == dev else f"block copy {dev} -> {peer} (peer)"
+    rows.append((f"{where} (floor)", ts, ""))
+    if dev.startswith("cuda"):
+        flat_src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        flat_dst = torch.empty(nbytes, dtype=torch.uint8, device=peer)
+        ts = []
+        for _ in range(args.repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            flat_dst.copy_(flat_src)
+            _sync(dev)
+            _sync(peer)
+            ts.append(nbytes / (time.perf_counter() - t0) / 1e6)
+        rows.append((f"one contiguous copy {dev} -> {peer} (floor)", ts, ""))
+        del flat_src, flat_dst
+    else:
+        payload = os.urandom(nbytes)
+        ts = []
+        for _ in range(args.repeats):
+            srv = socket.create_server(("127.0.0.1", 0))
+            got = []
 
-    payload = os.urandom(nbytes)
-    ts = []
-    for _ in range(args.repeats):
-        srv = socket.create_server(("127.0.0.1", 0))
-        got = []
+            def sink(s=srv):
+                c, _ = s.accept()
+                n = 0
+                buf = bytearray(1 << 20)
+                while n < nbytes:
+                    n += c.recv_into(buf)
+                got.append(n)
+                c.close()
+            th = threading.Thread(target=sink)
+            th.start()
+            t0 = time.perf_counter()
+            with socket.create_connection(srv.getsockname()) as c:
+                c.sendall(payload)
+                th.join()
+            ts.append(nbytes / (time.perf_counter() - t0) / 1e6)
+            srv.close()
+        rows.append(("raw loopback TCP (floor)", ts, ""))
 
-        def sink(s=srv):
-            c, _ = s.accept()
-            n = 0
-            buf = bytearray(1 << 20)
-            while n < nbytes:
-                n += c.recv_into(buf)
-            got.append(n)
-            c.close()
-        th = threading.Thread(target=sink)
-        th.start()
-        t0 = time.perf_counter()
-        with socket.create_connection(srv.getsockname()) as c:
-            c.sendall(payload)
-            th.join()
-        ts.append(nbytes / (time.perf_counter() - t0) / 1e6)
-        srv.close()
-    rows.append(("raw loopback TCP (floor)", ts))
-
+    connectors = args.connectors.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        tls = _tls(Path(tmp))
-        for label, kw in (("tcp connector", {}), ("tcp connector + TLS", "tls")):
-            s_tls, c_tls = tls if kw == "tls" else (None, None)
-            rx = TcpConnector(_caches(nb, False), secret=SECRET.encode(), server_tls=s_tls)
+        tls = _tls(Path(tmp)) if "tcp-tls" in connectors else (None, None)
+        for label in ("tcp", "tcp-tls"):
+            if label not in connectors:
+                continue
+            s_tls, c_tls = tls if label == "tcp-tls" else (None, None)
+            rx = TcpConnector(_caches(nb, False, peer, args.layout), secret=SECRET.encode(), server_tls=s_tls)
             tx = TcpConnector(src, secret=SECRET.encode(), client_tls=c_tls, listen=False)
             ts = []
             for r in range(args.repeats + 1):
@@ -170,41 +262,40 @@ def bench_transfer(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 res = tx.send(r + 1, ids, rx.address, ids, timeout_s=60)
                 assert res.ok and fut.result(60).ok, res.reason
+                _sync(peer)
                 if r:
                     ts.append(res.num_bytes / (time.perf_counter() - t0) / 1e6)
-            rows.append((label, ts))
+            exact = all(torch.equal(a[:, 1:].view(torch.uint8).cpu(), b[:, 1:].view(torch.uint8).cpu())
+                        for a, b in zip(rx.kv_caches, src))
+            rows.append(("tcp connector" + (" + TLS" if label == "tcp-tls" else ""), ts,
+                         "bit-exact" if exact else "MISMATCH"))
             rx.close()
             tx.close()
 
-    ctx = mp.get_context("spawn")
-    ready_q, res_q = ctx.Queue(), ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_p2p_worker, args=(r, port, nb, args.repeats, ready_q, res_q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    tx_times = res_q.get(timeout=300)
-    for p in procs:
-        p.join(60)
-    if tx_times:
-        rows.append(("gloo p2p connector (2 processes)", [b / t / 1e6 for b, t in tx_times]))
+    for label in connectors:
+        if label.startswith("p2p-"):
+            backend = label.partition("-")[2]
+            ts, verdict = _p2p_run(nb, args.repeats, (dev, peer), args.layout, backend)
+            rows.append((f"{backend} p2p connector (2 processes)", ts, verdict))
 
-    print(f"\nKV transfer, {args.blocks} blocks of SmolLM2-135M fp32 KV ({nbytes / 1e6:.1f} MB), "
+    print(f"\nKV transfer, {args.blocks} blocks of {args.layout} KV ({nbytes / 1e6:.1f} MB), {dev} -> {peer}, "
           f"{args.repeats} runs, {args.threads} torch thread(s), MB/s (median / min / max)")
-    print(f"{'path':36s} {'median':>8s} {'min':>8s} {'max':>8s}")
-    for label, ts in rows:
-        print(f"{label:36s} {_spread(ts)}")
+    print(f"{'path':44s} {'median':>8s} {'min':>8s} {'max':>8s}  check")
+    for label, ts, note in rows:
+        print(f"{label:44s} {_spread(ts) if ts else '     n/a      n/a      n/a'}  {note}")
 
 
 # ---------------------------------------------------------------------------------- load
-def _spawn(tmp: Path, name: str, cfg: dict) -> tuple[subprocess.Popen, Path]:
+def _spawn(tmp: Path, name: str, cfg: dict, gpu: str | None = None) -> tuple[subprocess.Popen, Path]:
     import yaml
+
+    from mindie_llm.distributed.comm_env import with_comm_env
 
     p = tmp / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     log = tmp / f"{name}.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), TQDM_DISABLE="1", MINDIE_KV_TRANSFER_KEY=SECRET)
+    env = with_comm_env(PYTHONPATH=str(ROOT / "python"), TQDM_DISABLE="1", MINDIE_KV_TRANSFER_KEY=SECRET,
+                        **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "mindie_llm.server.launcher", "--config", str(p)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -235,21 +326,36 @@ BASE = {"model": {"dtype": "float32", "max_seq_len": 1024, "served_model_name": 
         "server": {"host": "127.0.0.1", "http_port": 0, "grpc_port": -1, "max_tokens_limit": 512}}
 
 
-def _deploy(tmp: Path, kind: str) -> tuple[str, list[subprocess.Popen]]:
+def _backend_cfg(device: str, threads: int) -> dict:
+    return {"device": "cpu", "num_threads": threads} if device == "cpu" else {"device": device}
+
+
+def _deploy(tmp: Path, kind: str, device: str = "cpu") -> tuple[list[str], list[subprocess.Popen]]:
+    """``colocated:T`` (one instance, T threads), ``colocated-dp2`` (two instances, on GPU 0 and 1
+    with ``--device cuda``; the client alternates between them) or ``pd`` (router + prefill +
+    decode; on GPUs prefill on GPU 0, decode on GPU 1). Returns the HTTP URLs and the processes."""
+    gpu = device != "cpu"
     procs = []
     if kind.startswith("colocated"):
-        threads = int(kind.partition(":")[2] or 2)
-        proc, log = _spawn(tmp, "colo", {**BASE, "backend": {"device": "cpu", "num_threads": threads}})
-        procs.append(proc)
-        return _wait(log, r"http=(\S+)", proc).group(1), procs
+        n = 2 if kind == "colocated-dp2" else 1
+        threads = 1 if n == 2 else int(kind.partition(":")[2] or 2)
+        urls, logs = [], []
+        for i in range(n):
+            proc, log = _spawn(tmp, f"colo{i}", {**BASE, "backend": _backend_cfg(device, threads)},
+                               str(i) if gpu else None)
+            procs.append(proc)
+            logs.append((log, proc))
+        for log, proc in logs:
+            urls.append(_wait(log, r"http=(\S+)", proc).group(1))
+        return urls, procs
     addrs = {}
     logs = []
-    for role in ("prefill", "decode"):
+    for i, role in enumerate(("prefill", "decode")):
         port = _port()
         addrs[role] = f"127.0.0.1:{port}"
-        proc, log = _spawn(tmp, role, {**BASE, "backend": {"device": "cpu", "num_threads": 1},
+        proc, log = _spawn(tmp, role, {**BASE, "backend": _backend_cfg(device, 1),
                                        "server": {**BASE["server"], "http_port": -1, "grpc_port": port},
-                                       "disaggregation": {"role": role}})
+                                       "disaggregation": {"role": role}}, str(i) if gpu else None)
         procs.append(proc)
         logs.append((log, proc))
     for log, proc in logs:
@@ -257,7 +363,7 @@ def _deploy(tmp: Path, kind: str) -> tuple[str, list[subprocess.Popen]]:
     proc, log = _spawn(tmp, "router", {**BASE, "disaggregation": {
         "role": "router", "prefill_instances": addrs["prefill"], "decode_instances": addrs["decode"]}})
     procs.append(proc)
-    return _wait(log, r"http=(\S+)", proc).group(1), procs
+    return [_wait(log, r"http=(\S+)", proc).group(1)], procs
 
 
 async def _one(client, url: str, prompt: str, max_tokens: int) -> tuple[float, list[float]] | None:
@@ -280,7 +386,7 @@ async def _one(client, url: str, prompt: str, max_tokens: int) -> tuple[float, l
     return stamps[0] - t0, list(np.diff(stamps))
 
 
-async def _poisson(url: str, rate: float, n: int, prompt_words: int, max_tokens: int, seed: int) -> list:
+async def _poisson(urls: list[str], rate: float, n: int, prompt_words: int, max_tokens: int, seed: int) -> list:
     import httpx
 
     rng = random.Random(seed)
@@ -289,7 +395,7 @@ async def _poisson(url: str, rate: float, n: int, prompt_words: int, max_tokens:
         for i in range(n):
             prompt = f"{i} " + " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"])
                                         for _ in range(prompt_words))
-            tasks.append(asyncio.ensure_future(_one(c, url, prompt, max_tokens)))
+            tasks.append(asyncio.ensure_future(_one(c, urls[i % len(urls)], prompt, max_tokens)))
             await asyncio.sleep(rng.expovariate(rate))
         return await asyncio.gather(*tasks)
 
@@ -300,7 +406,7 @@ def bench_load(args: argparse.Namespace) -> None:
     table = []
     for kind in args.deployments.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            url, procs = _deploy(Path(tmp), kind)
+            url, procs = _deploy(Path(tmp), kind, args.device)
             try:
                 asyncio.run(_poisson(url, 100.0, 4, args.prompt_words, 4, 0))           # warm-up
                 for rate in rates:
@@ -342,10 +448,17 @@ def main() -> int:
     t.add_argument("--blocks", type=int, default=64)
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the copies")
+    t.add_argument("--device", default="cpu", help="where the sender's pool lives: cpu, cuda:0 ...")
+    t.add_argument("--peer-device", default=None, help="the receiver's pool (default: --device; cuda:1 = across GPUs)")
+    t.add_argument("--layout", default="smollm2", choices=sorted(LAYOUTS))
+    t.add_argument("--connectors", default="tcp,tcp-tls,p2p-gloo",
+                   help="tcp, tcp-tls, p2p-gloo, p2p-nccl (NCCL needs the two pools on two GPUs)")
     ld = sub.add_parser("load")
     ld.add_argument("--rates", default="1,2,4")
     ld.add_argument("--deployments", default="colocated:2,pd",
-                    help="colocated:THREADS and/or pd (1 prefill + 1 decode, one thread each)")
+                    help="colocated:THREADS, colocated-dp2 (two instances, the client alternates) and/or pd "
+                         "(1 prefill + 1 decode, one thread each)")
+    ld.add_argument("--device", default="cpu", help="cpu, or cuda: instances on GPU 0 and GPU 1")
     ld.add_argument("--requests", type=int, default=24)
     ld.add_argument("--prompt-words", type=int, default=64)
     ld.add_argument("--max-tokens", type=int, default=16)

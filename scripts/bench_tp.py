@@ -63,7 +63,7 @@ def _time(fn, steps: int, warmup: int, parallel) -> list[float]:
     if parallel.size > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel.cpu_group)     # host tensor: the CPU group
     return t.tolist()
 
 
@@ -71,13 +71,14 @@ def rank_main(args) -> dict:
     from mindie_llm.backends import get_platform
     from mindie_llm.config import ModelConfig
     from mindie_llm.distributed.micro_batch import forward_overlapped
-    from mindie_llm.distributed.parallel_state import init_from_env
+    from mindie_llm.distributed.parallel_state import init_from_env, resolve_backend
     from mindie_llm.loader import load_model, named_shape
 
     platform = get_platform(args.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    parallel = init_from_env(platform.dist_backend, tensor_parallel_size=world, timeout_s=300)
-    device = platform.device(int(os.environ.get("LOCAL_RANK", "0")) if args.device != "cpu" else 0)
+    device = platform.rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = resolve_backend(args.comm_backend, platform.device_type, platform.dist_backend)
+    parallel = init_from_env(backend, tensor_parallel_size=world, timeout_s=300, device=device)
     cfg = named_shape(args.shape)
     cfg["num_hidden_layers"] = args.layers or cfg["num_hidden_layers"]
     loaded = load_model(ModelConfig(load_format="dummy"), device, torch.float32 if args.device == "cpu"
@@ -164,14 +165,16 @@ def _loopback_floor(nbytes: int) -> tuple[float, float]:
 
 
 def _spawn(world: int, argv: list[str], out: str, timeout: float) -> None:
+    from mindie_llm.distributed.comm_env import with_comm_env
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
     try:
         for r in range(world):
-            env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), BENCH_TP_OUT=out if r == 0 else "")
+            env = with_comm_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT=str(port), BENCH_TP_OUT=out if r == 0 else "")
             procs.append(subprocess.Popen([sys.executable, __file__, "--rank-process"] + argv, env=env))
         deadline = time.monotonic() + timeout
         for p in procs:
@@ -198,6 +201,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--comm-backend", default="auto", help="auto (the device's) | nccl | gloo (gloo on cuda: "
+                    "ranks may share one GPU; collectives staged through host memory)")
     ap.add_argument("--bw-bytes", type=int, default=16 << 20)
     ap.add_argument("--timeout", type=float, default=540)
     ap.add_argument("--rank-process", action="store_true", help=argparse.SUPPRESS)
@@ -222,7 +227,8 @@ def main() -> None:
     tcp, mem = _loopback_floor(args.bw_bytes)
     print(f"# bench_tp: shape={args.shape} layers={args.layers or 'all'} context={args.context} "
           f"new_tokens/request={args.new_tokens} "
-          f"threads/rank={args.threads} device={args.device} steps={args.steps} (median [min-max] ms)")
+          f"threads/rank={args.threads} device={args.device} comm={args.comm_backend} steps={args.steps} "
+          "(median [min-max] ms)")
     print("| batch | TP=1 step | TP=%d step, overlap off | TP=%d step, overlap on | comm alone | hidden |"
           % (args.tp, args.tp))
     print("|---|---|---|---|---|---|")

@@ -133,6 +133,7 @@ class ParallelConfig:
     master_port: int = 29500
     timeout_s: float = 60.0            # every collective (and a worker's wait for the next step)
     join_timeout_s: float = 120.0      # start-up: every rank must join the rendezvous within this
+    comm_backend: str = "auto"         # auto (the device's: gloo cpu, nccl cuda, hccl npu) | nccl | gloo | hccl
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
@@ -145,6 +146,8 @@ class ParallelConfig:
         _check(self.nnodes >= 1, "parallel.nnodes", "must be >= 1")
         _check(0 <= self.node_rank < self.nnodes, "parallel.node_rank", "must be in [0, nnodes)")
         _check(0 < self.master_port < 65536, "parallel.master_port", "must be a TCP port")
+        _check(self.comm_backend in ("auto", "nccl", "gloo", "hccl"), "parallel.comm_backend",
+               f"must be one of auto, nccl, gloo, hccl; got {self.comm_backend!r}")
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,7 @@ class DisaggregationConfig:
     transfer_group_address: str = ""   # p2p: host:port of the transfer group's store (rank 0 hosts it)
     transfer_group_rank: int = -1      # p2p: this instance's rank in the transfer group
     transfer_group_size: int = 0       # p2p: members (every prefill and decode instance)
+    transfer_backend: str = "auto"     # p2p: the payload's group: auto (the device's) | nccl | gloo | hccl
 
     def __post_init__(self) -> None:
         _check(self.role in ("colocated", "prefill", "decode", "router"), "disaggregation.role",
@@ -255,6 +259,8 @@ class DisaggregationConfig:
                    "p2p needs the number of prefill + decode instances (>= 2)")
             _check(0 <= self.transfer_group_rank < self.transfer_group_size, "disaggregation.transfer_group_rank",
                    f"must be in [0, transfer_group_size); got {self.transfer_group_rank}")
+        _check(self.transfer_backend in ("auto", "nccl", "gloo", "hccl"), "disaggregation.transfer_backend",
+               f"must be one of auto, nccl, gloo, hccl; got {self.transfer_backend!r}")
         _check(0 <= self.kv_transfer_port < 65536, "disaggregation.kv_transfer_port", "must be a TCP port or 0")
         _check(self.peer_address is None, "disaggregation.peer_address",
                "is not supported: the router tells each decode instance where the KV is")
@@ -460,6 +466,9 @@ class EngineConfig:
                    "is not supported with tensor parallelism yet (tensor_parallel_size must be 1)")
             _check(self.disaggregation.role == "colocated", "scheduler.async_scheduling",
                    "is not supported with prefill/decode disaggregation yet (disaggregation.role must be colocated)")
+        _check(self.disaggregation.role not in ("prefill", "decode") or self.parallel.tensor_parallel_size == 1,
+               "parallel.tensor_parallel_size", f"a {self.disaggregation.role} instance runs one rank for now (the KV "
+               "connector moves the driver rank's pool only; one connector per rank is not built yet)")
         if not self.scheduler.enable_chunked_prefill and self.model.max_seq_len is not None:
             _check(self.scheduler.max_prefill_tokens >= self.model.max_seq_len, "scheduler.max_prefill_tokens",
                    "must be >= model.max_seq_len when enable_chunked_prefill is false "

@@ -4,7 +4,8 @@
 Owns the three message types of docs/architecture.md and their wire form:
 
 - ``NewRequests``: what a worker needs to know about a request the first time it sees it (prompt,
-  tokens already generated, sampling parameters as flat arrays, seed, the min-tokens ban list).
+  tokens already generated, sampling parameters as flat arrays, seed, the min-tokens ban list, the
+  ``logit_bias`` map as a CSR pair of token ids and biases).
 - ``SchedulerOutput`` (contract 2): one step's plan, everything a worker needs and nothing it
   fetches elsewhere: rows in batch order, tokens to compute per row (with any proposed
   speculative tokens as a CSR pair), block-table changes, new requests, and the ids finished,
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 __all__ = ["FinishReason", "NewRequests", "SchedulerOutput", "ModelRunnerOutput", "PromptLogprobs",
-           "ContractError", "csr_offsets"]
+           "ContractError", "csr_offsets", "LOGIT_BIAS_MAX"]
 
 
 class FinishReason(enum.IntEnum):
@@ -84,6 +85,11 @@ class NewRequests:
     ban_offsets: np.ndarray = field(default_factory=_zeros_offsets)                   # int32[N+1]
     ban_token_ids: np.ndarray = field(default_factory=lambda: _empty(np.int32))       # int32[*] banned while
     #                                     len(output) < min_tokens (stop ids, and EOS unless ignore_eos)
+    bias_offsets: np.ndarray = field(default_factory=_zeros_offsets)                  # int32[N+1]
+    bias_token_ids: np.ndarray = field(default_factory=lambda: _empty(np.int32))      # int32[*] logit_bias keys,
+    #                                     distinct within a request, >= 0 (the runner drops ids >= its vocab)
+    bias_values: np.ndarray = field(default_factory=lambda: _empty(np.float32))       # f32[*] added to those
+    #                                     logits, each in [-LOGIT_BIAS_MAX, LOGIT_BIAS_MAX]
 
     @property
     def num_reqs(self) -> int:
@@ -97,6 +103,11 @@ class NewRequests:
 
     def banned(self, i: int) -> np.ndarray:
         return self.ban_token_ids[self.ban_offsets[i]:self.ban_offsets[i + 1]]
+
+    def logit_bias(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids int32[K], biases f32[K]) of request i."""
+        lo, hi = self.bias_offsets[i], self.bias_offsets[i + 1]
+        return self.bias_token_ids[lo:hi], self.bias_values[lo:hi]
 
 
 # (name, dtype, length rule) of every array in wire order. Length rules: a count name ("B", "N",
@@ -115,13 +126,15 @@ _INT_SCHEMA = (
     ("new.prompt_logprobs", np.int32, "N"), ("new.ban_offsets", np.int32, "N+1"),
     ("new.ban_token_ids", np.int32, "*new.ban_offsets"),
     ("grammar_req_ids", np.int64, "G"), ("grammar_bitmask", np.int32, "GW"),
+    ("new.bias_offsets", np.int32, "N+1"), ("new.bias_token_ids", np.int32, "*new.bias_offsets"),
 )
 _FLOAT_SCHEMA = (
     ("new.temperature", np.float32, "N"), ("new.top_p", np.float32, "N"), ("new.min_p", np.float32, "N"),
     ("new.presence_penalty", np.float32, "N"), ("new.frequency_penalty", np.float32, "N"),
-    ("new.repetition_penalty", np.float32, "N"),
+    ("new.repetition_penalty", np.float32, "N"), ("new.bias_values", np.float32, "*new.bias_offsets"),
 )
-_MAGIC, _VERSION = 0x4D494E4449455354, 3      # "MINDIEST", contract v2 (+ grammar bitmask)
+_MAGIC, _VERSION = 0x4D494E4449455354, 4      # "MINDIEST", contract v2 (+ grammar bitmask, + logit_bias)
+LOGIT_BIAS_MAX = 100.0                        # |bias| bound (OpenAI's), checked again by decode()
 _COUNTS = ("B", "T", "P", "F", "N", "G", "GW")
 _HEADER = 2 + len(_COUNTS)
 _MAX_ELEMS = 1 << 40                          # no field of a real step is ever this long
@@ -216,9 +229,24 @@ class SchedulerOutput:
             raise ContractError("step message: a row has more proposed tokens than scheduled tokens")
         if counts["G"] and counts["GW"] % counts["G"]:
             raise ContractError("step message: grammar_bitmask is not G rows of equal width")
+        _check_logit_bias(values["new.bias_offsets"], values["new.bias_token_ids"], values["new.bias_values"])
         new = NewRequests(**{f.name: values["new." + f.name] for f in fields(NewRequests)})
         top = {n: values[n] for n, _, _ in _INT_SCHEMA if not n.startswith("new.")}
         return cls(num_batched_tokens=counts["T"], new_requests=new, **top)
+
+
+def _check_logit_bias(offsets: np.ndarray, token_ids: np.ndarray, biases: np.ndarray) -> None:
+    """Token ids >= 0 and distinct within each request; biases finite and within the bound."""
+    if not token_ids.size:
+        return
+    if int(token_ids.min()) < 0:
+        raise ContractError("step message: new.bias_token_ids has a negative token id")
+    if not np.isfinite(biases).all() or float(np.abs(biases).max()) > LOGIT_BIAS_MAX:
+        raise ContractError(f"step message: new.bias_values must be finite and within +-{LOGIT_BIAS_MAX:g}")
+    owner = np.repeat(np.arange(offsets.shape[0] - 1), np.diff(offsets.astype(np.int64)))      # [K]
+    key = np.sort(owner * (1 << 32) + token_ids.astype(np.int64))
+    if (np.diff(key) == 0).any():
+        raise ContractError("step message: new.bias_token_ids repeats a token id within a request")
 
 
 def _length(rule: str, counts: dict[str, int], values: dict[str, np.ndarray]) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["SAMPLING_BOUNDS", "Bound", "SamplingParams", "SamplingParamsError"]
+__all__ = ["SAMPLING_BOUNDS", "Bound", "SamplingParams", "SamplingParamsError", "MAX_LOGIT_BIAS_ENTRIES"]
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -55,7 +55,10 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "top_k": Bound(-1, _INT32_MAX),
     "min_tokens": Bound(0, _INT32_MAX),
     "stop_token_ids": Bound(0, _INT32_MAX),      # each id (int32 on the step message)
+    "logit_bias": Bound(-100.0, 100.0),          # each bias (OpenAI's range; contract.LOGIT_BIAS_MAX)
+    "logit_bias.token_id": Bound(0, _INT32_MAX),  # each key; the vocabulary bound is the engine's
 }
+MAX_LOGIT_BIAS_ENTRIES = 300                     # entries of one request's logit_bias map (OpenAI's cap)
 
 
 class SamplingParamsError(ValueError):
@@ -85,6 +88,8 @@ class SamplingParams:
     not recomputed and are None too. ``stop`` strings are excluded from the text unless
     ``include_stop_str_in_output``. ``seed`` makes a request's draws depend only on (seed, output
     position): the same output whatever else is batched with it, and after preemption.
+    ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits before penalties,
+    temperature and filtering (as vLLM); ``logprobs`` stay those of the unbiased distribution.
     """
 
     n: int = 1
@@ -108,12 +113,14 @@ class SamplingParams:
     # Structured output: exactly one of {"json": schema, "json_object": True, "regex": str,
     # "choice": [str, ...], "grammar": lark_or_gbnf} (engine/structured_output.py compiles it).
     guided_decoding: dict | None = None
+    logit_bias: dict[int, float] | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_ints()
         self._check_floats()
         self._check_stops()
+        self._check_logit_bias()
         if self.guided_decoding is not None and not isinstance(self.guided_decoding, dict):
             raise SamplingParamsError("guided_decoding", "must be a dict such as {'json': schema} or None")
 
@@ -172,6 +179,25 @@ class SamplingParams:
                 raise SamplingParamsError("stop_token_ids", f"must be a list of integers in {b.describe()}; "
                                           f"got {str(ids)[:128]}")
             self.stop_token_ids = list(ids)
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise SamplingParamsError("logit_bias", f"must be a map of token id to bias or None; got {str(bias)[:64]}")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise SamplingParamsError("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries; got {len(bias)}")
+        kb, vb = SAMPLING_BOUNDS["logit_bias.token_id"], SAMPLING_BOUNDS["logit_bias"]
+        out: dict[int, float] = {}
+        for k, v in bias.items():
+            if not _is_int(k) or not kb.contains(k):
+                raise SamplingParamsError("logit_bias", f"key {str(k)[:32]!r} is not a token id in {kb.describe()}")
+            if not _is_num(v) or not vb.contains(v):
+                raise SamplingParamsError("logit_bias", f"bias of token {k} must be a number in {vb.describe()}; "
+                                          f"got {str(v)[:32]}")
+            out[int(k)] = float(v)
+        self.logit_bias = out or None
 
     # ------------------------------------------------------------------------------------
     @property

@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
     fd, pidfile = tempfile.mkstemp(prefix="mindie-rank0-", suffix=".pid")
     os.close(fd)
-    proc = subprocess.Popen(cmd, env=dict(os.environ, MINDIE_RANK0_PIDFILE=pidfile))
+    from mindie_llm.distributed.comm_env import with_comm_env
+
+    # every rank (torchrun's children inherit this) runs with NVLink multicast off
+    proc = subprocess.Popen(cmd, env=with_comm_env(MINDIE_RANK0_PIDFILE=pidfile))
 
     def forward(sig, _frame):
         # on node 0 the signal goes to rank 0 (the server): it drains, then stops every rank, and

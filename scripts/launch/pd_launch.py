@@ -14,6 +14,12 @@ there, the same YAML and the same MINDIE_KV_TRANSFER_KEY; instance hosts must be
 addresses. On one machine an unset key is replaced by a random one shared by the children.
 SIGINT / SIGTERM stop every child; the script exits when the router (or, without one, every
 instance) has exited.
+
+``--devices 0,1`` places the instances on GPUs, one entry per instance in start order (prefill
+instances, then decode), as each child's ``CUDA_VISIBLE_DEVICES``: one prefill on GPU 0 and one
+decode on GPU 1 is ``--devices 0,1``; both on one card is ``--devices 0,0``. Instances that share a
+card split ``cache.gpu_memory_utilization`` between them (each gets the YAML's value divided by the
+number of instances on its card). Every child runs with NVLink multicast off (``comm_env``).
 """
 from __future__ import annotations
 
@@ -26,6 +32,10 @@ import sys
 import time
 
 import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "python"))
+from mindie_llm.distributed.comm_env import with_comm_env  # noqa: E402 - after the path
 
 
 def _plan(cfg: dict, only: set[str] | None) -> list[tuple[str, list[str]]]:
@@ -52,17 +62,54 @@ def _plan(cfg: dict, only: set[str] | None) -> list[tuple[str, list[str]]]:
     return out
 
 
+def place(plan: list[tuple[str, list[str]]], devices: str | None, gpu_memory_utilization: float
+          ) -> list[tuple[str, list[str], dict[str, str]]]:
+    """Each instance of ``plan`` with its extra environment (``CUDA_VISIBLE_DEVICES``) and, where
+    instances share a card, its share of the memory fraction. ``devices``: one entry per instance
+    (the router gets none); ValueError naming ``--devices`` when the count differs."""
+    instances = [name for name, _ in plan if name != "router"]
+    if not devices:
+        return [(name, sets, {}) for name, sets in plan]
+    devs = [d.strip() for d in devices.split(",")]
+    if len(devs) != len(instances) or not all(d.isdigit() for d in devs):
+        raise ValueError(f"--devices: one GPU index per instance ({', '.join(instances)}); got {devices!r}")
+    share = {d: devs.count(d) for d in devs}
+    where = dict(zip(instances, devs))
+    out = []
+    for name, sets in plan:
+        if name == "router":
+            out.append((name, sets, {}))
+            continue
+        d = where[name]
+        extra = list(sets)
+        if share[d] > 1:
+            extra += ["--set", f"cache.gpu_memory_utilization={gpu_memory_utilization / share[d]:.4f}"]
+        out.append((name, extra, {"CUDA_VISIBLE_DEVICES": d}))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--only", default=None, help="comma-separated: router, prefill, decode, prefill:0, decode:1 ...")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="passed to every process")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--devices", default=None, help="GPU index per instance in start order (prefill, then decode), "
+                   "e.g. 0,1; instances sharing a card split cache.gpu_memory_utilization")
     args = p.parse_args(argv)
     with open(args.config, encoding="utf-8") as f:
         cfg = yaml.safe_load(f) or {}
     only = set(args.only.split(",")) if args.only else None
-    env = dict(os.environ)
+    util = float((cfg.get("cache") or {}).get("gpu_memory_utilization", 0.9))
+    for o in args.overrides:
+        if o.startswith("cache.gpu_memory_utilization="):
+            util = float(o.partition("=")[2])
+    try:
+        placed = place(_plan(cfg, only), args.devices, util)
+    except ValueError as e:
+        print(f"pd_launch: {e}", file=sys.stderr)
+        return 2
+    env = with_comm_env()
     key_env = (cfg.get("disaggregation") or {}).get("auth_key_env", "MINDIE_KV_TRANSFER_KEY")
     if not env.get(key_env):
         if only is not None:
@@ -79,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for name, sets in _plan(cfg, only):
+    for name, sets, child_env in placed:
         cmd = [sys.executable, "-m", "mindie_llm.cli", "serve", "--config", args.config, "--log-level",
                args.log_level, *extra, *sets]      # the role's own keys win
-        print(f"pd_launch: starting {name}", flush=True)
-        procs.append((name, subprocess.Popen(cmd, env=env)))
+        where = f" on GPU {child_env['CUDA_VISIBLE_DEVICES']}" if child_env else ""
+        print(f"pd_launch: starting {name}{where}", flush=True)
+        procs.append((name, subprocess.Popen(cmd, env=with_comm_env(env, **child_env))))
     try:
         router = next((pr for n, pr in procs if n == "router"), None)
         while True:

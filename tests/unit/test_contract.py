@@ -27,6 +27,8 @@ def messages(draw) -> SchedulerOutput:
     prompts = [draw(st.lists(st.integers(0, 50000), min_size=1, max_size=6)) for _ in range(N)]
     outs = [draw(st.lists(st.integers(0, 50000), max_size=3)) for _ in range(N)]
     bans = [draw(st.lists(st.integers(0, 50000), max_size=3)) for _ in range(N)]
+    biases = [draw(st.dictionaries(st.integers(0, 2**31 - 1), st.floats(-100, 100, width=32), max_size=4))
+              for _ in range(N)]
     f = (lambda lo, hi: np.array([draw(st.floats(lo, hi, width=32)) for _ in range(N)], np.float32))
     ints = (lambda lo, hi, n: np.array(draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n)), np.int32))
     new = NewRequests(
@@ -38,7 +40,10 @@ def messages(draw) -> SchedulerOutput:
         temperature=f(0, 100), top_k=ints(0, 1000, N), top_p=f(0, 1), min_p=f(0, 1),
         presence_penalty=f(-2, 2), frequency_penalty=f(-2, 2), repetition_penalty=f(0.125, 2),
         min_tokens=ints(0, 100, N), logprobs=ints(-1, 20, N), prompt_logprobs=ints(-1, 20, N),
-        ban_offsets=csr_offsets([len(b) for b in bans]), ban_token_ids=np.array(sum(bans, []), np.int32))
+        ban_offsets=csr_offsets([len(b) for b in bans]), ban_token_ids=np.array(sum(bans, []), np.int32),
+        bias_offsets=csr_offsets([len(b) for b in biases]),
+        bias_token_ids=np.array([k for b in biases for k in b], np.int32),
+        bias_values=np.array([v for b in biases for v in b.values()], np.float32))
     P, F = draw(st.integers(0, 3)), draw(st.integers(0, 3))
     return SchedulerOutput(
         req_ids=np.array(draw(st.lists(st.integers(-2**63, 2**63 - 1), min_size=B, max_size=B)), np.int64),
@@ -130,6 +135,45 @@ def test_inconsistent_fields_are_refused(field, value, match):
         ints[at] = value
     with pytest.raises(ContractError, match=match):
         SchedulerOutput.decode(ints, floats)
+
+
+def _with_bias(ids, values, offsets=None) -> tuple[np.ndarray, np.ndarray]:
+    """An encoded two-request message whose NewRequests carry the given logit_bias CSR (written
+    straight into the arrays, bypassing the builders' checks)."""
+    n = len(offsets) - 1 if offsets is not None else 1
+    z32, zf = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    new = NewRequests(req_ids=np.arange(n, dtype=np.int64) + 5, prompt_offsets=np.arange(n + 1, dtype=np.int32),
+                      prompt_token_ids=np.ones(n, np.int32), output_offsets=np.zeros(n + 1, np.int32),
+                      seeds=np.zeros(n, np.int64), temperature=zf, top_k=z32, top_p=zf + 1, min_p=zf,
+                      presence_penalty=zf, frequency_penalty=zf, repetition_penalty=zf + 1, min_tokens=z32,
+                      logprobs=z32 - 1, prompt_logprobs=z32 - 1, ban_offsets=np.zeros(n + 1, np.int32),
+                      bias_offsets=np.asarray(offsets if offsets is not None else [0, len(ids)], np.int32),
+                      bias_token_ids=np.asarray(ids, np.int32), bias_values=np.asarray(values, np.float32))
+    msg = SchedulerOutput.decode(*_encoded())
+    msg.new_requests = new
+    return msg.encode()
+
+
+def test_logit_bias_round_trips():
+    msg = SchedulerOutput.decode(*_with_bias([7, 3, 7], [100.0, -100.0, 0.5], offsets=[0, 2, 3]))
+    new = msg.new_requests
+    assert [(a.tolist(), b.tolist()) for a, b in (new.logit_bias(0), new.logit_bias(1))] == \
+        [([7, 3], [100.0, -100.0]), ([7], [0.5])]      # the same id in two requests is fine
+
+
+@pytest.mark.parametrize("ids,values,offsets,match", [
+    ([-1], [1.0], None, "negative token id"),
+    ([4], [100.5], None, "within"),
+    ([4], [float("nan")], None, "finite"),
+    ([4], [float("-inf")], None, "finite"),
+    ([4, 4], [1.0, 2.0], None, "repeats a token id"),
+    ([4, 5], [1.0, 2.0], [0, 3], "past the end"),          # offsets end past the ids
+    ([4, 5], [1.0, 2.0], [1, 2], "start at 0"),
+    ([4, 5], [1.0], None, "past the end"),                  # fewer biases than ids
+])
+def test_malformed_logit_bias_is_refused(ids, values, offsets, match):
+    with pytest.raises(ContractError, match=match):
+        SchedulerOutput.decode(*_with_bias(ids, values, offsets))
 
 
 def test_finish_reason_matches_the_cpp_core():

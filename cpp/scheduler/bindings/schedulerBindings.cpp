@@ -10,6 +10,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <type_traits>
+
 namespace py = pybind11;
 namespace ms = mindie::scheduler;
 
@@ -71,13 +74,123 @@ std::vector<std::int32_t> toVector(Int32Array const& a)
     return std::vector<std::int32_t>(a.data(), a.data() + a.size());
 }
 
+// ---------------------------------------------------------------------------------- step arrays
+// The step path builds its arrays with numpy's C API directly (no shape vectors, no flag fix-ups):
+// read-only views over the C++ buffer, and for the sections that are empty or constant in most
+// steps (no preemption, no finish, no proposals, one token per row) shared read-only arrays. Those
+// depend only on dtype and length, so sharing them between steps and schedulers is invisible to a
+// reader (nobody can write them); they live as long as the process, like the exception types.
+
+using NpyApi = py::detail::npy_api;
+constexpr int kReadOnly = NpyApi::NPY_ARRAY_C_CONTIGUOUS_ | NpyApi::NPY_ARRAY_ALIGNED_;
+
 template <typename T>
-py::array view(std::vector<T>& v, py::handle owner, py::dtype const& dtype)
+constexpr int typeNum()
 {
-    // Zero-copy and read-only: the array's base keeps the SchedulerOutput alive.
-    py::array arr(dtype, {static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))}, v.data(), owner);
-    py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    if constexpr (std::is_same_v<T, std::uint8_t>)
+    {
+        return NpyApi::NPY_BOOL_; // the masks
+    }
+    else if constexpr (std::is_same_v<T, std::int32_t>)
+    {
+        return NpyApi::NPY_INT32_;
+    }
+    else
+    {
+        static_assert(std::is_same_v<T, std::int64_t>);
+        return NpyApi::NPY_INT64_;
+    }
+}
+
+/// A new 1-D array of `n` elements of `T` over `data` (numpy allocates when `data` is null),
+/// read-only when `data` is given. Returns a new reference.
+template <typename T>
+PyObject* newArray(py::ssize_t n, T* data)
+{
+    auto& api = NpyApi::get();
+    Py_intptr_t dims[1] = {n};
+    Py_intptr_t strides[1] = {static_cast<Py_intptr_t>(sizeof(T))};
+    PyObject* arr = api.PyArray_NewFromDescr_(api.PyArray_Type_, api.PyArray_DescrFromType_(typeNum<T>()), 1, dims,
+        strides, data, data != nullptr ? kReadOnly : 0, nullptr);
+    if (arr == nullptr)
+    {
+        throw py::error_already_set();
+    }
     return arr;
+}
+
+void setReadOnly(PyObject* arr)
+{
+    py::detail::array_proxy(arr)->flags &= ~NpyApi::NPY_ARRAY_WRITEABLE_;
+}
+
+/// The shared read-only empty array of `T` (a new reference).
+template <typename T>
+PyObject* emptyArray()
+{
+    static PyObject* const empty = []
+    {
+        PyObject* arr = newArray<T>(0, nullptr);
+        setReadOnly(arr);
+        return arr;
+    }();
+    Py_INCREF(empty);
+    return empty;
+}
+
+/// A read-only int32 array of `n` copies of `Value`: the last one made is kept and handed out again
+/// while `n` stays the same (steady batches). A new reference.
+template <std::int32_t Value>
+PyObject* constantArray(py::ssize_t n)
+{
+    static PyObject* last = nullptr;
+    if (last == nullptr || py::detail::array_proxy(last)->dimensions[0] != n)
+    {
+        PyObject* arr = newArray<std::int32_t>(n, nullptr);
+        auto* data = reinterpret_cast<std::int32_t*>(py::detail::array_proxy(arr)->data);
+        std::fill(data, data + n, Value);
+        setReadOnly(arr);
+        Py_XDECREF(last);
+        last = arr;
+    }
+    Py_INCREF(last);
+    return last;
+}
+
+/// A read-only view of `v` whose base is `owner` (kept alive by it), or the shared empty array.
+template <typename T>
+PyObject* view(std::vector<T>& v, PyObject* owner)
+{
+    if (v.empty())
+    {
+        return emptyArray<T>();
+    }
+    PyObject* arr = newArray<T>(static_cast<py::ssize_t>(v.size()), v.data());
+    Py_INCREF(owner);
+    if (NpyApi::get().PyArray_SetBaseObject_(arr, owner) != 0) // steals `owner`, also on failure
+    {
+        Py_DECREF(arr);
+        throw py::error_already_set();
+    }
+    return arr;
+}
+
+/// A new array holding a copy of `v`, or the shared empty array.
+template <typename T>
+PyObject* copyOf(std::vector<T> const& v)
+{
+    if (v.empty())
+    {
+        return emptyArray<T>();
+    }
+    PyObject* arr = newArray<T>(static_cast<py::ssize_t>(v.size()), nullptr);
+    std::copy(v.begin(), v.end(), reinterpret_cast<T*>(py::detail::array_proxy(arr)->data));
+    return arr;
+}
+
+void releaseOutput(PyObject* capsule)
+{
+    delete static_cast<std::shared_ptr<ms::SchedulerOutput>*>(PyCapsule_GetPointer(capsule, nullptr));
 }
 
 ms::RequestParams makeParams(std::int32_t maxTokens, std::int32_t minTokens, std::int32_t priority,
@@ -102,83 +215,138 @@ py::tuple schedule(ms::Scheduler& self)
         py::gil_scoped_release release;
         out = self.schedule();
     }
-    py::object owner = py::cast(out);
-    auto const i32 = py::dtype::of<std::int32_t>();
-    auto const i64 = py::dtype::of<std::int64_t>();
-    auto const b8 = py::dtype::of<bool>();
+    // The views' base: a capsule holding one reference to the buffer (the scheduler reuses the
+    // buffer once no capsule holds it).
+    auto* holder = new std::shared_ptr<ms::SchedulerOutput>(out);
+    PyObject* owner = PyCapsule_New(holder, nullptr, &releaseOutput);
+    if (owner == nullptr)
+    {
+        delete holder;
+        throw py::error_already_set();
+    }
+    py::object ownerRef = py::reinterpret_steal<py::object>(owner);
+    ms::SchedulerOutput& o = *out;
     // The order of mindie_llm.contract.SchedulerOutput's fields (SCHEDULE_FIELDS in scheduler/outputs.py).
-    return py::make_tuple(view(out->reqIds, owner, i64), view(out->numScheduledTokens, owner, i32),
-        view(out->numComputedTokens, owner, i32), view(out->inputTokenIds, owner, i32),
-        view(out->sampleMask, owner, b8), view(out->blockTableReset, owner, b8), view(out->newBlockOffsets, owner, i32),
-        view(out->newBlockIds, owner, i32), view(out->preemptedIds, owner, i64), view(out->finishedIds, owner, i64),
-        view(out->finishReasons, owner, i32), out->numBatchedTokens, view(out->specOffsets, owner, i32),
-        view(out->specTokenIds, owner, i32));
+    py::tuple t(14);
+    PyObject* tp = t.ptr();
+    PyTuple_SET_ITEM(tp, 0, view(o.reqIds, owner));
+    PyTuple_SET_ITEM(tp, 1, view(o.numScheduledTokens, owner));
+    PyTuple_SET_ITEM(tp, 2, view(o.numComputedTokens, owner));
+    PyTuple_SET_ITEM(tp, 3, view(o.inputTokenIds, owner));
+    PyTuple_SET_ITEM(tp, 4, view(o.sampleMask, owner));
+    PyTuple_SET_ITEM(tp, 5, view(o.blockTableReset, owner));
+    PyTuple_SET_ITEM(tp, 6, view(o.newBlockOffsets, owner));
+    PyTuple_SET_ITEM(tp, 7, view(o.newBlockIds, owner));
+    PyTuple_SET_ITEM(tp, 8, view(o.preemptedIds, owner));
+    PyTuple_SET_ITEM(tp, 9, view(o.finishedIds, owner));
+    PyTuple_SET_ITEM(tp, 10, view(o.finishReasons, owner));
+    PyObject* numBatched = PyLong_FromLongLong(o.numBatchedTokens);
+    if (numBatched == nullptr)
+    {
+        throw py::error_already_set();
+    }
+    PyTuple_SET_ITEM(tp, 11, numBatched);
+    // No proposals in the step: the offsets are all zero.
+    PyTuple_SET_ITEM(tp, 12,
+        o.specTokenIds.empty() ? constantArray<0>(static_cast<py::ssize_t>(o.reqIds.size()) + 1)
+                               : view(o.specOffsets, owner));
+    PyTuple_SET_ITEM(tp, 13, view(o.specTokenIds, owner));
+    return t;
 }
 
-/// A 1-D int32 array, or nullptr for None; `name` goes into the error.
-Int32Array const* optionalArray(py::object const& obj, Int32Array& holder, char const* name)
+/// The data of `obj` when it is a 1-D, aligned, C-contiguous numpy array of exactly `T` (no
+/// conversion needed), else nullptr; `size` gets its length.
+template <typename T>
+T const* exactArray(py::handle obj, size_t& size)
 {
-    if (obj.is_none())
+    if (!py::isinstance<py::array_t<T, py::array::c_style>>(obj))
     {
         return nullptr;
     }
-    holder = Int32Array::ensure(obj);
-    if (!holder || holder.ndim() != 1)
+    auto const* proxy = py::detail::array_proxy(obj.ptr());
+    if (proxy->nd != 1 || (proxy->flags & NpyApi::NPY_ARRAY_ALIGNED_) == 0)
     {
-        PyErr_Clear();
-        throw ms::ContractError(std::string("update(): ") + name + " must be a 1-D int32 array");
+        return nullptr;
     }
-    return &holder;
+    size = static_cast<size_t>(proxy->dimensions[0]);
+    return reinterpret_cast<T const*>(proxy->data);
 }
 
-py::tuple update(ms::Scheduler& self, Int64Array const& ids, py::object const& tokenOffsets,
-    py::object const& tokenIds, py::object const& draftOffsets, py::object const& draftTokenIds)
+/// update()'s arguments, checked for sizes (the core checks the values): an array given as None
+/// stays null. Returns false when some array is not an exact 1-D int64 / int32 array.
+bool readUpdateInput(ms::UpdateInput& in, py::handle ids, py::handle tokenOffsets, py::handle tokenIds,
+    py::handle draftOffsets, py::handle draftTokenIds)
 {
-    Int32Array offsetsHolder, tokensHolder, draftOffsetsHolder, draftTokensHolder;
-    Int32Array const* offsets = optionalArray(tokenOffsets, offsetsHolder, "token_offsets");
-    Int32Array const* tokens = optionalArray(tokenIds, tokensHolder, "token_ids");
-    Int32Array const* dOffsets = optionalArray(draftOffsets, draftOffsetsHolder, "draft_offsets");
-    Int32Array const* dTokens = optionalArray(draftTokenIds, draftTokensHolder, "draft_token_ids");
-    if (ids.ndim() != 1 || tokens == nullptr)
+    size_t n = 0;
+    size_t numOffsets = 0;
+    size_t numDraftOffsets = 0;
+    in.reqIds = exactArray<std::int64_t>(ids, n);
+    in.tokenIds = exactArray<std::int32_t>(tokenIds, in.numTokenIds);
+    if (in.reqIds == nullptr || in.tokenIds == nullptr)
     {
-        throw ms::ContractError("update(): req_ids must be 1-D and token_ids given");
+        return false;
     }
-    auto const n = static_cast<size_t>(ids.size());
-    ms::UpdateInput in;
-    in.reqIds = ids.data();
-    in.numRows = n;
-    if (offsets != nullptr && !(n == 0 && offsets->size() == 0)) // an empty step may send [] for [0]
+    if (!tokenOffsets.is_none() && (in.tokenOffsets = exactArray<std::int32_t>(tokenOffsets, numOffsets)) == nullptr)
     {
-        if (static_cast<size_t>(offsets->size()) != n + 1)
+        return false;
+    }
+    if (!draftOffsets.is_none() && (in.draftOffsets = exactArray<std::int32_t>(draftOffsets, numDraftOffsets)) == nullptr)
+    {
+        return false;
+    }
+    if (!draftTokenIds.is_none()
+        && (in.draftTokenIds = exactArray<std::int32_t>(draftTokenIds, in.numDraftTokenIds)) == nullptr)
+    {
+        return false;
+    }
+    in.numRows = n;
+    if (in.tokenOffsets != nullptr)
+    {
+        if (n == 0 && numOffsets == 0)
+        {
+            in.tokenOffsets = nullptr; // an empty step may send [] for [0]
+        }
+        else if (numOffsets != n + 1)
         {
             throw ms::ContractError("update(): token_offsets must have len(req_ids) + 1 entries");
         }
-        in.tokenOffsets = offsets->data();
     }
-    in.tokenIds = tokens->data();
-    in.numTokenIds = static_cast<size_t>(tokens->size());
-    if (dOffsets != nullptr && !(n == 0 && dOffsets->size() == 0))
+    if (in.draftOffsets != nullptr)
     {
-        if (static_cast<size_t>(dOffsets->size()) != n + 1)
+        if (n == 0 && numDraftOffsets == 0)
+        {
+            in.draftOffsets = nullptr;
+        }
+        else if (numDraftOffsets != n + 1)
         {
             throw ms::ContractError("update(): draft_offsets must have len(req_ids) + 1 entries");
         }
-        in.draftOffsets = dOffsets->data();
     }
-    if (dTokens != nullptr)
+    return true;
+}
+
+/// update() over arrays of the exact types (the facade converts other inputs first); None when
+/// some array is not one. Returns (finished_ids, finish_reasons, num_appended).
+py::object update(ms::Scheduler& self, py::handle ids, py::handle tokenOffsets, py::handle tokenIds,
+    py::handle draftOffsets, py::handle draftTokenIds)
+{
+    ms::UpdateInput in;
+    if (!readUpdateInput(in, ids, tokenOffsets, tokenIds, draftOffsets, draftTokenIds))
     {
-        in.draftTokenIds = dTokens->data();
-        in.numDraftTokenIds = static_cast<size_t>(dTokens->size());
+        return py::none();
     }
     ms::UpdateResult r;
     {
-        py::gil_scoped_release release; // the arrays are held by this frame
+        py::gil_scoped_release release; // the arrays are held by the caller's frame
         r = self.update(in);
     }
-    return py::make_tuple(
-        py::array_t<std::int64_t>(static_cast<py::ssize_t>(r.finishedIds.size()), r.finishedIds.data()),
-        py::array_t<std::int32_t>(static_cast<py::ssize_t>(r.finishReasons.size()), r.finishReasons.data()),
-        py::array_t<std::int32_t>(static_cast<py::ssize_t>(r.numAppended.size()), r.numAppended.data()));
+    bool const oneEach = std::all_of(r.numAppended.begin(), r.numAppended.end(), [](std::int32_t c) { return c == 1; });
+    py::tuple t(3);
+    PyTuple_SET_ITEM(t.ptr(), 0, copyOf(r.finishedIds));
+    PyTuple_SET_ITEM(t.ptr(), 1, copyOf(r.finishReasons));
+    PyTuple_SET_ITEM(t.ptr(), 2,
+        oneEach ? constantArray<1>(static_cast<py::ssize_t>(r.numAppended.size())) : copyOf(r.numAppended));
+    return std::move(t);
 }
 
 } // namespace
@@ -231,8 +399,6 @@ PYBIND11_MODULE(_scheduler, m)
                 PyErr_SetString(gSchedulerError, e.what());
             }
         });
-
-    py::class_<ms::SchedulerOutput, std::shared_ptr<ms::SchedulerOutput>>(m, "_OutputBuffer");
 
     py::enum_<ms::FinishReason>(m, "FinishReason", "Why a request stopped (the source of the Python FinishReason)")
         .value("NONE", ms::FinishReason::kNONE)
@@ -308,7 +474,7 @@ PYBIND11_MODULE(_scheduler, m)
             py::arg("stop_token_ids"), py::arg("ignore_eos"), py::arg("parent_id"))
         .def("schedule", &schedule)
         .def("update", &update, py::arg("req_ids"), py::arg("token_offsets"), py::arg("token_ids"),
-            py::arg("draft_offsets") = py::none(), py::arg("draft_token_ids") = py::none())
+            py::arg("draft_offsets"), py::arg("draft_token_ids"))
         .def("abort", &ms::Scheduler::abort, py::arg("req_id"))
         .def(
             "finish",

@@ -130,6 +130,43 @@ BlockId BlockManager::allocate()
     return block;
 }
 
+void BlockManager::allocate(SizeType32 n, std::vector<BlockId>& out)
+{
+    if (n <= 0)
+    {
+        return;
+    }
+    MINDIE_CHECK(n <= mNumFree, ContractError, "allocate(" << n << ") with " << mNumFree << " free blocks");
+    if (mEnableCaching && n > 1)
+    {
+        // The next n blocks of the free list are the ones taken: fetch the slots of their cache
+        // entries (a walk over their entries, which the unlinks below need anyway).
+        SizeType32 k = 0;
+        for (BlockId b = mHead; b >= 0 && k < n; b = mBlocks[b].next, ++k)
+        {
+            if (mBlocks[b].isCached)
+            {
+                __builtin_prefetch(&mSlots[static_cast<size_t>(mix64(mBlocks[b].hash & mHashMask)) & mSlotMask]);
+            }
+        }
+    }
+    for (SizeType32 k = 0; k < n; ++k)
+    {
+        out.push_back(allocate());
+    }
+}
+
+void BlockManager::prefetchForCache(BlockId block, BlockHash hash) const noexcept
+{
+    if (!mEnableCaching)
+    {
+        return;
+    }
+    __builtin_prefetch(&mSlots[static_cast<size_t>(mix64(hash & mHashMask)) & mSlotMask]);
+    __builtin_prefetch(&mBlocks[block], 1);
+    __builtin_prefetch(&mTokens[static_cast<size_t>(block) * mBlockSize], 1);
+}
+
 void BlockManager::freeBlocks(BlockId const* blocks, size_t n)
 {
     for (BlockId const* it = blocks + n; it != blocks;)

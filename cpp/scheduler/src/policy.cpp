@@ -95,6 +95,7 @@ public:
     {
         return reason == FinishReason::kNONE ? FinishReason::kPREFILL_DONE : reason;
     }
+    [[nodiscard]] bool handsOffAfterSample() const override { return true; }
 };
 
 /// Decode instance: admits requests prefilled elsewhere (add_prefilled, then kv_ready).

@@ -186,6 +186,21 @@ void Scheduler::validateUpdate(UpdateInput const& in)
     // req_ids must be a subsequence, in batch order, of the requests that sampled in the last
     // schedule(); a row takes at most 1 + (its proposals) tokens.
     size_t const numExpected = mLastSampleReqs.size();
+    if (n == numExpected && std::equal(in.reqIds, in.reqIds + n, mLastSampleIds.data()))
+    {
+        // The common step: every sampling row, in order. Only rows with several tokens touch a request.
+        mUpdateAllRows = true;
+        for (size_t k = 0; in.tokenOffsets != nullptr && k < n; ++k)
+        {
+            std::int64_t const count = in.tokenOffsets[k + 1] - in.tokenOffsets[k];
+            if (count > 1)
+            {
+                checkRowCount(in, k, count, mLastSampleReqs[k]->lastNumSpec);
+            }
+        }
+        return;
+    }
+    mUpdateAllRows = false;
     mScratchMatch.assign(numExpected, -1);
     size_t j = 0;
     for (size_t k = 0; k < numExpected && j < n; ++k)
@@ -193,10 +208,10 @@ void Scheduler::validateUpdate(UpdateInput const& in)
         if (in.reqIds[j] == mLastSampleIds[k])
         {
             std::int64_t const count = in.tokenOffsets ? in.tokenOffsets[j + 1] - in.tokenOffsets[j] : 1;
-            SizeType32 const numSpec = count > 1 ? mLastSampleReqs[k]->lastNumSpec : 0; // one token always fits
-            MINDIE_CHECK(count <= 1 + numSpec, ContractError,
-                "update(): row " << j << " (req_id " << in.reqIds[j] << ") has " << count << " tokens; it was scheduled "
-                                 << "with " << numSpec << " proposed tokens, so at most " << 1 + numSpec);
+            if (count > 1) // one token always fits
+            {
+                checkRowCount(in, j, count, mLastSampleReqs[k]->lastNumSpec);
+            }
             mScratchMatch[k] = static_cast<std::int64_t>(j++);
         }
     }
@@ -205,18 +220,30 @@ void Scheduler::validateUpdate(UpdateInput const& in)
                              << " did not sample in the last schedule() or is out of batch order");
 }
 
-UpdateResult Scheduler::update(UpdateInput const& in)
+void Scheduler::checkRowCount(UpdateInput const& in, size_t row, std::int64_t count, SizeType32 numSpec) const
+{
+    MINDIE_CHECK(count <= 1 + numSpec, ContractError,
+        "update(): row " << row << " (req_id " << in.reqIds[row] << ") has " << count << " tokens; it was scheduled "
+                         << "with " << numSpec << " proposed tokens, so at most " << 1 + numSpec);
+}
+
+UpdateResult Scheduler::update(UpdateInput const& message)
 {
     std::lock_guard<std::mutex> lock(mMutex);
     MINDIE_CHECK(mAwaitingUpdate, ContractError, "update() called without a preceding schedule()");
-    validateUpdate(in); // nothing changes before the whole message is known to be well-formed
+    validateUpdate(message); // nothing changes before the whole message is known to be well-formed
+    UpdateInput in = message;
     size_t const n = in.numRows;
+    if (in.tokenOffsets != nullptr && static_cast<size_t>(in.tokenOffsets[n]) == n)
+    {
+        in.tokenOffsets = nullptr; // increasing offsets that end at S: exactly one token per row
+    }
     size_t const numExpected = mLastSampleReqs.size();
     // A live sampling request left out means the step did not run (e.g. the forward failed):
     // only an empty update() may say so, and then every row of the step is rolled back, so its
     // chunk is computed again and nothing of it reaches the prefix cache.
     bool stepFailed = false;
-    for (size_t k = 0; k < numExpected; ++k)
+    for (size_t k = 0; !mUpdateAllRows && k < numExpected; ++k)
     {
         Request const& r = *mLastSampleReqs[k];
         if (mScratchMatch[k] < 0 && r.state == RequestState::kRUNNING && r.awaitingSample)
@@ -258,15 +285,17 @@ UpdateResult Scheduler::update(UpdateInput const& in)
                 registerFullBlocks(*r);
             }
         }
+        bool const handsOff = mRole->handsOffAfterSample();
         for (size_t k = 0; k < numExpected; ++k)
         {
             Request& r = *mLastSampleReqs[k];
-            if (mScratchMatch[k] < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
+            std::int64_t const row = mUpdateAllRows ? static_cast<std::int64_t>(k) : mScratchMatch[k];
+            if (row < 0 || r.state != RequestState::kRUNNING || !r.awaitingSample)
             {
                 continue; // finished or aborted after schedule()
             }
-            auto const row = static_cast<size_t>(mScratchMatch[k]);
-            FinishReason const reason = appendRow(r, in, row, result.numAppended[row]);
+            auto const i = static_cast<size_t>(row);
+            FinishReason const reason = appendRow(r, in, i, handsOff, result.numAppended[i]);
             if (reason != FinishReason::kNONE)
             {
                 result.finishedIds.push_back(r.id);
@@ -297,7 +326,7 @@ UpdateResult Scheduler::update(UpdateInput const& in)
     return result;
 }
 
-FinishReason Scheduler::appendRow(Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended)
+FinishReason Scheduler::appendRow(Request& r, UpdateInput const& in, size_t row, bool handsOff, std::int32_t& numAppended)
 {
     size_t const begin = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row]) : row;
     size_t const end = in.tokenOffsets ? static_cast<size_t>(in.tokenOffsets[row + 1]) : row + 1;
@@ -313,7 +342,7 @@ FinishReason Scheduler::appendRow(Request& r, UpdateInput const& in, size_t row,
         reason = checkStop(r, token);
     }
     numAppended = appended;
-    if (reason == FinishReason::kNONE)
+    if (handsOff && reason == FinishReason::kNONE)
     {
         // A row of the prefill role has no proposals (it never decodes): one token, then the hand-off.
         reason = mRole->afterSample(reason);

@@ -61,10 +61,50 @@ std::shared_ptr<SchedulerOutput> Scheduler::schedule()
     mPrefillRows.clear();
     Phases phases(*this, mRunning.empty());
     mPolicy->planStep(phases);
-    auto out = std::make_shared<SchedulerOutput>();
+    auto out = freeOutputBuffer();
     buildOutput(*out, mDecodeRows, mPrefillRows);
     mAwaitingUpdate = true;
     return out;
+}
+
+void SchedulerOutput::clear() noexcept
+{
+    reqIds.clear();
+    numScheduledTokens.clear();
+    numComputedTokens.clear();
+    inputTokenIds.clear();
+    specOffsets.clear();
+    specTokenIds.clear();
+    sampleMask.clear();
+    blockTableReset.clear();
+    newBlockOffsets.clear();
+    newBlockIds.clear();
+    preemptedIds.clear();
+    finishedIds.clear();
+    finishReasons.clear();
+    numBatchedTokens = 0;
+}
+
+std::shared_ptr<SchedulerOutput> Scheduler::freeOutputBuffer()
+{
+    // A caller may keep a few recent outputs alive (views of a step in flight); a buffer nobody but
+    // the pool holds is refilled. No new holder of a pooled buffer can appear except through here.
+    constexpr size_t kPoolSize = 4;
+    for (auto const& buf : mOutputPool)
+    {
+        if (buf.use_count() == 1)
+        {
+            std::atomic_thread_fence(std::memory_order_acquire); // after the last holder's release
+            buf->clear();
+            return buf;
+        }
+    }
+    auto buf = std::make_shared<SchedulerOutput>();
+    if (mOutputPool.size() < kPoolSize)
+    {
+        mOutputPool.push_back(buf);
+    }
+    return buf;
 }
 
 bool Scheduler::chunkingOn() const noexcept
@@ -148,10 +188,7 @@ SizeType32 Scheduler::scheduleLookahead(Request& r, SizeType32 budgetLeft)
         return 0;
     }
     auto const numSpec = static_cast<SizeType32>(k);
-    for (SizeType32 n = mBlocks.blocksFor(end + numSpec) - held; n > 0; --n)
-    {
-        r.blocks.push_back(mBlocks.allocate());
-    }
+    mBlocks.allocate(mBlocks.blocksFor(end + numSpec) - held, r.blocks);
     return numSpec;
 }
 
@@ -229,10 +266,7 @@ bool Scheduler::allocateOrPreempt(Request& r, SizeType32 numTokens)
         }
         preempt(*victim);
     }
-    for (SizeType32 k = 0; k < need; ++k)
-    {
-        r.blocks.push_back(mBlocks.allocate());
-    }
+    mBlocks.allocate(need, r.blocks);
     return true;
 }
 
@@ -335,6 +369,12 @@ Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector
         {
             mBlocks.acquire(b);
         }
+        // The table and the hashes never outgrow the request's whole length: one allocation each.
+        auto const maxBlocks = static_cast<size_t>(mBlocks.blocksFor(
+            static_cast<SizeType32>(std::min<std::int64_t>(std::int64_t{r.numPromptTokens} + r.params.maxTokens,
+                mConfig.maxModelLen))));
+        r.blocks.reserve(maxBlocks);
+        r.hashes.reserve(maxBlocks);
         r.blocks = hits;
         r.numRegisteredBlocks = static_cast<SizeType32>(hits.size());
         r.numComputedTokens = start;
@@ -344,10 +384,7 @@ Scheduler::Admit Scheduler::tryAdmit(Request& r, SizeType32& budget, std::vector
             mPrefixHits += start;
         }
     }
-    for (SizeType32 k = 0; k < need; ++k)
-    {
-        r.blocks.push_back(mBlocks.allocate());
-    }
+    mBlocks.allocate(need, r.blocks);
     r.state = RequestState::kRUNNING;
     insertRunning(&r);
     if (numNew > 0)
@@ -419,14 +456,31 @@ void Scheduler::registerFullBlocks(Request& r)
     }
     SizeType32 const bs = mBlocks.blockSize();
     auto const numBlocks = static_cast<SizeType32>(r.blocks.size());
+    SizeType32 const start = r.numRegisteredBlocks;
     // No division on this per-row path: most steps complete no block.
-    for (SizeType32 i = r.numRegisteredBlocks; i < numBlocks && (i + 1) * bs <= r.numComputedTokens; ++i)
+    if (start >= numBlocks || (start + 1) * bs > r.numComputedTokens)
     {
-        while (static_cast<SizeType32>(r.hashes.size()) <= i)
+        return;
+    }
+    SizeType32 const end = std::min(numBlocks, r.numComputedTokens / bs);
+    while (static_cast<SizeType32>(r.hashes.size()) < end)
+    {
+        size_t const k = r.hashes.size();
+        BlockHash const parent = k == 0 ? 0 : r.hashes[k - 1];
+        r.hashes.push_back(mBlocks.hashBlock(parent, r.tokens.data() + k * bs));
+    }
+    // A prefill chunk completes many blocks: the table slots and block entries they go to are
+    // fetched a few blocks ahead, so the cache misses overlap instead of queueing one by one.
+    constexpr SizeType32 kAhead = 8;
+    for (SizeType32 i = start; i < std::min(end, start + kAhead); ++i)
+    {
+        mBlocks.prefetchForCache(r.blocks[i], r.hashes[i]);
+    }
+    for (SizeType32 i = start; i < end; ++i)
+    {
+        if (i + kAhead < end)
         {
-            size_t const k = r.hashes.size();
-            BlockHash const parent = k == 0 ? 0 : r.hashes[k - 1];
-            r.hashes.push_back(mBlocks.hashBlock(parent, r.tokens.data() + k * bs));
+            mBlocks.prefetchForCache(r.blocks[i + kAhead], r.hashes[i + kAhead]);
         }
         BlockHash const parent = i == 0 ? 0 : r.hashes[i - 1];
         mBlocks.cacheBlock(r.blocks[i], r.hashes[i], parent, r.tokens.data() + static_cast<size_t>(i) * bs);
@@ -452,15 +506,9 @@ void Scheduler::eraseRunning(Request* r)
 void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decodes, std::vector<Row> const& prefills)
 {
     size_t const numRows = decodes.size() + prefills.size();
-    out.reqIds.reserve(numRows);
-    out.numScheduledTokens.reserve(numRows);
-    out.numComputedTokens.reserve(numRows);
-    out.sampleMask.reserve(numRows);
-    out.blockTableReset.reserve(numRows);
-    out.newBlockOffsets.reserve(numRows + 1);
-    out.newBlockOffsets.push_back(0);
+    // Sizes from the rows alone (no request is touched twice): the per-row arrays and the tokens
+    // are written by index into buffers that keep their capacity from step to step.
     size_t numTokens = 0;
-    size_t numNewBlocks = 0;
     bool anySpec = false;
     for (auto const* rows : {&decodes, &prefills})
     {
@@ -468,69 +516,74 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
         {
             anySpec |= row.numSpec > 0;
             numTokens += static_cast<size_t>(row.numNew);
-            numNewBlocks += row.req->blocks.size() - (row.req->needsTableReset ? 0 : row.req->numBlocksSent);
         }
     }
-    out.inputTokenIds.reserve(numTokens);
-    if (anySpec)
-    {
-        out.specOffsets.reserve(numRows + 1);
-        out.specOffsets.push_back(0);
-    }
-    out.newBlockIds.reserve(numNewBlocks);
+    out.reqIds.resize(numRows);
+    out.numScheduledTokens.resize(numRows);
+    out.numComputedTokens.resize(numRows);
+    out.sampleMask.resize(numRows);
+    out.blockTableReset.resize(numRows);
+    out.newBlockOffsets.resize(numRows + 1);
+    out.newBlockOffsets[0] = 0;
+    out.inputTokenIds.resize(numTokens);
+    out.specOffsets.resize(numRows + 1);
+    out.specOffsets[0] = 0;
+    mLastRows.resize(numRows);
     mLastSampleReqs.clear();
     mLastSampleIds.clear();
+    TokenId* tokens = out.inputTokenIds.data();
+    size_t i = 0;
     auto emit = [&](Row const& row)
     {
         Request& r = *row.req;
-        out.reqIds.push_back(r.id);
-        out.numScheduledTokens.push_back(row.numNew);
-        out.numComputedTokens.push_back(row.numComputedBefore);
+        out.reqIds[i] = r.id;
+        out.numScheduledTokens[i] = row.numNew;
+        out.numComputedTokens[i] = row.numComputedBefore;
         if (row.numSpec > 0)
         {
             // A decode with proposals: the last sampled token, then the proposals.
-            out.inputTokenIds.push_back(r.lastToken);
-            out.inputTokenIds.insert(out.inputTokenIds.end(), r.drafts.begin(), r.drafts.begin() + row.numSpec);
+            *tokens++ = r.lastToken;
+            tokens = std::copy(r.drafts.begin(), r.drafts.begin() + row.numSpec, tokens);
             out.specTokenIds.insert(out.specTokenIds.end(), r.drafts.begin(), r.drafts.begin() + row.numSpec);
         }
         else if (row.numNew == 1)
         {
-            // Decodes: the token is lastToken (no range insert, no touch of the token array).
-            out.inputTokenIds.push_back(
-                row.numComputedBefore + 1 == r.numTokens() ? r.lastToken : r.tokens[row.numComputedBefore]);
+            // Decodes: the token is lastToken (no range copy, no touch of the token array).
+            *tokens++ = row.numComputedBefore + 1 == r.numTokens() ? r.lastToken : r.tokens[row.numComputedBefore];
         }
         else
         {
-            out.inputTokenIds.insert(out.inputTokenIds.end(), r.tokens.begin() + row.numComputedBefore,
-                r.tokens.begin() + row.numComputedBefore + row.numNew);
+            tokens = std::copy(r.tokens.begin() + row.numComputedBefore,
+                r.tokens.begin() + row.numComputedBefore + row.numNew, tokens);
         }
         if (anySpec)
         {
-            out.specOffsets.push_back(static_cast<std::int32_t>(out.specTokenIds.size()));
+            out.specOffsets[i + 1] = static_cast<std::int32_t>(out.specTokenIds.size());
         }
         bool const sample = row.numComputedBefore + row.numNew - row.numSpec == r.numTokens();
         r.awaitingSample = sample;
         r.lastNumScheduled = row.numNew;
         r.lastNumSpec = row.numSpec;
-        mLastRows.push_back(&r);
+        mLastRows[i] = &r;
         if (sample)
         {
             mLastSampleReqs.push_back(&r);
             mLastSampleIds.push_back(r.id);
         }
-        out.sampleMask.push_back(sample ? 1 : 0);
-        out.blockTableReset.push_back(r.needsTableReset ? 1 : 0);
+        out.sampleMask[i] = sample ? 1 : 0;
+        out.blockTableReset[i] = r.needsTableReset ? 1 : 0;
         if (r.needsTableReset)
         {
             r.numBlocksSent = 0;
             r.needsTableReset = false;
         }
-        for (size_t b = static_cast<size_t>(r.numBlocksSent); b < r.blocks.size(); ++b)
+        if (static_cast<size_t>(r.numBlocksSent) < r.blocks.size())
         {
-            out.newBlockIds.push_back(r.blocks[b]);
+            out.newBlockIds.insert(out.newBlockIds.end(), r.blocks.begin() + r.numBlocksSent, r.blocks.end());
+            r.numBlocksSent = static_cast<SizeType32>(r.blocks.size());
         }
-        r.numBlocksSent = static_cast<SizeType32>(r.blocks.size());
-        out.newBlockOffsets.push_back(static_cast<std::int32_t>(out.newBlockIds.size()));
+        out.newBlockOffsets[i + 1] = static_cast<std::int32_t>(out.newBlockIds.size());
+        ++i;
     };
     for (Row const& row : decodes)
     {
@@ -542,9 +595,9 @@ void Scheduler::buildOutput(SchedulerOutput& out, std::vector<Row> const& decode
     }
     if (!anySpec)
     {
-        out.specOffsets.assign(numRows + 1, 0);
+        std::fill(out.specOffsets.begin(), out.specOffsets.end(), 0);
     }
-    out.numBatchedTokens = static_cast<std::int64_t>(out.inputTokenIds.size());
+    out.numBatchedTokens = static_cast<std::int64_t>(numTokens);
     out.preemptedIds = mPreemptedThisStep;
     out.finishedIds.swap(mPendingFinishedIds);
     out.finishReasons.swap(mPendingFinishReasons);

@@ -7,7 +7,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <memory>
 #include <string>
+#include <vector>
 
 using namespace mindie::scheduler;
 
@@ -133,4 +136,111 @@ TEST(ContractTest, EveryPolicyAndRoleHasItsStrategy)
             r == Role::kPREFILL ? FinishReason::kPREFILL_DONE : FinishReason::kNONE);
         EXPECT_EQ(role->afterSample(FinishReason::kEOS), FinishReason::kEOS);
     }
+}
+
+TEST(ContractTest, HeldOutputsAreNeverRefilled)
+{
+    // schedule() reuses an output buffer only when no caller holds it: every held plan keeps its
+    // values over more steps than the buffers kept, and a dropped one is reused.
+    SchedulerConfig c = small();
+    c.numBlocks = 33;
+    c.maxNumSeqs = 4;
+    Scheduler s(c);
+    for (ReqId id = 1; id <= 3; ++id)
+    {
+        s.addRequest(id, {static_cast<TokenId>(id), 2, 3, 4, 5}, params(20));
+    }
+    std::vector<std::shared_ptr<SchedulerOutput>> held;
+    std::vector<std::vector<TokenId>> inputs;
+    std::vector<std::vector<ReqId>> ids;
+    for (int step = 0; step < 10; ++step)
+    {
+        auto out = s.schedule();
+        std::vector<ReqId> sampled;
+        for (size_t i = 0; i < out->reqIds.size(); ++i)
+        {
+            if (out->sampleMask[i])
+            {
+                sampled.push_back(out->reqIds[i]);
+            }
+        }
+        std::vector<TokenId> tokens(sampled.size(), 10 + step);
+        s.update(sampled.data(), tokens.data(), sampled.size());
+        for (auto const& h : held)
+        {
+            EXPECT_NE(h.get(), out.get()) << "a held buffer was refilled at step " << step;
+        }
+        if (step != 8) // one dropped: its buffer may be refilled later
+        {
+            held.push_back(out);
+            inputs.push_back(out->inputTokenIds);
+            ids.push_back(out->reqIds);
+        }
+    }
+    for (size_t i = 0; i < held.size(); ++i)
+    {
+        EXPECT_EQ(held[i]->inputTokenIds, inputs[i]) << i;
+        EXPECT_EQ(held[i]->reqIds, ids[i]) << i;
+    }
+}
+
+TEST(ContractTest, UnitOffsetsEqualTheOneTokenForm)
+{
+    // update() with offsets [0, 1, ..., S] (the runner's CSR of one token each) is the two-argument
+    // form: same finishes, same appended counts, same next plan.
+    auto run = [](bool csr)
+    {
+        SchedulerConfig c = small();
+        c.numBlocks = 33;
+        c.maxNumSeqs = 3;
+        Scheduler s(c);
+        RequestParams p = params(4);
+        p.stopTokenIds = {12};
+        for (ReqId id = 1; id <= 3; ++id)
+        {
+            s.addRequest(id, {static_cast<TokenId>(id), 7, 8}, p);
+        }
+        std::vector<std::int32_t> log;
+        for (int step = 0; step < 5 && s.hasUnfinished(); ++step)
+        {
+            auto out = s.schedule();
+            std::vector<ReqId> sampled;
+            for (size_t i = 0; i < out->reqIds.size(); ++i)
+            {
+                if (out->sampleMask[i])
+                {
+                    sampled.push_back(out->reqIds[i]);
+                }
+            }
+            std::vector<TokenId> tokens;
+            std::vector<std::int32_t> offsets{0};
+            for (size_t i = 0; i < sampled.size(); ++i)
+            {
+                tokens.push_back(static_cast<TokenId>(10 + step + static_cast<int>(i)));
+                offsets.push_back(static_cast<std::int32_t>(i + 1));
+            }
+            UpdateInput in;
+            in.reqIds = sampled.data();
+            in.numRows = sampled.size();
+            in.tokenOffsets = csr ? offsets.data() : nullptr;
+            in.tokenIds = tokens.data();
+            in.numTokenIds = tokens.size();
+            UpdateResult r = s.update(in);
+            log.insert(log.end(), out->inputTokenIds.begin(), out->inputTokenIds.end());
+            log.push_back(-1);
+            for (size_t i = 0; i < r.finishedIds.size(); ++i)
+            {
+                log.push_back(static_cast<std::int32_t>(r.finishedIds[i]));
+                log.push_back(1000 + r.finishReasons[i]);
+            }
+            log.insert(log.end(), r.numAppended.begin(), r.numAppended.end());
+            log.push_back(-2);
+        }
+        return log;
+    };
+    std::vector<std::int32_t> const plain = run(false);
+    EXPECT_EQ(run(true), plain);
+    EXPECT_NE(std::find(plain.begin(), plain.end(), 1000 + static_cast<std::int32_t>(FinishReason::kSTOP_TOKEN)),
+        plain.end())
+        << "the trace reaches a stop token";
 }

@@ -72,6 +72,25 @@ class Platform:
         return torch.device(cls.device_type) if cls.device_type == "cpu" else torch.device(cls.device_type, index)
 
     @classmethod
+    def rank_device(cls, local_rank: int) -> torch.device:
+        """The device of the tensor-parallel rank ``local_rank`` of this node: device
+        ``local_rank``, or, with fewer devices than local ranks, ``local_rank % count`` (ranks share
+        a card: gloo can, NCCL refuses it with its own error)."""
+        if cls.device_type == "cpu":
+            return torch.device("cpu")
+        count = getattr(torch, cls.device_type).device_count()
+        return cls.device(local_rank % count if count else local_rank)
+
+    @classmethod
+    def ranks_sharing_device(cls, local_rank: int, local_world_size: int) -> int:
+        """How many of this node's ``local_world_size`` ranks ``rank_device`` puts on
+        ``local_rank``'s device (1 on the CPU: host memory is sized by ``kv_cache_memory_gb``)."""
+        if cls.device_type == "cpu" or local_world_size <= 1:
+            return 1
+        count = getattr(torch, cls.device_type).device_count() or 1
+        return sum(1 for r in range(local_world_size) if r % count == local_rank % count)
+
+    @classmethod
     def default_dtype(cls) -> torch.dtype:
         return torch.float32
 

@@ -8,7 +8,8 @@ all-reduced): it starts micro-batch A's all-reduce asynchronously, computes micr
 while A's reduction is in flight, then waits on A and computes A's next stage while B's reduction
 is in flight, and so on. Every rank issues the collectives in the same order, so one process
 group suffices. On the CPU gloo's async work runs on its own threads; on CUDA (NCCL) and the NPU
-(HCCL) on the communicator's stream.
+(HCCL) on the communicator's stream (a handle's ``wait`` is a stream dependency, so that the
+compute of one micro-batch and the all-reduce of the other run at once, also inside a graph).
 
 A batch of one request (or one token) is not split: it runs the plain forward.
 
@@ -67,11 +68,12 @@ def split_point(query_start_loc: np.ndarray) -> int:
 
 
 def split_batch(input_ids: torch.Tensor, positions: torch.Tensor, md: Any, k: int,
-                query_start_loc: np.ndarray, seq_lens: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+                query_start_loc: np.ndarray, seq_lens: np.ndarray | None) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
     """Two (input_ids, positions, metadata) micro-batches: requests [0, k) and [k, B). The host
-    copies ``query_start_loc[B+1]`` and ``seq_lens[B]`` give the per-half maxima without a sync."""
+    copies ``query_start_loc[B+1]`` and ``seq_lens[B]`` give the per-half maxima without a sync;
+    ``seq_lens=None`` keeps ``md.max_seq_len`` (an upper bound) for both halves."""
     qsl = np.asarray(query_start_loc, dtype=np.int64)
-    sl = np.asarray(seq_lens, dtype=np.int64)
+    sl = None if seq_lens is None else np.asarray(seq_lens, dtype=np.int64)
     b = qsl.shape[0] - 1
     out = []
     for lo, hi in ((0, k), (k, b)):
@@ -81,7 +83,8 @@ def split_batch(input_ids: torch.Tensor, positions: torch.Tensor, md: Any, k: in
             md, slot_mapping=md.slot_mapping[t0:t1], query_start_loc=q - q[:1],
             seq_lens=md.seq_lens[lo:hi], block_tables=md.block_tables[lo:hi],
             num_decodes=max(0, min(md.num_decodes, hi) - lo),
-            max_query_len=int(np.diff(qsl[lo:hi + 1]).max()), max_seq_len=int(sl[lo:hi].max()),
+            max_query_len=int(np.diff(qsl[lo:hi + 1]).max()),
+            max_seq_len=int(md.max_seq_len) if sl is None else int(sl[lo:hi].max()),
             backend_state={})
         out.append((input_ids[t0:t1], positions[t0:t1], part))
     return out
@@ -89,7 +92,7 @@ def split_batch(input_ids: torch.Tensor, positions: torch.Tensor, md: Any, k: in
 
 def forward_overlapped(model: Any, input_ids: torch.Tensor, positions: torch.Tensor,
                        kv_caches: list[torch.Tensor], md: Any, query_start_loc: np.ndarray,
-                       seq_lens: np.ndarray) -> torch.Tensor:
+                       seq_lens: np.ndarray | None) -> torch.Tensor:
     """``model(input_ids, positions, kv_caches, md)`` computed as two overlapped micro-batches
     (the same values up to float summation order); hidden [T, H]."""
     k = split_point(query_start_loc)
@@ -101,20 +104,28 @@ def forward_overlapped(model: Any, input_ids: torch.Tensor, positions: torch.Ten
 
 class OverlappedModel:
     """Wraps a model so that ``model(input_ids, positions, kv_caches, md)`` runs as two overlapped
-    micro-batches; everything else (``compute_logits``, attributes) is the wrapped model's. The
-    split point is read from ``md.query_start_loc`` / ``md.seq_lens`` (host tensors on the CPU;
-    one small device-to-host copy elsewhere)."""
+    micro-batches; everything else (``compute_logits``, attributes) is the wrapped model's. A
+    decode-only batch (one token per request: ``query_start_loc`` is 0..B) is split on the host
+    without reading the device, so it can be captured in a device graph (the two micro-batches'
+    all-reduces become parallel branches of the graph); any other batch reads its split point from
+    ``md.query_start_loc`` / ``md.seq_lens`` (host tensors on the CPU; one small device-to-host
+    copy elsewhere)."""
 
     def __init__(self, model: Any):
         self.__dict__["_model"] = model
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  md: Any) -> torch.Tensor:
-        qsl = md.query_start_loc.cpu().numpy()
-        if qsl.shape[0] < 3:
+        b = md.query_start_loc.shape[0] - 1
+        if b < 2:
             return self._model(input_ids, positions, kv_caches, md)
-        return forward_overlapped(self._model, input_ids, positions, kv_caches, md, qsl,
-                                  md.seq_lens.cpu().numpy())
+        if md.num_decodes == b == input_ids.shape[0]:
+            return forward_overlapped(self._model, input_ids, positions, kv_caches, md,
+                                      np.arange(b + 1, dtype=np.int64), None)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return self._model(input_ids, positions, kv_caches, md)     # no host read inside a capture
+        return forward_overlapped(self._model, input_ids, positions, kv_caches, md,
+                                  md.query_start_loc.cpu().numpy(), md.seq_lens.cpu().numpy())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)

@@ -148,4 +148,4 @@ class StepChannel:
         import torch.distributed as dist
 
         work = dist.broadcast(t, src=0, group=self.group, async_op=True)
-        p._wait(work, f"step channel {what} broadcast")
+        p._host_wait(work, f"step channel {what} broadcast")

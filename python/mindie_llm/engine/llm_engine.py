@@ -143,6 +143,10 @@ class LLMEngine:
             v = getattr(params, name)
             if v is not None and v > self.arch.vocab_size:
                 raise InvalidRequestError(name, f"{v} is above the vocabulary size {self.arch.vocab_size}")
+        bad_bias = next((t for t in params.logit_bias or () if t >= self.arch.vocab_size), None)
+        if bad_bias is not None:
+            raise InvalidRequestError("logit_bias", f"token id {bad_bias} is outside the vocabulary "
+                                      f"[0, {self.arch.vocab_size})")
         if getattr(params, "guided_decoding", None) is not None:
             self.structured_output.compile(params.guided_decoding)   # GuidedDecodingError names the key
         return ids
@@ -243,11 +247,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        out.new_requests = self._unsent.take(out.req_ids)
+        out.new_requests = self._unsent.take(out.req_ids, out.block_table_reset)
         if self._matchers:
             self._fill_grammar(out)
         now = time.time()
-        for rid, ncomp in zip(np.asarray(out.req_ids).tolist(), np.asarray(out.num_computed_tokens).tolist()):
+        first = np.asarray(out.block_table_reset, bool)   # a row scheduled the first time sends its whole table
+        for rid, ncomp in zip(np.asarray(out.req_ids)[first].tolist(),
+                              np.asarray(out.num_computed_tokens)[first].tolist()):
             s = self._samples.get(rid)
             if s is not None and s.index == 0 and s.group.metrics.first_scheduled_time is None:
                 s.group.metrics.first_scheduled_time = now

@@ -63,7 +63,9 @@ class PrefillResult:
 
 def build_connector(config: EngineConfig, kv_caches: list) -> KVConnector:
     """The connector ``disaggregation.kv_connector`` names: ``tcp`` listening on
-    kv_transfer_host:port, or ``p2p`` on the transfer group (blocks until every member joined)."""
+    kv_transfer_host:port, or ``p2p`` on the transfer group (blocks until every member joined;
+    its payload over ``disaggregation.transfer_backend``: auto = NCCL for a CUDA pool, HCCL for an
+    NPU one, gloo for a CPU one)."""
     import ssl
 
     from mindie_llm.distributed.kv_transfer import secret_from_env
@@ -72,9 +74,13 @@ def build_connector(config: EngineConfig, kv_caches: list) -> KVConnector:
     d = config.disaggregation
     if d.kv_connector == "p2p":
         from mindie_llm.distributed.kv_transfer.p2p import P2PConnector, make_transfer_group
+        from mindie_llm.distributed.parallel_state import resolve_backend
 
+        device = kv_caches[0].device.type
+        backend = resolve_backend(d.transfer_backend, device, {"cuda": "nccl", "npu": "hccl"}.get(device, "gloo"),
+                                  key="disaggregation.transfer_backend")
         group = make_transfer_group(d.transfer_group_address, d.transfer_group_rank, d.transfer_group_size,
-                                    timeout_s=max(d.transfer_timeout_s, 120.0))
+                                    timeout_s=max(d.transfer_timeout_s, 120.0), backend=backend)
         return P2PConnector(kv_caches, group=group, receive=d.role == "decode")
     secret = secret_from_env(d.auth_key_env)
     server_tls = client_tls = None

@@ -128,7 +128,7 @@ class GraphModelRunner(ModelRunner):
             return None
         banned = (tab.num_output[sl] < tab.min_tokens[sl]) & (tab.ban[sl] >= 0).any(1) if tab.ban.shape[1] else False
         if (tab.temperature[sl] > 0).any() or (tab.logprobs[sl] >= 0).any() or tab.has_penalties[sl].any() \
-                or np.any(banned):
+                or tab.has_bias[sl].any() or len(out.grammar_req_ids) or np.any(banned):
             return "sample"
         return "greedy"
 
@@ -217,7 +217,8 @@ class GraphModelRunner(ModelRunner):
                 and np.array_equal(np.asarray(out.num_computed_tokens, np.int64), spec.ncomp)
                 and (np.asarray(out.num_scheduled_tokens) == 1).all() and np.asarray(out.sample_mask).all()
                 and len(out.new_block_ids) == 0 and not np.asarray(out.block_table_reset).any()
-                and out.new_requests.num_reqs == 0 and self._last_sampled is not None
+                and out.new_requests.num_reqs == 0 and len(out.grammar_req_ids) == 0
+                and self._last_sampled is not None
                 and np.array_equal(np.asarray(out.input_token_ids, np.int64), self._last_sampled.astype(np.int64))
                 and not np.isin(spec.req_ids, np.asarray(out.finished_ids)).any())
 

@@ -41,6 +41,8 @@ class SamplingRow:
     logprobs: int = -1              # -1: none
     prompt_logprobs: int = -1       # -1: none
     banned: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # ids banned below min_tokens
+    bias_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))      # [K] logit_bias token ids
+    bias_values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [K] their biases
 
     @property
     def has_penalties(self) -> bool:
@@ -128,7 +130,8 @@ def _sampling_row(new: NewRequests, i: int) -> SamplingRow:
         min_p=float(new.min_p[i]), presence_penalty=float(new.presence_penalty[i]),
         frequency_penalty=float(new.frequency_penalty[i]), repetition_penalty=float(new.repetition_penalty[i]),
         min_tokens=int(new.min_tokens[i]), logprobs=int(new.logprobs[i]),
-        prompt_logprobs=int(new.prompt_logprobs[i]), banned=np.array(new.banned(i), np.int32))
+        prompt_logprobs=int(new.prompt_logprobs[i]), banned=np.array(new.banned(i), np.int32),
+        bias_ids=np.array(new.logit_bias(i)[0], np.int32), bias_values=np.array(new.logit_bias(i)[1], np.float32))
 
 
 class InputBatch:

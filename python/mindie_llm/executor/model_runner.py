@@ -327,6 +327,12 @@ class ModelRunner:
                 if ok.any():
                     md.banned_rows = t(np.repeat(below, ok.sum(1)).astype(np.int64))
                     md.banned_tokens = t(ban[ok].astype(np.int64))
+        if tab.has_bias[sl].any():   # logit_bias maps of the rows (ids outside the vocabulary dropped)
+            ids = tab.bias_ids[sl]                                            # [L, Wl]
+            ok = (ids >= 0) & (ids < self.vocab_size)
+            md.bias_rows = t(np.nonzero(ok)[0].astype(np.int64))
+            md.bias_tokens = t(ids[ok].astype(np.int64))
+            md.bias_values = t(tab.bias_values[sl][ok])
         G = int(pos.grammar_req_ids.shape[0])
         if G:   # structured output: each constrained request's mask on its logits rows, the rest all-allowed
             words = -(-self.vocab_size // 32)

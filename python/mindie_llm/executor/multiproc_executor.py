@@ -10,7 +10,10 @@ the LM head's logits are all-gathered, the sampler is seeded per request, so eve
 same tokens and only rank 0's result is used; no result message crosses a process boundary.
 
 Ranks come from a launcher (torchrun, ``scripts/launch``: the torchrun variables are set) or, on
-one node without one, are started here as child processes. Faults: every collective has
+one node without one, are started here as child processes (their environment: ``comm_env``,
+multicast off). Rank r of a node runs on device ``LOCAL_RANK`` (``Platform.rank_device``); the
+group's backend is ``parallel.comm_backend`` (auto: gloo on the CPU, NCCL on CUDA; gloo on CUDA
+lets several ranks share one card, with device graphs off). Faults: every collective has
 ``parallel.timeout_s``; while idle rank 0 sends heartbeats (so a worker that loses rank 0 exits)
 and every worker refreshes a liveness key in the rendezvous store (so rank 0 names a rank that
 stopped). A dead or hung rank turns ``check_health`` into ``WorkerDiedError`` naming the rank;
@@ -34,8 +37,9 @@ from typing import Any
 
 from mindie_llm.config import EngineConfig
 from mindie_llm.contract import ModelRunnerOutput, SchedulerOutput
+from mindie_llm.distributed.comm_env import with_comm_env
 from mindie_llm.distributed.parallel_state import (CollectiveTimeout, TorchrunEnv, destroy,
-                                                   init_from_env, read_torchrun_env)
+                                                   init_from_env, read_torchrun_env, resolve_backend)
 from mindie_llm.distributed.step_channel import Kind, StepChannel
 from mindie_llm.executor.executor import Executor
 from mindie_llm.executor.worker import Worker
@@ -61,9 +65,17 @@ def _free_port() -> int:
 
 
 def _backend(config: EngineConfig) -> str:
+    """The tensor-parallel group's backend: ``parallel.comm_backend`` (auto = the device's)."""
     from mindie_llm.backends import get_platform
 
-    return get_platform(config.backend.device).dist_backend
+    platform = get_platform(config.backend.device)
+    return resolve_backend(config.parallel.comm_backend, platform.device_type, platform.dist_backend)
+
+
+def _rank_device(config: EngineConfig, local_rank: int) -> Any:
+    from mindie_llm.backends import get_platform
+
+    return get_platform(config.backend.device).rank_device(local_rank)
 
 
 def _mark_alive(store: Any, rank: int, stop: threading.Event) -> None:
@@ -79,12 +91,7 @@ class MultiprocExecutor(Executor):
 
     def __init__(self, config: EngineConfig, *, loaded_model: Any = None) -> None:
         pc = config.parallel
-        from mindie_llm.backends import get_platform
-
-        device = get_platform(config.backend.device).device_type
-        if device != "cpu":
-            raise ValueError(f"parallel.tensor_parallel_size: {pc.tensor_parallel_size} ranks on {device} have not been "
-                             "run yet (verified on the CPU with gloo; the multi-GPU run is pending)")
+        backend = _backend(config)              # a bad parallel.comm_backend fails before any spawn
         self.tp = pc.tensor_parallel_size
         self.timeout_s = pc.timeout_s
         self._children: dict[int, subprocess.Popen] = {}
@@ -106,10 +113,13 @@ class MultiprocExecutor(Executor):
         elif env.rank != 0:
             raise ValueError(f"MultiprocExecutor runs on rank 0; this is rank {env.rank} (use run_worker)")
         try:
-            self.parallel = init_from_env(_backend(config), tensor_parallel_size=self.tp, timeout_s=pc.timeout_s,
-                                          join_timeout_s=pc.join_timeout_s, env=env)
+            self.parallel = init_from_env(backend, tensor_parallel_size=self.tp, timeout_s=pc.timeout_s,
+                                          join_timeout_s=pc.join_timeout_s, env=env,
+                                          device=_rank_device(config, env.local_rank))
             self.channel = StepChannel(self.parallel)
-            self.driver = Worker(config, rank=0, parallel=self.parallel, loaded_model=loaded_model)
+            local_world = self.tp if self._children else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            self.driver = Worker(config, rank=0, parallel=self.parallel, loaded_model=loaded_model,
+                                 local_world_size=local_world)
         except BaseException:
             self._reap(kill=True)
             _destroy_soon()
@@ -206,9 +216,10 @@ class MultiprocExecutor(Executor):
             json.dump(config.to_dict(), f)
         self._config_file = path
         for rank in range(1, env.world_size):
-            child_env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(rank),
-                             MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
-                             MINDIE_PARENT_PID=str(os.getpid()))
+            child_env = with_comm_env(RANK=str(rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(rank),
+                                      LOCAL_WORLD_SIZE=str(env.world_size),
+                                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+                                      MINDIE_PARENT_PID=str(os.getpid()))
             self._children[rank] = subprocess.Popen(
                 [sys.executable, "-m", "mindie_llm.executor.multiproc_executor", "--config-json", path],
                 env=child_env, start_new_session=False)
@@ -269,7 +280,8 @@ def run_worker(config: EngineConfig) -> int:
         if env is None or env.rank == 0:
             raise ValueError("run_worker is for ranks > 0 (RANK/WORLD_SIZE must be set by the launcher)")
         parallel = init_from_env(_backend(config), tensor_parallel_size=pc.tensor_parallel_size,
-                                 timeout_s=pc.timeout_s, join_timeout_s=pc.join_timeout_s, env=env)
+                                 timeout_s=pc.timeout_s, join_timeout_s=pc.join_timeout_s, env=env,
+                                 device=_rank_device(config, env.local_rank))
         threading.Thread(target=_mark_alive, args=(parallel.store, rank, stop), daemon=True).start()
         _watch_parent()
         worker = Worker(config, rank=rank, parallel=parallel)

@@ -4,7 +4,7 @@
 A request gets a *slot* when a step message introduces it and keeps it until it finishes or is
 aborted (preemption keeps it). Everything the per-step hot path reads about a request lives in
 one array per field, indexed by slot, filled once at admission: sampling parameters, seed,
-min-tokens ban list (padded), prompt length, and the output tokens so far (appended per step with
+min-tokens ban list and logit_bias map (padded), prompt length, and the output tokens so far (appended per step with
 one fancy-indexed store, no per-request Python loop). A step only gathers ``array[slots]``.
 
 ``slots_of(req_ids)`` maps the step's int64 request ids to slots with one ``searchsorted`` over a
@@ -34,6 +34,9 @@ class SlotTable:
             setattr(self, name, np.zeros(n, np.int64))             # [N]
         self.has_penalties = np.zeros(n, bool)                     # [N]
         self.ban = np.full((n, 0), -1, np.int32)                   # [N, Wb] -1-padded ban lists
+        self.has_bias = np.zeros(n, bool)                          # [N]
+        self.bias_ids = np.full((n, 0), -1, np.int32)              # [N, Wl] -1-padded logit_bias ids
+        self.bias_values = np.zeros((n, 0), np.float32)            # [N, Wl] their biases
         self.outputs = np.zeros((n, min(256, max(max_model_len, 1))), np.int32)   # [N, Wo]
         self._free = list(range(n - 1, -1, -1))
         self._ids = np.zeros(0, np.int64)                          # sorted live request ids
@@ -57,12 +60,12 @@ class SlotTable:
         self.logprobs[s], self.prompt_logprobs[s] = sampling.logprobs, sampling.prompt_logprobs
         self.seed[s], self.num_prompt[s], self.row[s] = seed, num_prompt, -1
         self.has_penalties[s] = sampling.has_penalties
-        ban = np.asarray(sampling.banned, np.int32)
-        if ban.shape[0] > self.ban.shape[1]:
-            self.ban = np.concatenate([self.ban, np.full((self.capacity, ban.shape[0] - self.ban.shape[1]), -1,
-                                                         np.int32)], axis=1)
-        self.ban[s] = -1
-        self.ban[s, :ban.shape[0]] = ban
+        self.ban = _set_row(self.ban, s, np.asarray(sampling.banned, np.int32), -1)
+        bias_ids = np.asarray(getattr(sampling, "bias_ids", ()), np.int32)
+        self.has_bias[s] = bias_ids.shape[0] > 0
+        self.bias_ids = _set_row(self.bias_ids, s, bias_ids, -1)
+        self.bias_values = _set_row(self.bias_values, s, np.asarray(getattr(sampling, "bias_values", ()),
+                                                                    np.float32), 0)
         self.num_output[s] = 0
         self.append(np.array([s], np.int64), np.zeros(2, np.int32) + [0, outputs.shape[0]], outputs)
         i = int(np.searchsorted(self._ids, req_id))
@@ -82,10 +85,12 @@ class SlotTable:
 
     def _grow(self) -> None:
         old = self.capacity
-        for name in _F32 + _I64 + ("has_penalties",):
+        for name in _F32 + _I64 + ("has_penalties", "has_bias"):
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros_like(a)]))
         self.ban = np.concatenate([self.ban, np.full_like(self.ban, -1)])
+        self.bias_ids = np.concatenate([self.bias_ids, np.full_like(self.bias_ids, -1)])
+        self.bias_values = np.concatenate([self.bias_values, np.zeros_like(self.bias_values)])
         self.outputs = np.concatenate([self.outputs, np.zeros_like(self.outputs)])
         self._free = list(range(2 * old - 1, old - 1, -1))
 
@@ -126,3 +131,12 @@ class SlotTable:
 
     def output_tokens(self, slot: int) -> np.ndarray:
         return self.outputs[slot, :int(self.num_output[slot])]
+
+
+def _set_row(mat: np.ndarray, slot: int, values: np.ndarray, pad) -> np.ndarray:
+    """mat[slot] = values padded with ``pad``, widening ``mat`` first if needed (returns it)."""
+    if values.shape[0] > mat.shape[1]:
+        mat = np.concatenate([mat, np.full((mat.shape[0], values.shape[0] - mat.shape[1]), pad, mat.dtype)], axis=1)
+    mat[slot] = pad
+    mat[slot, :values.shape[0]] = values
+    return mat

@@ -41,7 +41,9 @@ class Worker:
     """Loads the model on this rank's device, sizes and allocates the KV cache, builds the runner."""
 
     def __init__(self, config: EngineConfig, *, rank: int = 0, loaded_model: Any = None,
-                 parallel: Any = None) -> None:
+                 parallel: Any = None, local_world_size: int | None = None) -> None:
+        # local_world_size: ranks on this node (default LOCAL_WORLD_SIZE, else 1); ranks that share
+        # a device split cache.gpu_memory_utilization
         from mindie_llm.backends import get_platform, import_qualname
         from mindie_llm.executor.kv_cache import KVCacheSpec, allocate_kv_caches, resolve_kv_cache_dtype
         from mindie_llm.executor.model_runner import ModelRunner
@@ -52,7 +54,16 @@ class Worker:
         self.rank = rank
         self.platform = platform
         local_rank = int(os.environ.get("LOCAL_RANK", rank))     # a multi-node launch sets it
-        self.device = device = platform.device(local_rank if platform.device_type != "cpu" else 0)
+        self.device = device = platform.rank_device(local_rank)                # cuda:LOCAL_RANK
+        if local_world_size is None:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        share = platform.ranks_sharing_device(local_rank, local_world_size)
+        if share > 1 and not config.cache.num_blocks:
+            # ranks sharing one card split its memory fraction (each sizes its KV pool from its share)
+            util = config.cache.gpu_memory_utilization / share
+            logger.info("rank %d shares %s with %d other rank(s): cache.gpu_memory_utilization %.3f each",
+                        rank, device, share - 1, util)
+            config = config.replace(cache=dataclasses.replace(config.cache, gpu_memory_utilization=util))
         if config.backend.num_threads and device.type == "cpu":
             torch.set_num_threads(config.backend.num_threads)
         from mindie_llm.distributed.parallel_state import ParallelContext
@@ -92,10 +103,16 @@ class Worker:
         if config.parallel.micro_batch_overlap and parallel.size > 1:
             from mindie_llm.distributed.micro_batch import OverlappedModel
             model = OverlappedModel(model)      # two micro-batches, all-reduces overlapped
+        runner_kwargs = platform.runner_kwargs(config)
+        if runner_kwargs.get("enable_cuda_graph") and not parallel.graph_capturable:
+            # a gloo group's collectives run on the host: no device graph can hold them
+            logger.info("device graphs off: the tensor-parallel group is %s (not capturable); eager steps",
+                        parallel.backend)
+            runner_kwargs["enable_cuda_graph"] = False
         extra = dict(async_scheduling=True) if sc.async_scheduling else {}   # the runner queues step n+1 ahead
         self.runner = runner_cls(model, arch.vocab_size, self.kv_caches, block_size=block_size,
                                  max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
-                                 max_model_len=max_len, device=device, **extra, **platform.runner_kwargs(config))
+                                 max_model_len=max_len, device=device, **extra, **runner_kwargs)
         from mindie_llm.spec_decode.speculator import make_speculator
 
         self.speculator = make_speculator(self.config, target_model=self.model, device=device,

@@ -2,7 +2,7 @@
 """Sampler: logits of the sampling rows -> one token per row, plus the logprobs asked for.
 
 Order (vLLM v1): structured-output token mask -> raw logprobs (log_softmax of the model's logits, what ``logprobs`` reports) ->
-min_tokens mask -> penalties -> temperature -> min-p -> top-k/top-p -> greedy argmax or a seeded
+min_tokens mask -> logit_bias -> penalties -> temperature -> min-p -> top-k/top-p -> greedy argmax or a seeded
 draw. Each step is skipped when no row in the batch needs it, so an all-greedy batch costs one
 argmax. Device-agnostic: every computation is in ``ops/sampling.py``.
 
@@ -43,6 +43,10 @@ class SamplingMetadata:
     banned_rows: torch.Tensor | None = None   # [K] int64
     banned_tokens: torch.Tensor | None = None  # [K] int64
     max_num_logprobs: int = 0                 # top-N over rows asking for logprobs; -1 = none asks
+    # logit_bias: (row, token, bias) triples added to the logits (after the raw logprobs, as vLLM).
+    bias_rows: torch.Tensor | None = None     # [K] int64
+    bias_tokens: torch.Tensor | None = None   # [K] int64
+    bias_values: torch.Tensor | None = None   # [K] f32
     # Structured output: packed allowed-token mask [S, ceil(V/32)] int32 (-1 words = all allowed).
     token_bitmask: torch.Tensor | None = None
     random_rows: list[int] | None = None      # rows with temperature > 0 (None: derived here)
@@ -66,6 +70,8 @@ class Sampler(nn.Module):
         if md.banned_rows is not None and md.banned_rows.numel():
             logits = logits.index_put((md.banned_rows, md.banned_tokens),
                                       torch.tensor(float("-inf"), device=logits.device))
+        if md.bias_rows is not None and md.bias_rows.numel():
+            logits = ops.apply_logit_bias(logits, md.bias_rows, md.bias_tokens, md.bias_values)
         if md.presence is not None:
             logits = ops.apply_penalties(logits, md.prompt_mask, md.output_counts,
                                          md.presence, md.frequency, md.repetition)

@@ -20,6 +20,8 @@ May import models, layers and tokenizer; must not import the engine, executor or
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -38,6 +40,8 @@ from mindie_llm.models.config import ArchConfigError, LlamaArchConfig
 from mindie_llm.models.llama import UnknownWeightError
 from mindie_llm.models.registry import build_model
 from mindie_llm.tokenizer.tokenizer import Tokenizer, TokenizerError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "load_model", "resolve_format", "resolve_dtype", "build_empty_model",
            "LoaderError", "ModelNotFoundError", "UnsafeCheckpointError", "CorruptCheckpointError",
@@ -249,9 +253,19 @@ def _finish_scheme(model: nn.Module, scheme: Any, source: str) -> None:
 
 
 def resolve_quantization(quantization: str, fmt: str, device: torch.device) -> str:
-    """"auto" -> "gguf" (compute on the file's own blocks) for a GGUF file on the CPU, else "none"."""
+    """"auto" -> "gguf" (compute on the file's own blocks) for a GGUF file on the CPU, else "none".
+
+    Without the C++ kernels (``mindie_llm._cpu_kernels`` not built) the blocks would be computed by
+    torch fallbacks about ten times slower than dense float32, so "auto" then picks "none" and says so.
+    """
     if quantization in (None, "auto"):
-        return "gguf" if fmt == "gguf" and torch.device(device).type == "cpu" else "none"
+        if fmt != "gguf" or torch.device(device).type != "cpu":
+            return "none"
+        if importlib.util.find_spec("mindie_llm._cpu_kernels") is None:
+            logger.warning("mindie_llm._cpu_kernels is not built: serving dense float32 instead of the GGUF "
+                           "blocks (rebuild with `make build-ext` or `pip install -e .`)")
+            return "none"
+        return "gguf"
     return quantization
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "apply_penalties", "apply_temperature", "apply_min_p", "apply_top_k_top_p", "mix_seed",
+    "apply_penalties", "apply_logit_bias", "apply_temperature", "apply_min_p", "apply_top_k_top_p", "mix_seed",
     "sample_seeded", "compute_logprobs", "gather_logprobs", "apply_token_bitmask", "rejection_sample",
     "ACCEPT_STREAM",
 ]
@@ -47,6 +47,14 @@ def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, output_coun
     logits = logits - frequency[:, None].to(logits.dtype) * output_counts.to(logits.dtype)
     logits = logits - presence[:, None].to(logits.dtype) * out_mask.to(logits.dtype)
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, biases: torch.Tensor
+                     ) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: ``logits[rows[k], tokens[k]] += biases[k]``. logits [S, V] f32;
+    rows, tokens [K] int64 ((row, token) pairs distinct); biases [K]. A new tensor (vectorized,
+    no host sync)."""
+    return logits.index_put((rows, tokens), biases.to(logits.dtype), accumulate=True)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ SCHEDULE_FIELDS = ("req_ids", "num_scheduled_tokens", "num_computed_tokens", "in
 @dataclass(slots=True)
 class UpdateResult:
     """Requests finished by one update(): ids and FinishReason values (int32), and the number of
-    tokens each given row took (fewer than given when a token in the middle finished the request)."""
+    tokens each given row took (fewer than given when a token in the middle finished the request).
+    The arrays may be read-only and shared between steps (empty ones, all-one counts)."""
 
     finished_ids: np.ndarray    # int64[*]
     finish_reasons: np.ndarray  # int32[*]

@@ -74,6 +74,11 @@ class SchedulerCoreConfig:
         return core
 
 
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False
+    return arr
+
+
 def _rejected(field: str, message: str) -> RequestRejectedError:
     exc = RequestRejectedError(f"{field} {message}")
     exc.field = field
@@ -112,7 +117,22 @@ def _contract_error(name: str, message: str) -> SchedulerContractError:
 
 
 def _step_array(name: str, values) -> np.ndarray | None:
-    return None if values is None else _int32_array(name, values, _contract_error)
+    return None if values is None else np.require(_int32_array(name, values, _contract_error), requirements="CA")
+
+
+def _update_arrays(req_ids, token_offsets, token_ids, draft_offsets, draft_token_ids) -> tuple:
+    """update()'s arguments as 1-D aligned contiguous int64 / int32 arrays (SchedulerContractError names
+    the field of a non-int or out-of-range one)."""
+    ids = np.asarray(req_ids)
+    if ids.dtype != np.int64:
+        if ids.size and ids.dtype.kind not in "iu":
+            raise SchedulerContractError(f"req_ids must be ints, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+    if ids.ndim != 1 or token_ids is None:
+        raise SchedulerContractError("update(): req_ids must be 1-D and token_ids given")
+    return (np.require(ids, requirements="CA"), _step_array("token_offsets", token_offsets),
+            _step_array("token_ids", token_ids), _step_array("draft_offsets", draft_offsets),
+            _step_array("draft_token_ids", draft_token_ids))
 
 
 class Scheduler:
@@ -127,9 +147,10 @@ class Scheduler:
         """Creates the block pool and empty queues for ``config``."""
         self.config = config
         self._core = _scheduler.SchedulerCore(config.to_core())
-        # The plan carries no new requests (the engine sets them each step): one shared empty
-        # placeholder instead of ~20 fresh empty arrays per step.
+        # The plan's fields after the core's: no new requests (the engine sets them each step) and
+        # no grammar rows, as shared read-only empties instead of ~20 fresh arrays per step.
         self._no_new_requests = NewRequests()
+        self._plan_tail = (self._no_new_requests, _read_only(np.zeros(0, np.int64)), _read_only(np.zeros(0, np.int32)))
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req_id: int, prompt_token_ids: Sequence[int] | np.ndarray, max_tokens: int, *,
@@ -174,7 +195,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the step
     def schedule(self) -> SchedulerOutput:
         """Plans one step (GIL released) and advances num_computed_tokens of each scheduled request."""
-        return SchedulerOutput(*self._core.schedule(), self._no_new_requests)   # SCHEDULE_FIELDS order
+        return SchedulerOutput(*self._core.schedule(), *self._plan_tail)   # SCHEDULE_FIELDS order
 
     def update(self, req_ids: np.ndarray, token_offsets: np.ndarray | None = None, token_ids: np.ndarray | None = None,
                draft_offsets: np.ndarray | None = None, draft_token_ids: np.ndarray | None = None) -> UpdateResult:
@@ -188,15 +209,14 @@ class Scheduler:
         sampling request left out is allowed only in an empty update(): the step is rolled back."""
         if token_ids is None:   # update(req_ids, sampled_token_ids): one token each (also token_ids=x alone)
             token_offsets, token_ids = None, token_offsets
-        ids = np.asarray(req_ids)
-        if ids.dtype != np.int64:
-            if ids.size and ids.dtype.kind not in "iu":
-                raise SchedulerContractError(f"req_ids must be ints, got dtype {ids.dtype}")
-            ids = ids.astype(np.int64)
-        finished_ids, finish_reasons, num_appended = self._core.update(
-            ids, _step_array("token_offsets", token_offsets), _step_array("token_ids", token_ids),
-            _step_array("draft_offsets", draft_offsets), _step_array("draft_token_ids", draft_token_ids))
-        return UpdateResult(finished_ids, finish_reasons, num_appended)
+        # The step path hands exact 1-D int64 / int32 arrays straight to the core; it answers None
+        # (changing nothing) when some argument is anything else, which is converted here first.
+        r = self._core.update(req_ids, token_offsets, token_ids, draft_offsets, draft_token_ids)
+        if r is None:
+            r = self._core.update(*_update_arrays(req_ids, token_offsets, token_ids, draft_offsets, draft_token_ids))
+            if r is None:
+                raise SchedulerContractError("update(): arrays must be 1-D")
+        return UpdateResult(*r)
 
     # ------------------------------------------------------------------ PD hand-over
     def release(self, req_id: int) -> None:

@@ -94,6 +94,21 @@ def test_stop_string_ends_the_text(stub):
     assert resp.text == greedy[:greedy.index(stop)]
 
 
+def test_logit_bias_forces_and_bans(stub):
+    # Oracles: +100 on a token makes every generated id that token (greedy and seeded); -100 on the
+    # greedy first token keeps it out of the output; a token id outside the vocabulary is refused.
+    plain = list(stub.Generate(_req(max_tokens=5, temperature=0.0), timeout=120).completions[0].token_ids)
+    target = next(t for t in (1234, 1235, 1236) if t not in plain)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
+        got = stub.Generate(_req(max_tokens=4, logit_bias={target: 100.0}, **kw), timeout=120).completions[0]
+        assert list(got.token_ids) == [target] * 4
+    banned = stub.Generate(_req(max_tokens=5, temperature=0.0, logit_bias={plain[0]: -100.0}), timeout=120)
+    assert plain[0] not in banned.completions[0].token_ids
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(_req(max_tokens=2, logit_bias={10**6: 1.0}), timeout=120)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.logit_bias" in e.value.details()
+
+
 def test_tokenize_detokenize_round_trip(stub):
     tok = stub.Tokenize(pb2.TokenizeRequest(text="Hello world, how are you?"), timeout=30)
     assert len(tok.token_ids) == len(tok.tokens) > 3

@@ -124,7 +124,7 @@ def test_echo_best_of_and_continuous_usage():
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"),
-    ("logit_bias", {"1": 5}),
+    ("guided_whitespace_pattern", " "),
     ("suffix", "x"),
 ])
 def test_known_but_unsupported_fields_say_not_supported(field, value):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import httpx
 import pytest
@@ -45,7 +46,7 @@ CASES = [
 
 
 def test_the_cases_cover_every_bounded_scalar():
-    assert {f for f, _, _ in CASES} == set(SAMPLING_BOUNDS) - {"stop_token_ids"}
+    assert {f for f, _, _ in CASES} == set(SAMPLING_BOUNDS) - {"stop_token_ids", "logit_bias", "logit_bias.token_id"}
 
 
 def _cfg() -> EngineConfig:
@@ -113,3 +114,36 @@ def test_stop_token_ids_out_of_int32_are_refused_everywhere(bad: int):
     with pytest.raises(ValueError, match="stop_token_ids"):
         from mindie_llm.sampling_params import SamplingParams
         SamplingParams(stop_token_ids=[bad])
+
+
+def _grpc_bias(bias: dict[int, float]) -> tuple[bool, str | None]:
+    svc = GenerationServicer(_Llm(), _cfg())
+    sampling = gen_pb2.SamplingParameters(max_tokens=4, logit_bias=bias)
+    try:
+        svc._prepare(gen_pb2.GenerateRequest(text="hi", sampling=sampling))
+    except RpcError as e:
+        return False, e.message.split(":")[0]
+    return True, None
+
+
+# logit_bias (a map, so not in CASES): HTTP (JSON keys are strings) and native gRPC (int64 keys)
+# agree on the edges; the vocabulary (256 for the fake engine's tokenizer) is checked over gRPC
+# here and over HTTP by the real engine (test_http_logit_bias.py). KServe does not carry it.
+@pytest.mark.parametrize(("bias", "ok"), [
+    ({5: 100.0}, True), ({5: -100.0}, True), ({0: 0.5, 255: 1.0}, True), ({i: 1.0 for i in range(256)}, True),
+    ({5: 100.5}, False), ({5: -101.0}, False), ({5: float("nan")}, False), ({5: float("inf")}, False),
+    ({-1: 1.0}, False), ({i: 1.0 for i in range(301)}, False),
+])
+def test_logit_bias_bounds_agree_on_http_and_grpc(bias, ok):
+    got = {"grpc": _grpc_bias(bias)}
+    if all(math.isfinite(v) for v in bias.values()):        # JSON has no NaN or infinity
+        got["http"] = _http("logit_bias", {str(k): v for k, v in bias.items()})
+    assert {k: a for k, (a, _) in got.items()} == dict.fromkeys(got, ok), got
+    if not ok:
+        assert got["grpc"][1] == "sampling.logit_bias", got
+        assert got.get("http", (False, "logit_bias"))[1] == "logit_bias", got
+
+
+def test_grpc_logit_bias_outside_the_vocabulary_names_the_field():
+    assert _grpc_bias({256: 1.0}) == (False, "sampling.logit_bias")
+    assert _grpc_bias({255: 1.0}) == (True, None)

@@ -85,3 +85,50 @@ def test_p2p_gloo_transfer_bit_for_bit_and_refusals(dtype_name):
     assert bad_ok and bad2_ok          # no acknowledgements on this connector: the sender cannot tell
     assert not rb_ok and "block ids" in rb_reason
     assert refusals.get("unknown_request") == L + (L - 1) and refusals.get("block_ids") == 1
+
+
+def _idle_worker(rank, port, both_up, results):
+    import time
+
+    import numpy as np
+    import torch
+
+    from mindie_llm.distributed.kv_transfer.p2p import P2PConnector, make_transfer_group
+
+    both_up.wait(60)                                   # torch imported on both sides: join fast
+    group = make_transfer_group(f"127.0.0.1:{port}", rank, 2, timeout_s=3)
+    if rank == 1:
+        conn = P2PConnector(_caches(False, torch.float32), group=group, receive=True)
+        fut = conn.expect(1, np.array([2, 3]), timeout_s=30)
+        res = fut.result(30)
+        results.put(("rx", res.ok, res.reason,
+                     all(torch.equal(conn.kv_caches[l][:, [2, 3]], _caches(True, torch.float32)[l][:, [5, 6]])
+                         for l in range(L))))
+    else:
+        conn = P2PConnector(_caches(True, torch.float32), group=group, receive=False)
+        time.sleep(5)                                  # idle past the group's 3 s timeout
+        res = conn.send(1, np.array([5, 6]), "1", np.array([2, 3]), timeout_s=10)
+        results.put(("tx", res.ok, res.reason))
+
+
+def test_p2p_receiver_survives_an_idle_period_longer_than_the_group_timeout():
+    """An idle decode instance keeps receiving: its wait for the next header is not bounded by
+    the transfer group's timeout (it was: after 120 s without a transfer the receiver died)."""
+    ctx = mp.get_context("spawn")
+    both_up, results = ctx.Barrier(2), ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_idle_worker, args=(r, port, both_up, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        got = {}
+        for _ in range(2):
+            item = results.get(timeout=90)
+            got[item[0]] = item[1:]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert got["tx"][0], got["tx"][1]
+    assert got["rx"][0] and got["rx"][2], got["rx"][1]

@@ -5,6 +5,11 @@ or by N processes started here with torchrun's variables (gloo on loopback).
 
 As a script it is one rank: ``tp_harness.py JOBS_JSON OUT_DIR``; rank 0 writes each job's logits
 and greedy tokens to OUT_DIR as .npy (read back with allow_pickle=False).
+
+A job runs on the CPU in float32 unless it names ``device`` ("cuda": rank r on
+``Platform.rank_device(LOCAL_RANK)``), ``dtype`` and ``block`` (the KV block size; 16 on CUDA);
+the ranks' backend is ``MINDIE_TP_HARNESS_BACKEND`` (gloo unless set: nccl, or gloo with device
+tensors for ranks that share one GPU). Every job of one run must name the same device.
 """
 from __future__ import annotations
 
@@ -39,12 +44,13 @@ def _tokens(vocab: int) -> dict[str, list[int]]:
 class Stepper:
     """Feeds steps to a (possibly sharded) model with its own paged KV cache."""
 
-    def __init__(self, model, overlap: bool):
-        self.model, self.overlap = model, overlap
+    def __init__(self, model, overlap: bool, device="cpu", block: int = BLOCK):
+        self.model, self.overlap, self.device, self.block = model, overlap, torch.device(device), block
         attn = model.model.layers[0].self_attn
         arch = model.arch
-        self.kv = [torch.zeros(2, NUM_BLOCKS, BLOCK, attn.qkv_proj.num_kv_heads, arch.head_dim)
-                   for _ in range(arch.num_hidden_layers)]
+        dtype = next(model.parameters()).dtype
+        self.kv = [torch.zeros(2, NUM_BLOCKS, block, attn.qkv_proj.num_kv_heads, arch.head_dim, dtype=dtype,
+                               device=self.device) for _ in range(arch.num_hidden_layers)]
         self.free = list(range(NUM_BLOCKS - 1, 0, -1))
         self.tables: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}
@@ -58,7 +64,7 @@ class Stepper:
         for name, new in reqs:
             c = self.computed.get(name, 0)
             table = self.tables.setdefault(name, [])
-            while len(table) * BLOCK < c + len(new):
+            while len(table) * self.block < c + len(new):
                 table.append(self.free.pop())
             computed.append(c)
             scheduled.append(len(new))
@@ -66,8 +72,8 @@ class Stepper:
             ids += new
             pos += list(range(c, c + len(new)))
             self.computed[name] = c + len(new)
-        md = AttentionMetadata.build(computed, scheduled, tables, BLOCK)
-        ids_t, pos_t = torch.tensor(ids), torch.tensor(pos)
+        md = AttentionMetadata.build(computed, scheduled, tables, self.block, device=self.device)
+        ids_t, pos_t = torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device)
         with torch.inference_mode():
             if self.overlap:
                 qsl = np.concatenate([[0], np.cumsum(scheduled)])
@@ -75,21 +81,23 @@ class Stepper:
                                             np.asarray(computed) + np.asarray(scheduled))
             else:
                 hidden = self.model(ids_t, pos_t, self.kv, md)
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden).float().cpu()
 
 
-def run_job(job: dict, parallel) -> dict[str, np.ndarray]:
-    """Runs one job; returns {"logits": [T_total, V], "greedy": [R, n]}."""
+def run_job(job: dict, parallel, device="cpu") -> dict[str, np.ndarray]:
+    """Runs one job on ``device``; returns {"logits": [T_total, V], "greedy": [R, n]}."""
     from mindie_llm.config import ModelConfig
     from mindie_llm.loader import load_model
 
-    mc = ModelConfig(path=job["model"], dtype="float32") if job["model"] else ModelConfig(dtype="float32")
-    loaded = load_model(mc, "cpu", torch.float32, progress=False, parallel=parallel)
+    dtype = job.get("dtype", "float32")
+    mc = ModelConfig(path=job["model"], dtype=dtype) if job["model"] else ModelConfig(dtype=dtype)
+    loaded = load_model(mc, device, getattr(torch, dtype), progress=False, parallel=parallel)
     model = loaded.model
+    block = int(job.get("block", BLOCK))
     out: dict[str, np.ndarray] = {}
     if job.get("logits", True):
         toks = _tokens(loaded.arch.vocab_size)
-        st = Stepper(model, job["overlap"])
+        st = Stepper(model, job["overlap"], device, block)
         used = {r: 0 for r in toks}
         rows = []
         for step in SCHEDULE:
@@ -101,7 +109,7 @@ def run_job(job: dict, parallel) -> dict[str, np.ndarray]:
         out["logits"] = torch.cat(rows).numpy()
     if job.get("greedy"):
         prompts = job["greedy"]          # list of token lists
-        st = Stepper(model, job["overlap"])
+        st = Stepper(model, job["overlap"], device, block)
         names = [str(i) for i in range(len(prompts))]
         logits = st.step(list(zip(names, prompts)))
         ends = np.cumsum([len(p) for p in prompts]) - 1
@@ -124,6 +132,8 @@ def run_ranks(jobs: list[dict], out_dir: str, world: int = 2, timeout: float = 2
               extra_env: dict | None = None) -> list[dict[str, np.ndarray]]:
     """Starts ``world`` rank processes on loopback; returns rank 0's results per job. Every
     process is killed on the way out, whatever happens."""
+    from mindie_llm.distributed.comm_env import with_comm_env
+
     os.makedirs(out_dir, exist_ok=True)
     jobs_file = os.path.join(out_dir, "jobs.json")
     with open(jobs_file, "w") as f:
@@ -132,7 +142,7 @@ def run_ranks(jobs: list[dict], out_dir: str, world: int = 2, timeout: float = 2
     procs = []
     try:
         for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+            env = with_comm_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                        **(extra_env or {}))
             procs.append(subprocess.Popen([sys.executable, __file__, jobs_file, out_dir], env=env,
@@ -167,14 +177,16 @@ def _main(jobs_file: str, out_dir: str) -> int:
     from mindie_llm.distributed.parallel_state import destroy, init_from_env
 
     torch.set_num_threads(1)
-    get_platform("cpu")
+    with open(jobs_file) as f:
+        jobs = json.load(f)
+    platform = get_platform(jobs[0].get("device", "cpu") if jobs else "cpu")
+    device = platform.rank_device(int(os.environ.get("LOCAL_RANK", "0")))
     world = int(os.environ["WORLD_SIZE"])
-    parallel = init_from_env("gloo", tensor_parallel_size=world, timeout_s=60)
+    parallel = init_from_env(os.environ.get("MINDIE_TP_HARNESS_BACKEND", "gloo"), tensor_parallel_size=world,
+                             timeout_s=120, device=device)
     try:
-        with open(jobs_file) as f:
-            jobs = json.load(f)
         for i, job in enumerate(jobs):
-            res = run_job(job, parallel)
+            res = run_job(job, parallel, device)
             if parallel.rank == 0:
                 for key, arr in res.items():
                     np.save(os.path.join(out_dir, f"job{i}_{key}.npy"), arr, allow_pickle=False)

@@ -47,9 +47,9 @@ def _requests():
     kinds = [dict(temperature=0.0), dict(temperature=0.8, seed=11), dict(temperature=1.0, top_k=8, top_p=0.9, seed=5),
              dict(temperature=0.7, min_p=0.1, seed=7, logprobs=2), dict(temperature=0.0, presence_penalty=1.5,
              frequency_penalty=1.0, repetition_penalty=1.5), dict(temperature=0.9, seed=3, min_tokens=6),
-             dict(temperature=0.9, seed=21, frequency_penalty=2.0)]
+             dict(temperature=0.9, seed=21, frequency_penalty=2.0), dict(temperature=0.0, logit_bias={5: 4.0, 9: -3.0})]
     reqs = []
-    for i in range(12):
+    for i in range(14):
         kw = dict(kinds[i % len(kinds)])
         kw["max_tokens"] = int(rng.integers(3, 24))
         if i % 4 == 1:

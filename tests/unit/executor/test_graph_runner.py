@@ -128,3 +128,37 @@ def test_graph_runner_async_scheduling_equals_plain_runner(params):
     assert runner.num_ahead_used >= 7 and runner.num_ahead_trimmed == 1
     assert runner.graph_model.num_replays >= 8
     np.testing.assert_array_equal(out, ref)
+
+
+def test_graph_runner_applies_logit_bias_on_greedy_decodes():
+    # A greedy decode that takes the graph's argmax would skip the bias: such rows go to the Sampler.
+    model = _model()
+    params = dict(logit_bias={7: 100.0, 8: -100.0})
+    ref, _ = greedy(ModelRunner, model, ARCH, _prompts(), "cpu", max_new=6, params=params)
+    out, runner = greedy(_graph_runner, model, ARCH, _prompts(), "cpu", max_new=6, params=params)
+    assert (ref == 7).all()
+    assert runner.graph_model.num_replays >= 5 and runner.num_overlapped_steps == 0
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_graph_runner_applies_the_grammar_mask_on_greedy_decodes(monkeypatch):
+    # Request 1 may only produce token 9 (a packed mask from the step message); the others are free.
+    import runner_harness
+
+    plain_schedule = runner_harness.MiniScheduler.schedule
+
+    def schedule(self):
+        out = plain_schedule(self)
+        if 1 in out.req_ids.tolist():
+            mask = np.zeros(-(-ARCH["vocab_size"] // 32), np.int32)
+            mask[0] = 1 << 9
+            out.grammar_req_ids, out.grammar_bitmask = np.array([1], np.int64), mask
+        return out
+
+    monkeypatch.setattr(runner_harness.MiniScheduler, "schedule", schedule)
+    model = _model()
+    ref, _ = greedy(ModelRunner, model, ARCH, _prompts(), "cpu", max_new=6)
+    out, runner = greedy(_graph_runner, model, ARCH, _prompts(), "cpu", max_new=6)
+    assert (ref[0] == 9).all() and not (ref[1:] == 9).all()
+    assert runner.graph_model.num_replays >= 5
+    np.testing.assert_array_equal(out, ref)

@@ -138,3 +138,37 @@ def test_sampler_logprobs_are_raw_log_softmax():
     torch.testing.assert_close(out.token_logprob, ref.gather(-1, out.sampled[:, None])[:, 0])
     for i in range(2):
         assert out.token_rank[i] == 1 + int((ref[i] > ref[i, out.sampled[i]]).sum())
+
+
+def test_logit_bias_adds_to_the_named_logits_only():
+    # Oracle: a per-entry Python loop over the (row, token, bias) triples.
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 20, generator=g)
+    rows, toks, vals = [0, 0, 2], [3, 19, 3], [1.5, -100.0, 100.0]
+    got = ops.apply_logit_bias(logits, torch.tensor(rows), torch.tensor(toks), torch.tensor(vals))
+    want = logits.clone()
+    for r, t, v in zip(rows, toks, vals):
+        want[r, t] += v
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, logits)          # a new tensor; the input is left alone
+
+
+def test_sampler_logit_bias_forces_bans_and_leaves_logprobs_raw():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 40, generator=g)
+    top = logits.argmax(-1)
+    forced = (top + 1) % 40
+    for temp in (torch.zeros(2), torch.tensor([1.0, 0.7])):
+        md = _md(2, temperature=temp, all_greedy=bool((temp == 0).all()), max_num_logprobs=2,
+                 seeds=[11, 12], bias_rows=torch.tensor([0, 1]), bias_tokens=forced,
+                 bias_values=torch.tensor([100.0, 100.0]))
+        out = Sampler()(logits, md)
+        assert torch.equal(out.sampled, forced), temp             # +100 forces the token
+        ref = torch.log_softmax(logits, -1)                       # logprobs: the unbiased distribution (vLLM)
+        torch.testing.assert_close(out.token_logprob, ref.gather(-1, forced[:, None])[:, 0])
+        torch.testing.assert_close(out.top_logprobs, torch.topk(ref, 2, -1).values)
+    # -100 on the top token of row 0: greedy takes the runner-up; row 1 is unchanged.
+    md = _md(2, temperature=torch.zeros(2), all_greedy=True, bias_rows=torch.tensor([0]),
+             bias_tokens=top[:1], bias_values=torch.tensor([-100.0]))
+    got = Sampler()(logits, md).sampled
+    assert got[0] == torch.topk(logits[0], 2).indices[1] and got[1] == top[1]

@@ -22,6 +22,7 @@ from mindie_llm.scheduler import (
     UnknownRequestError,
     UpdateResult,
 )
+from mindie_llm.scheduler.outputs import SCHEDULE_FIELDS
 
 
 def make(**kw) -> Scheduler:
@@ -59,6 +60,68 @@ def test_output_arrays_stay_valid_after_later_steps():
     for _ in range(3):
         step(s)
     assert first.input_token_ids.tolist() == list(range(1, 12))
+
+
+def test_kept_outputs_survive_buffer_reuse():
+    # The core refills output buffers nobody holds: every plan still referenced must keep its values
+    # however many steps (more than the buffers kept) run after it, and dropped ones do not leak values.
+    s = make(num_blocks=64, max_num_batched_tokens=8)
+    for rid in range(1, 5):
+        s.add_request(rid, list(range(rid, rid + 9)), 6)
+    kept = []
+    for i in range(10):
+        out, _ = step(s, token=10 + i)
+        if i % 2 == 0:
+            kept.append((out, {f: np.array(getattr(out, f)) for f in SCHEDULE_FIELDS if f != "num_batched_tokens"}))
+    for out, copy in kept:
+        for f, v in copy.items():
+            assert np.array_equal(getattr(out, f), v), f
+
+
+def test_update_accepts_lists_other_dtypes_and_strided_arrays_alike():
+    # Oracle: the same steps with exact contiguous int64 / int32 arrays in a twin scheduler.
+    def run(convert):
+        s = make(num_blocks=64)
+        for rid in (1, 2, 3):
+            s.add_request(rid, [rid, 4, 5], 3, stop_token_ids=[9])
+        log = []
+        for step_no in range(4):
+            out = s.schedule()
+            ids = out.req_ids[out.sample_mask]
+            toks = np.arange(len(ids), dtype=np.int32) + 5 + step_no
+            res = s.update(*convert(ids, np.arange(len(ids) + 1, dtype=np.int32), toks))
+            log.append((res.finished_ids.tolist(), res.finish_reasons.tolist(), res.num_appended.tolist()))
+        return log
+
+    exact = run(lambda i, o, t: (i, o, t))
+    assert exact == run(lambda i, o, t: (i.tolist(), o.tolist(), t.tolist()))
+    assert exact == run(lambda i, o, t: (i.astype(np.int32), o.astype(np.int64), t.astype(np.int64)))
+    assert exact == run(lambda i, o, t: (np.repeat(i, 2)[::2], np.repeat(o, 2)[::2], np.repeat(t, 2)[::2]))
+
+    def unaligned(a):
+        raw = np.zeros(a.nbytes + 1, np.uint8)
+        u = np.ndarray(a.shape, a.dtype, raw.data, offset=1)
+        u[...] = a
+        assert not u.flags.aligned or a.size == 0
+        return u
+
+    assert exact == run(lambda i, o, t: (unaligned(i), unaligned(o), unaligned(t)))
+
+
+def test_shared_step_arrays_are_read_only_and_right():
+    s = make()
+    s.add_request(1, [1, 2, 3], 4)
+    s.add_request(2, [4, 5, 6], 4)
+    out, res = step(s)
+    assert out.spec_offsets.tolist() == [0, 0, 0] and out.spec_token_ids.size == 0
+    assert out.preempted_ids.size == 0 and out.finished_ids.size == 0
+    assert res.num_appended.tolist() == [1, 1] and res.finished_ids.size == 0
+    assert res.num_appended.dtype == np.int32 and res.finish_reasons.dtype == np.int32
+    for arr in (out.spec_offsets, out.spec_token_ids, out.preempted_ids, out.finished_ids, out.grammar_req_ids,
+                res.num_appended, res.finished_ids):
+        assert not arr.flags.writeable
+        with pytest.raises(ValueError):
+            arr[...] = 0
 
 
 def test_exception_hierarchy():

@@ -71,3 +71,16 @@ def test_tools_reach_the_prompt():
     msgs, kw = prompt_messages([{"role": "user", "content": "hi"}], plan, "{% if tools %}{{ tools }}{% endif %}")
     assert msgs == [{"role": "user", "content": "hi"}] and kw["tools"][0]["function"]["name"] == "get_weather"
     assert json.loads(json.dumps(kw))   # plain JSON for the template
+
+
+def test_parallel_tool_calls_false_allows_one_call():
+    # OpenAI: parallel_tool_calls=false means at most one call. Required: the array schema takes one
+    # item; auto: the first parsed call is kept. A non-boolean names the field.
+    one = plan_tools([WEATHER], "required", False)
+    assert one.guided["json"]["maxItems"] == 1 and "maxItems" not in plan_tools([WEATHER], "required").guided["json"]
+    two = ('<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call>'
+           '<tool_call>{"name": "get_weather", "arguments": {"city": "B"}}</tool_call>')
+    assert len(tool_calls_of(two, plan_tools([WEATHER], "auto"))[1]) == 2
+    assert tool_calls_of(two, plan_tools([WEATHER], "auto", False))[1] == [("get_weather", '{"city": "A"}')]
+    with pytest.raises(ValueError, match="parallel_tool_calls"):
+        plan_tools([WEATHER], "auto", "no")

@@ -2,9 +2,11 @@
 """CudaPlatform: what the CUDA backend tells the engine (device, NCCL, dtypes, KV-cache size, the
 graph runner's device pieces) and the registration of its Triton ops with ``mindie_llm.ops``.
 
-KV-cache size (vLLM's rule): ``total * cache.gpu_memory_utilization`` minus what the process
-already holds (weights, CUDA context, other tensors) minus the activation peak of the largest step,
-measured by ``profile_activation_peak`` when it has run, else a conservative reserve.
+KV-cache size (vLLM's rule, per process): ``total * cache.gpu_memory_utilization`` minus what this
+process already holds (weights, other tensors, an allowance for the CUDA context) minus the
+activation peak of the largest step, measured by ``profile_activation_peak`` when it has run, else
+a conservative reserve; capped by the memory free now. Two instances (or ranks) on one card each
+take their own fraction.
 
 Imports torch only at module level; the kernels (triton) are imported by ``register_ops``. Must not
 import the engine or the scheduler.
@@ -23,6 +25,7 @@ __all__ = ["CudaPlatform"]
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+CONTEXT_BYTES = 1 << 30     # the CUDA context, cuBLAS/NCCL buffers: outside torch's allocator
 
 
 class CudaPlatform(Platform):
@@ -90,21 +93,28 @@ class CudaPlatform(Platform):
 
     @classmethod
     def available_kv_cache_bytes(cls, cache_config: Any) -> int:
-        """``total * gpu_memory_utilization`` - bytes in use now - activation peak (profiled, else
-        max(2 GiB, 4% of the card))."""
+        """This process's share: ``total * gpu_memory_utilization`` - what this process holds
+        (torch's reserved memory: weights, buffers; plus ``CONTEXT_BYTES`` for the CUDA context and
+        the libraries' own buffers) - activation peak (profiled, else max(2 GiB, 4% of the card)),
+        and never more than is free now minus that peak. Other processes on the card do not shrink
+        the share (they have their own), so that instances or tensor-parallel ranks sharing one GPU
+        each take the fraction they are given (their fractions must add up to <= 1)."""
         util = float(getattr(cache_config, "gpu_memory_utilization", 0.9))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        in_use = total - free                                     # weights, context, other processes
+        own = torch.cuda.memory_reserved() + CONTEXT_BYTES
+        others = max(0, total - free - own)                       # other processes on this card
         reserve = cls.activation_peak_bytes
         if reserve is None:
             reserve = max(2 * _GIB, int(0.04 * total))
-        budget = int(total * util) - in_use - reserve
-        logger.info("cuda KV cache: total %.1f GiB, in use %.1f GiB, activation reserve %.2f GiB -> "
-                    "budget %.1f GiB", total / _GIB, in_use / _GIB, reserve / _GIB, max(budget, 0) / _GIB)
+        budget = min(int(total * util) - own - reserve, free - reserve)
+        logger.info("cuda KV cache: total %.1f GiB, this process %.1f GiB, others %.1f GiB, free %.1f GiB, "
+                    "activation reserve %.2f GiB -> budget %.1f GiB", total / _GIB, own / _GIB, others / _GIB,
+                    free / _GIB, reserve / _GIB, max(budget, 0) / _GIB)
         if budget <= 0:
             raise ValueError(f"cache.gpu_memory_utilization: {util} leaves no room for the KV cache "
-                             f"({in_use / _GIB:.1f} GiB in use of {total / _GIB:.1f} GiB, "
-                             f"activation reserve {reserve / _GIB:.2f} GiB)")
+                             f"(this process {own / _GIB:.1f} GiB, other processes {others / _GIB:.1f} GiB, "
+                             f"free {free / _GIB:.1f} GiB of {total / _GIB:.1f} GiB, activation reserve "
+                             f"{reserve / _GIB:.2f} GiB)")
         return budget

@@ -85,6 +85,8 @@ def sampling_params_from_proto(msg: Any, limits: RequestLimits, has_sampling: bo
         kwargs["include_stop_str_in_output"] = msg.include_stop_str_in_output
         if msg.HasField("guided"):
             kwargs["guided_decoding"] = _guided_from_proto(msg.guided)
+        if msg.logit_bias:
+            kwargs["logit_bias"] = dict(msg.logit_bias)   # ranges and cap: SamplingParams; vocabulary: below
     try:
         limits.check(n=kwargs.get("n"), max_tokens=kwargs.get("max_tokens"), stop=kwargs.get("stop"),
                      logprobs=kwargs.get("logprobs"))
@@ -172,6 +174,9 @@ class GenerationServicer(pb2_grpc.GenerationServiceServicer):
         bad = next((i for i in params.stop_token_ids or () if i >= vocab), None)
         if bad is not None:
             raise RpcError(_INVALID, f"sampling.stop_token_ids: {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((i for i in params.logit_bias or () if i >= vocab), None)
+        if bad is not None:
+            raise RpcError(_INVALID, f"sampling.logit_bias: token id {bad} is outside the vocabulary [0, {vocab})")
         return prompt, params
 
     async def _check_guided(self, spec: dict) -> None:

@@ -24,7 +24,7 @@ from pydantic import (
 from mindie_llm.server.protocol_limits import RequestLimitError, RequestLimits
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "StreamOptions",
-           "TokenizeRequest", "to_sampling_kwargs"]
+           "TokenizeRequest", "logit_bias_from_wire", "to_sampling_kwargs"]
 
 _INT64_MAX = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
@@ -58,7 +58,7 @@ class StreamOptions(_Strict):
 # OpenAI / vLLM fields this server knows but does not implement: accepted when absent or null
 # (clients send some as null), refused with "not supported" otherwise (not "unknown field").
 NOT_SUPPORTED_FIELDS = (
-    "logit_bias", "tools", "tool_choice", "functions", "function_call",
+    "tools", "tool_choice", "functions", "function_call",
     "parallel_tool_calls", "guided_decoding_backend", "guided_whitespace_pattern", "suffix", "audio",
     "modalities", "prediction", "reasoning_effort", "web_search_options", "lora_request",
 )
@@ -68,7 +68,8 @@ GUIDED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choic
 
 
 class _NotSupported(_Strict):
-    """Declared so that a client sending them learns they are not supported."""
+    """Declared so that a client sending them learns they are not supported (and, for the
+    structured-output fields and ``logit_bias``, typed by hand so that errors name the field)."""
 
     logit_bias: Any = None
     response_format: Any = None
@@ -251,6 +252,26 @@ class DetokenizeRequest(_Strict):
     tokens: list[TokenId] = Field(max_length=1 << 20)
 
 
+def logit_bias_from_wire(v: Any) -> dict[int, Any] | None:
+    """OpenAI's ``logit_bias`` (a JSON object: token id as a decimal string -> bias) as
+    SamplingParams wants it ({int: number}); SamplingParams checks the ranges and the entry cap,
+    the engine the vocabulary. Raises RequestLimitError naming ``logit_bias``."""
+    from mindie_llm.sampling_params import MAX_LOGIT_BIAS_ENTRIES
+
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise RequestLimitError("logit_bias", "must be an object mapping token ids to biases")
+    if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+        raise RequestLimitError("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries; got {len(v)}")
+    out: dict[int, Any] = {}
+    for k, bias in v.items():
+        if not (isinstance(k, str) and 0 < len(k) <= 10 and k.isascii() and k.isdigit()):
+            raise RequestLimitError("logit_bias", f"key {str(k)[:32]!r} is not a token id (a decimal integer)")
+        out[int(k)] = bias
+    return out
+
+
 def _resolve_max_tokens(req: _SamplingFields, default: int) -> tuple[int, str]:
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
@@ -288,6 +309,9 @@ def to_sampling_kwargs(req: CompletionRequest | ChatCompletionRequest, limits: R
     guided, _ = req.guided_spec()
     if guided is not None:
         kw["guided_decoding"] = guided
+    bias = logit_bias_from_wire(req.logit_bias)
+    if bias:
+        kw["logit_bias"] = bias
     optional = {
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p,
         "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,

@@ -527,7 +527,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self._check_model(req.model)
         req.check_supported(chat=True)   # before the template: nothing is ignored silently
-        plan = plan_tools(req.tools, req.tool_choice)
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         messages = [m.as_dict() for m in req.messages]
         messages, template_vars = prompt_messages(messages, plan, getattr(self.llm.tokenizer, "chat_template", None))
         prompt = await self._chat_ids(messages, req.add_generation_prompt, **template_vars)

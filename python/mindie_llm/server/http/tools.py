@@ -34,14 +34,20 @@ class ToolPlan:
     tools: list[dict[str, Any]]        # the function objects ({name, description, parameters})
     named: str | None = None           # the function of tool_choice={"type": "function", ...}
     guided: dict[str, Any] | None = None   # structured-output spec (required, named)
+    parallel: bool = True              # parallel_tool_calls: False = at most one call
 
     @property
     def active(self) -> bool:
         return self.mode != "none" and bool(self.tools)
 
 
-def plan_tools(tools: Any, tool_choice: Any) -> ToolPlan:
-    """Checks ``tools`` / ``tool_choice`` (RequestLimitError naming the field) and plans the request."""
+def plan_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any = None) -> ToolPlan:
+    """Checks ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (RequestLimitError naming the
+    field) and plans the request. ``parallel_tool_calls`` false (OpenAI: at most one call) limits
+    the required array to one item and keeps the first call of an auto reply."""
+    if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+        raise RequestLimitError("parallel_tool_calls", "must be true or false")
+    parallel = parallel_tool_calls is not False
     if tools is None or tools == []:
         if tool_choice not in (None, "none", "auto"):
             raise RequestLimitError("tool_choice", "needs tools")
@@ -64,12 +70,14 @@ def plan_tools(tools: Any, tool_choice: Any) -> ToolPlan:
         funcs.append({"name": name, "description": f.get("description", ""), "parameters": params})
     choice = "auto" if tool_choice is None else tool_choice
     if choice in ("none", "auto"):
-        return ToolPlan(choice, funcs)
+        return ToolPlan(choice, funcs, parallel=parallel)
     if choice == "required":
         items = [{"type": "object", "properties": {"name": {"const": f["name"]}, "parameters": f["parameters"]},
                   "required": ["name", "parameters"], "additionalProperties": False} for f in funcs]
         schema = {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
-        return ToolPlan("required", funcs, guided={"json": schema})
+        if not parallel:
+            schema["maxItems"] = 1
+        return ToolPlan("required", funcs, guided={"json": schema}, parallel=parallel)
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         f = next((g for g in funcs if g["name"] == name), None)
@@ -134,7 +142,8 @@ def tool_calls_of(text: str, plan: ToolPlan) -> tuple[str | None, list[tuple[str
         return None, [(it["name"], json.dumps(it.get("parameters", {}), ensure_ascii=False)) for it in items
                       if isinstance(it, dict) and isinstance(it.get("name"), str)]
     if plan.mode == "auto":
-        return parse_hermes(text)
+        content, calls = parse_hermes(text)
+        return content, (calls if plan.parallel else calls[:1])
     return text, []
 
 

@@ -38,6 +38,11 @@ def params_from_json(text: str) -> SamplingParams:
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise ValueError(f"sampling_json.{unknown[0]}: unknown field")
+    bias = data.get("logit_bias")
+    if isinstance(bias, dict):   # JSON keys are strings; SamplingParams wants token ids
+        if not all(isinstance(k, str) and k.isascii() and k.isdigit() for k in bias):
+            raise ValueError("sampling_json.logit_bias: keys must be token ids")
+        data["logit_bias"] = {int(k): v for k, v in bias.items()}
     return SamplingParams(**data)
 
 

@@ -124,3 +124,18 @@ def test_smollm2_greedy_identical_to_cpu_backend(smollm, smollm_cpu, npu_double)
     assert _generate(smollm, "npu", prompts, 6, max_num_seqs=2, max_num_batched_tokens=32,
                      enforce_eager=True) == cpu_tokens
     assert NPU_OPS - {"npu_fused_infer_attention_score"} <= set(npu_double.names())
+
+
+def test_logit_bias_on_the_npu_path_eager_and_with_graphs(tiny, npu_double):
+    # Oracle: the definition (+100 forces the token), greedy and seeded, eager and through the
+    # graph-replay decode path (which must hand biased rows to the Sampler, not take the argmax).
+    prompts = [[5, 6, 7], [9] * 12]
+    sps = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={77: 100.0}),
+           SamplingParams(temperature=1.0, seed=1, max_tokens=5, ignore_eos=True, logit_bias={77: 100.0})]
+    for eager in (True, False):
+        llm = LLM(device="npu", dtype="float16", block_size=128, num_blocks=32, max_model_len=1024,
+                  loaded_model=tiny, max_num_seqs=4, enforce_eager=eager)
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [[77] * 5] * 2, eager
+        if not eager:
+            assert llm.engine.runner.graph_model.num_replays > 0

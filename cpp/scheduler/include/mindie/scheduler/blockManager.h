@@ -59,6 +59,11 @@ public:
     void acquire(BlockId block);
     /// @brief Commit: takes the least recently used free block (evicting its cache entry).
     BlockId allocate();
+    /// @brief Commit: appends `n` blocks to `out`, each as allocate() would take it (the same blocks
+    /// in the same order); their table slots are fetched first, so the evictions' misses overlap.
+    void allocate(SizeType32 n, std::vector<BlockId>& out);
+    /// @brief A hint only: fetches what cacheBlock(block, hash, ...) will touch.
+    void prefetchForCache(BlockId block, BlockHash hash) const noexcept;
     /// @brief Drops one reference of each block, last block first; blocks at zero become free
     /// (cached blocks at the most-recently-used end, uncached ones are reused first).
     void freeBlocks(std::vector<BlockId> const& blocks) { freeBlocks(blocks.data(), blocks.size()); }

@@ -69,6 +69,9 @@ public:
     /// @brief The finish reason after a sampled token given the stop checks' `reason` (prefill: every
     /// request hands off after its first token).
     [[nodiscard]] virtual FinishReason afterSample(FinishReason reason) const { return reason; }
+    /// @brief False when afterSample() returns its argument unchanged (update() then skips the call
+    /// per row).
+    [[nodiscard]] virtual bool handsOffAfterSample() const { return false; }
 };
 
 } // namespace mindie::scheduler

@@ -28,6 +28,7 @@
 #include "mindie/scheduler/policy.h"
 #include "mindie/scheduler/request.h"
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -55,6 +56,9 @@ struct SchedulerOutput
     std::vector<ReqId> finishedIds;           ///< [*] finished or aborted since the last schedule()
     std::vector<std::int32_t> finishReasons;  ///< [*] FinishReason of each finishedIds entry
     std::int64_t numBatchedTokens{0};         ///< T
+
+    /// @brief Empties every array and keeps its capacity (a reused buffer allocates nothing).
+    void clear() noexcept;
 };
 
 /// @brief The result message of one step, as update() reads it: S sampling rows in batch order,
@@ -165,6 +169,7 @@ private:
     void reserveNextBlock(Request& r, SizeType32 numTokens);
     void trimBlocks(Request& r, SizeType32 keep);
     void validateUpdate(UpdateInput const& in);
+    void checkRowCount(UpdateInput const& in, size_t row, std::int64_t count, SizeType32 numSpec) const;
     bool allocateOrPreempt(Request& r, SizeType32 numTokens);
     Admit tryAdmit(Request& r, SizeType32& budget, std::vector<Row>& decodes, std::vector<Row>& prefills);
     bool chunkAllowed(Request const& r) const;
@@ -202,6 +207,7 @@ private:
     std::vector<RequestPool::Ptr> mGraveyard; ///< dropped while an update() is pending
     std::vector<std::int64_t> mScratchMatch;
     bool mAwaitingUpdate{false};
+    bool mUpdateAllRows{false}; ///< validateUpdate: the message has every sampling row in order
     bool mPreemptedForBlocks{false};
     std::int64_t mStep{0};
     std::int64_t mPrefixQueries{0};
@@ -211,12 +217,16 @@ private:
     /// @brief Appends one sampling row's tokens, rolls back its rejected lookahead, stores its drafts;
     /// returns the reason it finished (kNONE: still running).
     __attribute__((always_inline)) inline FinishReason appendRow(
-        Request& r, UpdateInput const& in, size_t row, std::int32_t& numAppended);
+        Request& r, UpdateInput const& in, size_t row, bool handsOff, std::int32_t& numAppended);
     std::vector<BlockId> mScratchFree;
     std::vector<Row> mDecodeRows;  ///< reused across steps (no per-step allocation)
     std::vector<Row> mPrefillRows;
     std::vector<Request*> mPrefillCandidates; ///< running non-decodes of this step, in key order
     bool mCandidatesCollected{false};
+    /// @brief Output buffers of recent steps: schedule() refills one that no caller holds any more
+    /// (use_count 1), so a step allocates no arrays once their capacities have grown.
+    std::vector<std::shared_ptr<SchedulerOutput>> mOutputPool;
+    std::shared_ptr<SchedulerOutput> freeOutputBuffer();
 };
 
 } // namespace mindie::scheduler
