@@ -25,6 +25,9 @@ Sections (``--sections``, comma separated, all by default):
   idle       Llama-3-8B offline 256 x (64-512 -> 128) with asynchronous scheduling off and on: out
              tok/s and the GPU idle time between steps (CUDA events, executor/step_timer.py)
   peers      transformers on the same card (the ``--hf-peers`` script), run after ours
+  quant      (not in the default list) Llama-3-8B per quantization scheme (``--quant-schemes``: bf16,
+             w4a16, w8a8, fp8, kv-int8, kv-fp8): M=1 linears of each scheme against their byte floor
+             (the W4A16 GEMV tiles swept), then batch-1 decode and the offline workload per scheme
 
 Workloads copy vLLM's peer script (token-id prompts from random.Random(seed), ignore EOS, no
 detokenization) so that the figures compare. Every figure is printed as a JSON line as it is
@@ -703,6 +706,188 @@ def peers(path: str, out_dir: str | None) -> None:
         emit("transformers peer: exit", rc, note="see hf_peers.log")
 
 
+# ---------------------------------------------------------------------------------------- quant
+QUANT_SCHEMES = {"bf16": ("none", "auto"), "w8a8": ("w8a8", "auto"), "w4a16": ("w4a16", "auto"),
+                 "fp8": ("fp8", "auto"), "kv-int8": ("none", "int8"), "kv-fp8": ("none", "fp8_e4m3")}
+
+
+def quant_weight_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter and buffer except the input embedding
+    (packed codes, scales, zero points, dense weights), each storage counted once."""
+    seen, tot = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "embed_tokens" in name or t is None or t.device.type != "cuda" or t.data_ptr() in seen:
+            continue
+        if name.endswith("cos_sin_cache"):
+            continue
+        seen.add(t.data_ptr())
+        tot += t.numel() * t.element_size()
+    return tot
+
+
+def _quant_kernels() -> None:
+    """M=1 (and M=4) linears of Llama-3-8B per scheme, replayed from a CUDA graph over enough
+    different weights that the L2 is cold for each; floor = the scheme's weight bytes at the copy
+    rate. Sweeps the W4A16 GEMV tiles and installs the best per shape for the engine runs after."""
+    from mindie_llm.backends.cuda import quant_linear as ql
+    from mindie_llm.backends.cuda.gemv import time_in_graph
+    from mindie_llm.ops import reference as ref
+
+    l2 = 60 << 20
+    chosen = {}
+    for name, n, k in GEMV_SHAPES_8B[:4]:
+        copies = max(2, -(-3 * l2 // (n * k // 2)))
+        codes = [torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda") for _ in range(copies)]
+        qws = [ref.w4a16_pack(c) for c in codes]
+        del codes
+        sc = [torch.rand(n, k // 128, device="cuda") * 0.01 for _ in range(copies)]
+        zs = [torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda") for _ in range(copies)]
+        for m in (1, 4):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            want = ref.w4a16_matmul(x[:1], qws[0], sc[0], zs[0], 128)
+            best = None
+            cands = ql.GEMV_CANDIDATES if m == 1 else tuple({ql.GEMV_DEFAULT_TILE, chosen.get((n, k),
+                                                                                           ql.GEMV_DEFAULT_TILE)})
+            for tile in cands:
+                try:
+                    got = ql.w4a16_gemv(x, qws[0], sc[0], zs[0], 128, tile=tile)
+                    err = float((got[:1] - want).norm() / want.norm())
+                    if not err < 1e-3:
+                        emit(f"quant W4A16 GEMV {name} tile {tile}: WRONG", round(err, 6))
+                        continue
+                    t = time_in_graph([(lambda i=i: ql.w4a16_gemv(x, qws[i], sc[i], zs[i], 128, tile=tile))
+                                       for i in range(copies)])
+                except Exception as e:
+                    emit(f"quant W4A16 GEMV {name} tile {tile}: FAILED", repr(e)[:200])
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, tile)
+            wbytes = n * k // 2 + n * (k // 128) * 5                  # codes + fp32 scales + uint8 zeros
+            floor = wbytes / CEIL["bw"]
+            if best:
+                emit(f"quant W4A16 GEMV M={m} {name} {n}x{k}", round(best[0] * 1e6, 2), "us", round(floor * 1e6, 2),
+                     f"tile {best[1]}; {floor / best[0] * 100:.0f}% of the byte floor")
+                if m == 1:
+                    chosen[(n, k)] = best[1]
+        del qws, sc, zs
+        # bf16 cuBLAS and the other schemes at M=1 on the same shape
+        copies = max(2, -(-3 * l2 // (n * k * 2)))
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        t_bf16 = time_in_graph([(lambda w=w: torch.nn.functional.linear(x, w)) for w in ws])
+        emit(f"quant bf16 cuBLAS M=1 {name}", round(t_bf16 * 1e6, 2), "us", round(n * k * 2 / CEIL["bw"] * 1e6, 2))
+        q8 = [ref.quantize_per_token_int8(w) for w in ws]
+        f8 = [ref.quantize_fp8_rows(w) for w in ws]
+        del ws
+        for label, fn in (("W8A8 Triton", lambda i: ql.w8a8_matmul(x, q8[i][0], q8[i][1])),
+                          ("FP8 _scaled_mm", lambda i: ql.fp8_matmul(x, f8[i][0], f8[i][1]))):
+            try:
+                t = time_in_graph([(lambda i=i: fn(i)) for i in range(copies)])
+                emit(f"quant {label} M=1 {name}", round(t * 1e6, 2), "us", round(n * k / CEIL["bw"] * 1e6, 2))
+            except Exception as e:
+                emit(f"quant {label} M=1 {name}: FAILED", repr(e)[:200])
+        # many rows (prefill chunks, large decode batches): one weight, flops-bound
+        for m in (256, 2048):
+            xm = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            w0 = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+            qw4 = ref.w4a16_pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"))
+            s4 = torch.rand(n, k // 128, device="cuda") * 0.01
+            z4 = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda")
+            fl = 2 * m * n * k
+            for label, fn in (("bf16 cuBLAS", lambda: torch.nn.functional.linear(xm, w0)),
+                              ("W8A8 Triton", lambda: ql.w8a8_matmul(xm, q8[0][0], q8[0][1])),
+                              ("W8A8 _int_mm", lambda: ql.w8a8_matmul_int_mm(xm, q8[0][0], q8[0][1])),
+                              ("FP8 _scaled_mm", lambda: ql.fp8_matmul(xm, f8[0][0], f8[0][1])),
+                              ("W4A16 dequant+cuBLAS", lambda: ql.w4a16_matmul(xm, qw4, s4, z4, 128))):
+                try:
+                    t = time_in_graph([fn], reps=10)
+                    emit(f"quant {label} M={m} {name}", round(t * 1e6, 1), "us", None,
+                         f"{fl / t / 1e12:.0f} TFLOP/s")
+                except Exception as e:
+                    emit(f"quant {label} M={m} {name}: FAILED", repr(e)[:200])
+            del xm, w0, qw4, s4, z4
+        del q8, f8
+        torch.cuda.empty_cache()
+    ql.GEMV_TILES.update(chosen)
+    emit("quant W4A16 GEMV tiles chosen (paste into GEMV_TILES)", json.dumps({f"{n},{k}": t for (n, k), t in chosen.items()}))
+
+
+def _quant_engine(sch: str) -> None:
+    """One scheme's engine figures (run in its own process: an engine's KV cache holds the card)."""
+    quant, kv = QUANT_SCHEMES[sch]
+    try:
+        eng = make_engine("llama3-8b", quantization=quant, kv_cache_dtype=kv)
+    except Exception as e:
+        emit(f"quant {sch}: start-up FAILED", repr(e)[:300])
+        traceback.print_exc()
+        return
+    try:
+        V = eng.arch.vocab_size
+        wb = quant_weight_bytes(eng.model)
+        floor = wb / CEIL["bw"]
+        run(eng, prompts(4, 64, 128, V, seed=9), [8] * 4)
+        dt, n, _, _ = run(eng, prompts(1, 128, 128, V), [128])
+        emit(f"quant 8B {sch} batch-1 decode 128+128", round(n / dt, 1), "tok/s", round(1 / floor, 1),
+             f"weights {wb / 1e9:.2f} GB", scheme=sch, kind="bs1")
+        g = decode_gpu_time(eng, 1)
+        if g:
+            emit(f"quant 8B {sch} batch-1 decode graph replay", round(g * 1e3, 3), "ms", round(floor * 1e3, 3),
+                 f"{floor / g * 100:.0f}% of the byte floor")
+        dt, n, _, _ = run(eng, prompts(256, 64, 512, V), [128] * 256)
+        emit(f"quant 8B {sch} offline 256 x (64-512 -> 128)", round(n / dt, 1), "out tok/s", None, f"{dt:.2f} s",
+             scheme=sch, kind="offline")
+    except Exception as e:
+        emit(f"quant {sch}: FAILED", repr(e)[:300])
+        traceback.print_exc()
+    finally:
+        eng.shutdown()
+
+
+@guarded("quant")
+def quant_section(out_dir: str | None, schemes: str = "bf16,w4a16,w8a8,fp8,kv-int8,kv-fp8",
+                  kernels: bool = True) -> None:
+    """Llama-3-8B shapes, dummy weights, per scheme (each engine in its own process): batch-1
+    decode (128+128) against the weight-bytes floor, the decode graph's replay time, and the
+    offline workload (256 x (64-512 -> 128)); ratios against the bf16 engine of the same run."""
+    from mindie_llm.backends.cuda import quant_linear as ql
+
+    if kernels:
+        try:
+            _quant_kernels()
+        except Exception as e:
+            emit("quant kernels: FAILED", repr(e)[:300])
+            traceback.print_exc()
+    base: dict[str, float] = {}
+    tiles = json.dumps({f"{n},{k}": list(t) for (n, k), t in ql.GEMV_TILES.items()})
+    for sch in schemes.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--quant-child", sch, "--quant-bw", str(CEIL["bw"]),
+               "--quant-gemv-tiles", tiles]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+            out, rc = res.stdout, res.returncode
+        except subprocess.TimeoutExpired as e:
+            out, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        for line in out.splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            kind = row.pop("kind", None)
+            row.pop("scheme", None)
+            fig = row.pop("figure")
+            note = row.pop("note", "") or ""
+            if kind in ("bs1", "offline") and isinstance(row.get("value"), (int, float)):
+                if sch == "bf16":
+                    base[kind] = row["value"]
+                elif base.get(kind):
+                    note += f"; {row['value'] / base[kind]:.2f}x bf16"
+            emit(fig, row.pop("value"), row.pop("unit", ""), row.pop("floor", None), note, **row)
+        if rc != 0:
+            emit(f"quant {sch}: child exit", rc, note=(res.stderr[-300:] if rc != "timeout" else ""))
+
+
 def print_table() -> str:
     lines = ["| figure | measured | unit | floor | note |", "| --- | --- | --- | --- | --- |"]
     for r in ROWS:
@@ -721,7 +906,22 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--hf-peers", default=None, help="path of hf_peers.py (transformers on the same card)")
     ap.add_argument("--vllm-log", default=None, help="output of vllm_peer.py on this card (else the issue's figures)")
+    ap.add_argument("--quant-schemes", default="bf16,w4a16,w8a8,fp8,kv-int8,kv-fp8",
+                    help="quant section: schemes to run (" + ",".join(QUANT_SCHEMES) + ")")
+    ap.add_argument("--quant-no-kernels", action="store_true", help="quant section: skip the per-linear timings")
+    ap.add_argument("--quant-child", default=None, help=argparse.SUPPRESS)     # one scheme's engine, then exit
+    ap.add_argument("--quant-bw", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quant-gemv-tiles", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quant_child:
+        from mindie_llm.backends.cuda import quant_linear as ql
+        if args.quant_bw:
+            CEIL["bw"] = args.quant_bw
+        for key, t in json.loads(args.quant_gemv_tiles or "{}").items():
+            n, k = map(int, key.split(","))
+            ql.GEMV_TILES[(n, k)] = tuple(t)
+        _quant_engine(args.quant_child)
+        return
     secs = set(args.sections.split(","))
     LABEL[0] = f"[{args.label}] " if args.label else ""
     if args.no_pdl:
@@ -753,6 +953,8 @@ def main() -> None:
         bench_idle(args.out)
     if "kernels" in secs:      # after the engines: nothing it leaves behind can touch their figures
         kernels()
+    if "quant" in secs:        # its own section (not in the default list): one engine per scheme
+        quant_section(args.out, args.quant_schemes, not args.quant_no_kernels)
     if "peers" in secs and args.hf_peers:
         peers(args.hf_peers, args.out)
     table = print_table()

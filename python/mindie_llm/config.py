@@ -47,7 +47,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _KV_DTYPES = _DTYPES + ("int8", "fp8_e4m3", "fp8")  # int8 / fp8: quantized, a float32 scale per token and head
-_QUANTIZATIONS = ("auto", "none", "int8", "gguf", "w8a8", "w4a16", "awq", "gptq")
+_QUANTIZATIONS = ("auto", "none", "int8", "gguf", "w8a8", "w4a16", "awq", "gptq", "fp8")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ModelConfig:
     served_model_name: str | None = None
     load_format: str = "auto"          # auto | safetensors | gguf | dummy
     dtype: str = "auto"                # auto | float32 | bfloat16 | float16
-    quantization: str = "auto"         # auto | none | int8 | gguf | w8a8 | w4a16 | awq | gptq (auto: gguf for a
+    quantization: str = "auto"         # auto | none | int8 | gguf | w8a8 | w4a16 | awq | gptq | fp8 (auto: gguf for a
                                        # GGUF file on the CPU, the checkpoint's quantization_config otherwise)
     max_seq_len: int | None = None     # vLLM max_model_len; None = the model's own limit
     tokenizer: str | None = None       # a tokenizer.json / HF directory overriding the model's

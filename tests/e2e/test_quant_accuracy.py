@@ -3,12 +3,17 @@
 
 Reference: the same model in fp32 (the GGUF dequantized, ``model.quantization=none``). Text: the
 package description of the installed ``transformers`` distribution (scripts/quantize.py
-``calibration_text()``): W8A8 calibrates on its first 256 tokens, perplexity is measured on the
+``calibration_text()``): W8A8 and the AWQ scale search calibrate on its first 256 tokens, perplexity is measured on the
 next 128. Bounds: W8A8 within 3%, KV int8 within 2%, KV fp8 e4m3 within 5% of the fp32 perplexity;
-W4A16 (group 32, AWQ layout) within 25%, NOT the 10% the issue suggests: scripts/quantize.py rounds
-to nearest with a per-group clip search (no AWQ scale search, no GPTQ error feedback), and the
+W4A16 (group 32, AWQ layout) with AWQ's activation-aware scale search (scripts/quantize.py
+``--awq-search``, on the 256 calibration tokens) within 10% (measured -4.43%: below the fp32 figure,
+the scales being searched on the first part of the same text, so partly fit to it; greedy
+agreement [2, 0, 15]); plain round-to-nearest W4A16 within 25%: it rounds with a per-group clip
+search only, and the
 fp32 reference is itself the dequantized Q4_1 file, so 4 bits quantize it a second time (measured
-+16.5% here; 576 input channels also rule out group 128).
++16.5% here; 576 input channels also rule out group 128). GPTQ's rounding (scripts/quantize.py
+``--error-feedback``) with the Hessian of the same 256 calibration tokens measured +19.2% (worse:
+256 tokens for inputs of up to 1536 channels), so it does not replace round-to-nearest here.
 Measured under load on the 2-core CI-class machine: W8A8 +1.99%, W4A16 +16.50%, KV int8 -0.49%,
 KV fp8 -0.35%; greedy agreement (tokens before the first difference, of 32, per prompt): W8A8
 [5, 0, 6], W4A16 [4, 2, 5], KV int8 [32, 10, 32], KV fp8 [5, 6, 13]. Greedy agreement over 32 tokens of three
@@ -82,6 +87,7 @@ def _agreement(q, loaded, prompt_ids, want, kv):
 
 
 CASES = {"w8a8": ("w8a8", {}, torch.float32, 0.03), "w4a16-awq-g32": ("awq", {"group_size": 32}, torch.float32, 0.25),
+         "w4a16-awq-g32-search": ("awq", {"group_size": 32, "awq_search": True}, torch.float32, 0.10),
          "kv-int8": (None, {}, torch.int8, 0.02), "kv-fp8": (None, {}, torch.float8_e4m3fn, 0.05)}
 
 
@@ -91,7 +97,8 @@ def test_perplexity_close_to_fp32(setup, case):
     scheme, kw, kv, bound = CASES[case]
     loaded = fp
     if scheme is not None:
-        path = write_quantized_dir(str(tmp / case), fp, scheme, calib_ids=calib if scheme == "w8a8" else None, **kw)
+        calibrated = scheme == "w8a8" or kw.get("awq_search")
+        path = write_quantized_dir(str(tmp / case), fp, scheme, calib_ids=calib if calibrated else None, **kw)
         loaded = load_model(ModelConfig(path=path), "cpu", "float32", progress=False)
     got = _ppl(q, loaded, evaluation, kv)
     agree = [_agreement(q, loaded, p, g, kv) for p, g in zip(prompts, greedy)]

@@ -29,7 +29,8 @@ def _others():
 
 SCHEMES = {"w8a8": ("w8a8", {}, "auto"), "awq": ("awq", {"group_size": 32}, "auto"),
            "gptq-act-order": ("gptq", {"group_size": 32, "act_order": True}, "auto"),
-           "kv-int8": (None, {}, "int8"), "kv-fp8": (None, {}, "fp8_e4m3")}
+           "kv-int8": (None, {}, "int8"), "kv-fp8": (None, {}, "fp8_e4m3"),
+           "fp8-at-load": ("fp8", {}, "auto")}
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
@@ -38,6 +39,11 @@ def test_batch_invariance_and_preemption(tmp_path, name):
     fp = tiny_float()
     if scheme is None:
         loaded = fp
+    elif scheme == "fp8":                                  # a float model quantized at load
+        from quant_fixtures import TINY
+
+        loaded = load_model(ModelConfig(load_format="dummy", quantization="fp8", seed=0), "cpu", "float32",
+                            progress=False, hf_config=TINY)
     else:
         path = write_quantized_dir(str(tmp_path / name), fp, scheme, **kw)
         loaded = load_model(ModelConfig(path=path), "cpu", "float32", progress=False)

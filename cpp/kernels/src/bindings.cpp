@@ -16,7 +16,7 @@ static T* ptr(std::uintptr_t p) {
 }
 
 PYBIND11_MODULE(_cpu_kernels, m) {
-  m.doc() = "CPU kernels: GGUF-block matmuls, paged decode attention, rotary + KV write, RMSNorm";
+  m.doc() = "CPU kernels: GGUF-block matmuls, paged decode attention, rotary + KV write, RMSNorm, SiLU-and-mul";
   m.def("set_threads", &mk::set_threads, py::arg("n_threads"), py::arg("spin_us"));
   m.def("num_threads", &mk::num_threads);
   m.def("isa", [] { return std::string(mk::isa()); });
@@ -52,6 +52,10 @@ PYBIND11_MODULE(_cpu_kernels, m) {
     return mk::rope_write_kv(ptr<float>(qkv), t, ld, ptr<const std::int64_t>(pos), ptr<const float>(cos_sin), rot,
                       neox, hq, hk, d, ptr<float>(cache), n_slots, ptr<const std::int64_t>(slots),
                              max_pos);
+  });
+  m.def("silu_and_mul", [](std::uintptr_t x, std::int64_t t, std::int64_t i, std::int64_t ldx, std::uintptr_t out) {
+    py::gil_scoped_release nogil;
+    mk::silu_and_mul(ptr<const float>(x), t, i, ldx, ptr<float>(out));
   });
   m.def("add_rms_norm", [](std::uintptr_t x, std::uintptr_t res, std::uintptr_t w, float eps, std::int64_t t,
                            std::int64_t h, std::uintptr_t out, std::uintptr_t res_out) {

@@ -23,6 +23,19 @@ inline VI load_i8(const std::int8_t* p) {
 }
 inline VI vand15(VI v) { return _mm256_and_si256(v, _mm256_set1_epi32(15)); }
 inline VI vshr4(VI v) { return _mm256_srli_epi32(v, 4); }
+inline VI vor(VI a, VI b) { return _mm256_or_si256(a, b); }
+inline VI vandc(VI v, int c) { return _mm256_and_si256(v, _mm256_set1_epi32(c)); }
+inline VI vsubc(VI v, int c) { return _mm256_sub_epi32(v, _mm256_set1_epi32(c)); }
+inline VI vshl2(VI v) { return _mm256_slli_epi32(v, 2); }
+inline VI vshl4(VI v) { return _mm256_slli_epi32(v, 4); }
+inline VI vshr2(VI v) { return _mm256_srli_epi32(v, 2); }
+inline VF vmin(VF a, VF b) { return _mm256_min_ps(a, b); }
+inline VF vmax(VF a, VF b) { return _mm256_max_ps(a, b); }
+inline VF vdiv(VF a, VF b) { return _mm256_div_ps(a, b); }
+inline VF vround(VF a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline VF vpow2i(VF n) {  // 2^n for integral n in [-126, 127]
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 inline VF load_f16(const std::uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }

@@ -27,6 +27,27 @@ inline void store_rows(float* y, const VF& v, std::int64_t valid) {
   }
 }
 
+// Partial dot products of one 32-value block of Q4 codes (nibble layout) with TB activation rows:
+// s[j] = sum_k code_k * x_j[k] in a fixed order (four chains, then a fixed tree).
+template <int TB>
+inline void q4_dot(const std::uint8_t* codes, const float* const* xb, VF* s) {
+  VF p0[TB], p1[TB], p2[TB], p3[TB];
+  for (int j = 0; j < TB; ++j) p0[j] = p1[j] = p2[j] = p3[j] = vzero();
+  for (int kk = 0; kk < 16; kk += 2) {
+    const VI c0 = load_u8(codes + kk * 16);
+    const VI c1 = load_u8(codes + (kk + 1) * 16);
+    const VF lo0 = vcvt(vand15(c0)), hi0 = vcvt(vshr4(c0));
+    const VF lo1 = vcvt(vand15(c1)), hi1 = vcvt(vshr4(c1));
+    for (int j = 0; j < TB; ++j) {
+      p0[j] = vfma(lo0, vset1(xb[j][kk]), p0[j]);
+      p1[j] = vfma(hi0, vset1(xb[j][kk + 16]), p1[j]);
+      p2[j] = vfma(lo1, vset1(xb[j][kk + 1]), p2[j]);
+      p3[j] = vfma(hi1, vset1(xb[j][kk + 17]), p3[j]);
+    }
+  }
+  for (int j = 0; j < TB; ++j) s[j] = vadd(vadd(p0[j], p1[j]), vadd(p2[j], p3[j]));
+}
+
 template <int TB, bool kHasMin>
 void q4_pass(const GemmArgs& a, std::int64_t tile, std::int64_t t, int sub) {
   const std::int64_t nkb = a.k / kBlock;
@@ -36,32 +57,95 @@ void q4_pass(const GemmArgs& a, std::int64_t tile, std::int64_t t, int sub) {
   for (int j = 0; j < TB; ++j) acc[j] = vzero();
   for (std::int64_t kb = 0; kb < nkb; ++kb) {
     const std::uint8_t* blk = base + kb * bt;
-    const std::uint8_t* codes = blk + sub * W;
-    VF p0[TB], p1[TB], p2[TB], p3[TB];
     const float* xb[TB];
-    for (int j = 0; j < TB; ++j) {
-      p0[j] = p1[j] = p2[j] = p3[j] = vzero();
-      xb[j] = a.x + (t + j) * a.ldx + kb * kBlock;
-    }
-    for (int kk = 0; kk < 16; kk += 2) {
-      const VI c0 = load_u8(codes + kk * 16);
-      const VI c1 = load_u8(codes + (kk + 1) * 16);
-      const VF lo0 = vcvt(vand15(c0)), hi0 = vcvt(vshr4(c0));
-      const VF lo1 = vcvt(vand15(c1)), hi1 = vcvt(vshr4(c1));
-      for (int j = 0; j < TB; ++j) {
-        p0[j] = vfma(lo0, vset1(xb[j][kk]), p0[j]);
-        p1[j] = vfma(hi0, vset1(xb[j][kk + 16]), p1[j]);
-        p2[j] = vfma(lo1, vset1(xb[j][kk + 1]), p2[j]);
-        p3[j] = vfma(hi1, vset1(xb[j][kk + 17]), p3[j]);
-      }
-    }
+    for (int j = 0; j < TB; ++j) xb[j] = a.x + (t + j) * a.ldx + kb * kBlock;
+    VF s[TB];
+    q4_dot<TB>(blk + sub * W, xb, s);
     const VF d = load_f16(reinterpret_cast<const std::uint16_t*>(blk + 256) + sub * W);
     const VF m = kHasMin ? load_f16(reinterpret_cast<const std::uint16_t*>(blk + 288) + sub * W)
                          : vmul(d, vset1(-8.0f));
     for (int j = 0; j < TB; ++j) {
-      const VF s = vadd(vadd(p0[j], p1[j]), vadd(p2[j], p3[j]));
-      acc[j] = vfma(d, s, acc[j]);
+      acc[j] = vfma(d, s[j], acc[j]);
       acc[j] = vfma(m, vset1(a.xsum[(t + j) * nkb + kb]), acc[j]);
+    }
+  }
+  const std::int64_t r0 = tile * kTileRows + sub * W;
+  for (int j = 0; j < TB; ++j) store_rows(a.y + (t + j) * a.ldy + r0, acc[j], a.n - r0);
+}
+
+// Q4_K: per sub-block, acc += (d * sc) * dot + (-dmin * m) * sum(x) (d * sc is exact in fp32).
+template <int TB>
+void q4k_pass(const GemmArgs& a, std::int64_t tile, std::int64_t t, int sub) {
+  const std::int64_t nsb = a.k / kSuper, nkb = a.k / kBlock;
+  const std::size_t bt = block_tile_bytes(kQ4_K);
+  const std::uint8_t* base = a.w + static_cast<std::size_t>(tile) * nsb * bt;
+  VF acc[TB];
+  for (int j = 0; j < TB; ++j) acc[j] = vzero();
+  for (std::int64_t sb = 0; sb < nsb; ++sb) {
+    const std::uint8_t* sbp = base + sb * bt;
+    const VF d = load_f16(reinterpret_cast<const std::uint16_t*>(sbp) + sub * W);
+    const VF nmin = vmul(load_f16(reinterpret_cast<const std::uint16_t*>(sbp + 32) + sub * W), vset1(-1.0f));
+    for (int s8 = 0; s8 < 8; ++s8) {
+      const std::uint8_t* blk = sbp + 64 + s8 * kQ4KSub;
+      const std::int64_t kb = sb * 8 + s8;
+      const float* xb[TB];
+      for (int j = 0; j < TB; ++j) xb[j] = a.x + (t + j) * a.ldx + kb * kBlock;
+      VF s[TB];
+      q4_dot<TB>(blk + sub * W, xb, s);
+      const VF ds = vmul(d, vcvt(load_u8(blk + 256 + sub * W)));
+      const VF ms = vmul(nmin, vcvt(load_u8(blk + 272 + sub * W)));
+      for (int j = 0; j < TB; ++j) {
+        acc[j] = vfma(ds, s[j], acc[j]);
+        acc[j] = vfma(ms, vset1(a.xsum[(t + j) * nkb + kb]), acc[j]);
+      }
+    }
+  }
+  const std::int64_t r0 = tile * kTileRows + sub * W;
+  for (int j = 0; j < TB; ++j) store_rows(a.y + (t + j) * a.ldy + r0, acc[j], a.n - r0);
+}
+
+// Q6_K: 6-bit codes q - 32 from a low nibble and a 2-bit high part; two 16-value scales per
+// sub-block: acc += (d * sc_lo) * dot(values 0-15) + (d * sc_hi) * dot(values 16-31).
+template <int TB>
+void q6k_pass(const GemmArgs& a, std::int64_t tile, std::int64_t t, int sub) {
+  const std::int64_t nsb = a.k / kSuper;
+  const std::size_t bt = block_tile_bytes(kQ6_K);
+  const std::uint8_t* base = a.w + static_cast<std::size_t>(tile) * nsb * bt;
+  VF acc[TB];
+  for (int j = 0; j < TB; ++j) acc[j] = vzero();
+  for (std::int64_t sb = 0; sb < nsb; ++sb) {
+    const std::uint8_t* sbp = base + sb * bt;
+    const VF d = load_f16(reinterpret_cast<const std::uint16_t*>(sbp) + sub * W);
+    for (int s8 = 0; s8 < 8; ++s8) {
+      const std::uint8_t* blk = sbp + 32 + s8 * kQ6KSub;
+      const std::uint8_t* lo = blk + sub * W;
+      const std::uint8_t* hb = blk + 256 + sub * W;
+      const float* xb[TB];
+      VF a0[TB], a1[TB], b0[TB], b1[TB];
+      for (int j = 0; j < TB; ++j) {
+        xb[j] = a.x + (t + j) * a.ldx + (sb * 8 + s8) * kBlock;
+        a0[j] = a1[j] = b0[j] = b1[j] = vzero();
+      }
+      for (int i = 0; i < 8; ++i) {
+        const VI h = load_u8(hb + i * 16);
+        const VI c0 = load_u8(lo + i * 16), c1 = load_u8(lo + (i + 8) * 16);
+        const VF qa0 = vcvt(vsubc(vor(vand15(c0), vandc(vshl4(h), 0x30)), 32));   // value i
+        const VF qa1 = vcvt(vsubc(vor(vand15(c1), vandc(vshl2(h), 0x30)), 32));   // value i + 8
+        const VF qb0 = vcvt(vsubc(vor(vshr4(c0), vandc(h, 0x30)), 32));           // value i + 16
+        const VF qb1 = vcvt(vsubc(vor(vshr4(c1), vandc(vshr2(h), 0x30)), 32));    // value i + 24
+        for (int j = 0; j < TB; ++j) {
+          a0[j] = vfma(qa0, vset1(xb[j][i]), a0[j]);
+          a1[j] = vfma(qa1, vset1(xb[j][i + 8]), a1[j]);
+          b0[j] = vfma(qb0, vset1(xb[j][i + 16]), b0[j]);
+          b1[j] = vfma(qb1, vset1(xb[j][i + 24]), b1[j]);
+        }
+      }
+      const std::int8_t* sc = reinterpret_cast<const std::int8_t*>(blk + 384) + sub * W;
+      const VF da = vmul(d, vcvt(load_i8(sc))), db = vmul(d, vcvt(load_i8(sc + 16)));
+      for (int j = 0; j < TB; ++j) {
+        acc[j] = vfma(da, vadd(a0[j], a1[j]), acc[j]);
+        acc[j] = vfma(db, vadd(b0[j], b1[j]), acc[j]);
+      }
     }
   }
   const std::int64_t r0 = tile * kTileRows + sub * W;
@@ -108,6 +192,8 @@ void pass(const GemmArgs& a, std::int64_t tile, std::int64_t t, int sub) {
   switch (a.qtype) {
     case kQ4_0: q4_pass<TB, false>(a, tile, t, sub); break;
     case kQ4_1: q4_pass<TB, true>(a, tile, t, sub); break;
+    case kQ4_K: q4k_pass<TB>(a, tile, t, sub); break;
+    case kQ6_K: q6k_pass<TB>(a, tile, t, sub); break;
     default: q8_pass<TB>(a, tile, t, sub); break;
   }
 }
@@ -125,7 +211,44 @@ inline float dot16(const float* x, const float* y, std::int64_t n) {
   return p[0];
 }
 
+// expf (Cephes' range reduction and polynomial, ~1 ulp): the same operations on every ISA.
+inline VF vexp(VF x) {
+  x = vmin(vmax(x, vset1(-87.0f)), vset1(88.0f));
+  const VF n = vround(vmul(x, vset1(1.44269504088896341f)));
+  VF r = vfma(n, vset1(-0.693359375f), x);
+  r = vfma(n, vset1(2.12194440e-4f), r);
+  VF p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+  return vmul(p, vpow2i(n));
+}
+
+inline VF vsilu_mul(VF g, VF u) {
+  return vmul(vdiv(g, vadd(vset1(1.0f), vexp(vmul(g, vset1(-1.0f))))), u);
+}
+
 }  // namespace
+
+void silu_rows(const float* x, std::int64_t ldx, std::int64_t i, std::int64_t r0, std::int64_t r1, float* out) {
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const float* g = x + r * ldx;
+    const float* u = g + i;
+    float* o = out + r * i;
+    std::int64_t j = 0;
+    for (; j + W <= i; j += W) vstore(o + j, vsilu_mul(vload(g + j), vload(u + j)));
+    if (j < i) {  // the tail through one padded vector: the same operations as the body
+      alignas(64) float tg[W] = {0}, tu[W] = {0}, to[W];
+      std::memcpy(tg, g + j, sizeof(float) * static_cast<std::size_t>(i - j));
+      std::memcpy(tu, u + j, sizeof(float) * static_cast<std::size_t>(i - j));
+      vstore(to, vsilu_mul(vload(tg), vload(tu)));
+      std::memcpy(o + j, to, sizeof(float) * static_cast<std::size_t>(i - j));
+    }
+  }
+}
 
 void gemm_tile(const GemmArgs& a, std::int64_t tile, std::int64_t t0, std::int64_t t1) {
   for (int sub = 0; sub < kSubs; ++sub) {

@@ -41,4 +41,7 @@ std::int64_t rope_write_kv(float* qkv, std::int64_t t, std::int64_t ldqkv, const
 void add_rms_norm(const float* x, const float* res, const float* w, float eps, std::int64_t t,
                   std::int64_t h, float* out, float* res_out);
 
+// out[r, j] = silu(x[r, j]) * x[r, i + j] for x rows [gate | up] of stride ldx, out [t, i] contiguous.
+void silu_and_mul(const float* x, std::int64_t t, std::int64_t i, std::int64_t ldx, float* out);
+
 }  // namespace mindie_kernels

@@ -43,12 +43,19 @@ _QUANT_KV = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8": torch.f
 
 def resolve_kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """``cache.cache_dtype`` -> the cache tensor's dtype ("auto" = the model's). A quantized cache
-    (int8, fp8_e4m3) is read by the reference attention ops, so it is refused off the CPU."""
+    (int8, fp8_e4m3) is read by the reference attention ops on the CPU and by the Triton kernels of
+    the CUDA backend (fp8 there needs compute capability 8.9 or newer); other devices refuse it."""
     if cache_dtype not in _QUANT_KV:
         return model_dtype
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"cache.cache_dtype={cache_dtype}: a quantized KV cache runs on the CPU backend only "
-                         f"so far (no {torch.device(device).type} attention kernel reads it yet)")
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"cache.cache_dtype={cache_dtype}: a quantized KV cache runs on the CPU and CUDA backends "
+                         f"only so far (no {dev.type} attention kernel reads it yet)")
+    if dev.type == "cuda" and _QUANT_KV[cache_dtype] == torch.float8_e4m3fn:
+        cap = torch.cuda.get_device_capability(dev)
+        if cap < (8, 9):
+            raise ValueError(f"cache.cache_dtype={cache_dtype}: an fp8 KV cache needs a GPU of compute capability "
+                             f"8.9 or newer (this one is {cap[0]}.{cap[1]}); use int8")
     return _QUANT_KV[cache_dtype]
 
 

@@ -231,9 +231,9 @@ class W4A16Scheme(CheckpointLinearScheme):
         if w.shape[1] % self.group_size:
             raise ValueError(f"model.quantization=w4a16: in_features {w.shape[1]} is not a multiple of "
                              f"group_size {self.group_size}")
-        codes, scales, zeros = quantize_w4_groupwise(w, self.group_size)
+        codes, scales, zeros = quantize_w4_groupwise(w, self.group_size)    # on the weight's device
         module._quant_device = w.device
-        _install(module, codes.cpu(), scales.cpu(), zeros.cpu(), self.group_size, None)
+        _install(module, codes, scales, zeros, self.group_size, None)
 
 
 class AWQScheme(W4A16Scheme):

@@ -5,10 +5,12 @@ op) and its schemes, selected by ``model.quantization`` (``get_scheme``). Model 
 for any of them: a scheme swaps the ``linear_method`` of linear layers and of the LM head (and, for
 a quantized embedding table, the lookup).
 
-- ``gguf``: a GGUF file's own blocks (Q4_0, Q4_1, Q8_0) computed on directly: each tensor's bytes
+- ``gguf``: a GGUF file's own blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) computed on directly: each tensor's bytes
   are repacked once at load time (``ops.gguf_repack``) and the matmul is ``ops.gguf_matmul``
-  (C++ kernels on the CPU); nothing is expanded to a full-precision copy. A layer whose tensors
-  are of another type (F16, K-quants, ...) or of mixed types is dequantized to the model dtype.
+  (C++ kernels on the CPU); nothing is expanded to a full-precision copy. A fused layer of mixed
+  block types (Q4_K q/k beside a Q6_K v, as llama.cpp's Q4_K_M files have) keeps one packed
+  weight per type and concatenates the matmuls' outputs. A layer with a tensor of another type
+  (F16, Q5_K, ...) is dequantized to the model dtype.
 - ``int8``: weight-only int8 per output channel (below).
 
 Weight-only int8 quantization (per output channel, symmetric) as a module transform: it swaps
@@ -38,7 +40,7 @@ from mindie_llm.layers.linear import LinearBase
 
 __all__ = ["quantize_weight_int8", "int8_linear", "quantize_int8", "INT8_MAX_ROWS", "QuantizedTensor",
            "QuantizationScheme", "GGUFBlocksScheme", "Int8Scheme", "get_scheme", "SCHEMES",
-           "GGUF_PACKED_TYPES", "gguf_linear", "weight_bytes", "CHECKPOINT_SCHEMES"]
+           "GGUF_PACKED_TYPES", "gguf_linear", "gguf_linear_parts", "weight_bytes", "CHECKPOINT_SCHEMES"]
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 INT8_MAX_ROWS = 16  # above this many rows the dense weight (if kept) is faster on the CPU
@@ -96,8 +98,8 @@ def quantize_int8(model: nn.Module, keep_dense: bool = True) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # The scheme interface
 # ----------------------------------------------------------------------------------------------
-GGUF_PACKED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}  # ggml type ids with a packed kernel
-_GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+GGUF_PACKED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K"}  # ggml ids with a kernel
+_GGUF_BLOCK_VALUES = {2: 32, 3: 32, 8: 32, 12: 256, 14: 256}
 
 
 @dataclass
@@ -169,7 +171,8 @@ def _shard_order(layer: nn.Module) -> list[Any]:
 
 
 class GGUFBlocksScheme(QuantizationScheme):
-    """GGUF Q4_0 / Q4_1 / Q8_0 blocks, repacked at load and computed on directly (see module doc)."""
+    """GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K blocks, repacked at load and computed on directly
+    (see module doc)."""
 
     name = "gguf"
 
@@ -203,7 +206,8 @@ class GGUFBlocksScheme(QuantizationScheme):
                 if tuple(loaded.shape) != (want, p.shape[1]):
                     raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not match the model's "
                                      f"{(want, p.shape[1])} (is the config right for these weights?)")
-                if loaded.ggml_type in GGUF_PACKED_TYPES and loaded.shape[1] % 32 == 0:
+                if (loaded.ggml_type in GGUF_PACKED_TYPES
+                        and loaded.shape[1] % _GGUF_BLOCK_VALUES[loaded.ggml_type] == 0):
                     module._gguf_shards[shard_id] = loaded
                     return
                 loaded = loaded.dequantize()
@@ -224,21 +228,67 @@ class GGUFBlocksScheme(QuantizationScheme):
                 continue
             order = _shard_order(module)
             types_ = {q.ggml_type for q in shards.values()}
-            if dense or len(types_) != 1 or set(shards) != set(order):
-                # mixed types in one fused layer: dequantize the blocks into the dense weight
+            if dense or set(shards) != set(order):
+                # part of a fused layer is of a type without a kernel: dequantize the blocks into
+                # the dense weight
                 for sid, q in shards.items():
                     args = (module.weight, q.dequantize()) + ((sid,) if sid is not None else ())
                     dense_loader(*args)
                 continue
+            n, k = module.weight.shape
+            if len(types_) > 1:
+                # a fused layer of mixed block types (Q4_K q/k beside a Q6_K v): one packed
+                # weight per run of equal types, one matmul each, outputs concatenated
+                _install_parts(module, [[shards[sid] for sid in run] for run in _runs(order, shards)], k)
+                continue
             (ggml_type,) = types_
             raw = torch.cat([shards[sid].raw for sid in order]) if len(order) > 1 else shards[order[0]].raw
-            n, k = module.weight.shape
-            try:
-                packed = ops.gguf_repack(raw, ggml_type, n, k)
-            except ValueError as e:
-                names = ", ".join(shards[sid].name for sid in order)
-                raise ValueError(f"{names}: {e}") from None
-            _install_packed(model, module, packed, ggml_type, n, k)
+            _install_packed(model, module, _repack_named([shards[sid] for sid in order], raw, ggml_type, n, k),
+                            ggml_type, n, k)
+
+
+def _repack_named(parts: list[QuantizedTensor], raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    try:
+        return ops.gguf_repack(raw, ggml_type, n, k)
+    except ValueError as e:
+        raise ValueError(f"{', '.join(q.name for q in parts)}: {e}") from None
+
+
+def _runs(order: list[Any], shards: dict[Any, QuantizedTensor]) -> list[list[Any]]:
+    """Consecutive shard ids of one ggml type: [[q, k], [v]] for Q4_K q, k and a Q6_K v."""
+    runs: list[list[Any]] = []
+    for sid in order:
+        if runs and shards[runs[-1][-1]].ggml_type == shards[sid].ggml_type:
+            runs[-1].append(sid)
+        else:
+            runs.append([sid])
+    return runs
+
+
+def gguf_linear_parts(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A fused layer of mixed GGUF types: y[T, N] = cat over parts of x @ W_part^T (+ bias)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                  # [T, K]
+    k = layer.gguf_k
+    y = torch.cat([ops.gguf_matmul(x2, getattr(layer, f"gguf_packed_{i}"), t, n, k)
+                   for i, (t, n) in enumerate(layer.gguf_parts)], dim=-1)    # [T, N]
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        y.add_(bias)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _install_parts(module: nn.Module, runs: list[list[QuantizedTensor]], k: int) -> None:
+    parts = []
+    for i, run in enumerate(runs):
+        ggml_type, n = run[0].ggml_type, sum(q.shape[0] for q in run)
+        raw = torch.cat([q.raw for q in run]) if len(run) > 1 else run[0].raw
+        module.register_buffer(f"gguf_packed_{i}", _repack_named(run, raw, ggml_type, n, k), persistent=False)
+        parts.append((ggml_type, n))
+    module.gguf_parts, module.gguf_k = parts, k
+    module.linear_method = gguf_linear_parts
+    module.register_parameter("weight", None)
 
 
 def _shard_rows(module: nn.Module, shard_id: Any) -> int:
@@ -278,6 +328,7 @@ CHECKPOINT_SCHEMES: dict[str, tuple[str, str]] = {
     "w4a16": ("mindie_llm.layers.quant_w4a16", "W4A16Scheme"),
     "awq": ("mindie_llm.layers.quant_w4a16", "AWQScheme"),
     "gptq": ("mindie_llm.layers.quant_w4a16", "GPTQScheme"),
+    "fp8": ("mindie_llm.layers.quant_fp8", "FP8Scheme"),
 }
 
 
@@ -302,8 +353,9 @@ def weight_bytes(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, VocabEmbedding):
             continue
+        parts = [getattr(mod, f"gguf_packed_{i}") for i in range(len(getattr(mod, "gguf_parts", ())))]
         for t in (getattr(mod, "gguf_packed", None), getattr(mod, "qweight", None),
-                  getattr(mod, "w4_qweight", None)):
+                  getattr(mod, "w4_qweight", None), *parts):
             if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()

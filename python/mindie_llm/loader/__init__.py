@@ -300,7 +300,7 @@ def load_model(model_config: Any, device: torch.device | str = "cpu", dtype: Any
         model, arch, tok = _load_dummy(path, device, dtype, getattr(model_config, "seed", 0), hf_config, parallel)
     else:
         model, arch, tok = _load_hf(path, device, dtype, progress, parallel, asked)
-    if quant in ("w8a8", "w4a16") and (fmt != "safetensors" or not _is_quantized(model)):
+    if quant in ("w8a8", "w4a16", "fp8") and (fmt != "safetensors" or not _is_quantized(model)):
         _finish_scheme(model, _checkpoint_scheme(model, (quant, {"from_float": True}), path or "<dummy>"),
                        path or "<dummy>")  # a float model quantized at load
     elif quant in ("awq", "gptq") and fmt != "safetensors":

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Which quantization scheme a checkpoint needs: the ``quantization_config`` of an HF config.json
-(AWQ, GPTQ, compressed-tensors W8A8) read into ``(scheme name, scheme kwargs)``, and the choice
+(AWQ, GPTQ, compressed-tensors W8A8 and FP8) read into ``(scheme name, scheme kwargs)``, and the choice
 between it and ``model.quantization``. Every refusal is one line naming the config field.
 
 Must not import the engine, executor or server; the schemes themselves are in layers/.
@@ -48,6 +48,17 @@ def detect_quantization(cfg: Mapping[str, Any], source: str) -> tuple[str, dict[
             raise _fail(source, "config_groups", "exactly one group (W8A8) is supported")
         (group,) = groups.values()
         w, a = (group or {}).get("weights") or {}, (group or {}).get("input_activations") or {}
+        ignore = tuple(str(x) for x in qc.get("ignore", ["lm_head"]))
+        if any(x.startswith("re:") for x in ignore):
+            raise _fail(source, "ignore", "regular-expression entries are not supported")
+        if w.get("type") == "float":    # FP8 (llm-compressor FP8_DYNAMIC): e4m3 weights, dynamic token scales
+            ok_w = w.get("num_bits") == 8 and w.get("strategy") in ("channel", "tensor") and w.get("symmetric", True)
+            ok_a = (a.get("num_bits") == 8 and a.get("type") == "float" and a.get("strategy") == "token"
+                    and a.get("dynamic") is True)
+            if not (ok_w and ok_a):
+                raise _fail(source, "config_groups", "only FP8 e4m3 weights (per channel or tensor) with dynamic "
+                                                     "per-token activations is supported")
+            return "fp8", {"ignore": ignore}
         ok_w = (w.get("num_bits") == 8 and w.get("type", "int") == "int" and w.get("strategy") == "channel"
                 and w.get("symmetric", True))
         ok_a = (a.get("num_bits") == 8 and a.get("type", "int") == "int" and a.get("strategy") == "token"
@@ -55,15 +66,12 @@ def detect_quantization(cfg: Mapping[str, Any], source: str) -> tuple[str, dict[
         if not (ok_w and ok_a):
             raise _fail(source, "config_groups", "only W8A8 int8 (weights per channel, activations per "
                                                  "token, dynamic, symmetric) is supported")
-        ignore = tuple(str(x) for x in qc.get("ignore", ["lm_head"]))
-        if any(x.startswith("re:") for x in ignore):
-            raise _fail(source, "ignore", "regular-expression entries are not supported")
         return "w8a8", {"ignore": ignore}
-    raise _fail(source, "quant_method", f"{method!r} is not supported (awq, gptq, compressed-tensors W8A8)")
+    raise _fail(source, "quant_method", f"{method!r} is not supported (awq, gptq, compressed-tensors W8A8 / FP8)")
 
 
 # what model.quantization may say for a checkpoint detected as <key>
-_COMPATIBLE = {"awq": ("awq", "w4a16"), "gptq": ("gptq", "w4a16"), "w8a8": ("w8a8",)}
+_COMPATIBLE = {"awq": ("awq", "w4a16"), "gptq": ("gptq", "w4a16"), "w8a8": ("w8a8",), "fp8": ("fp8",)}
 
 
 def choose_scheme(asked: str | None, detected: tuple[str, dict[str, Any]] | None,
@@ -71,7 +79,7 @@ def choose_scheme(asked: str | None, detected: tuple[str, dict[str, Any]] | None
     """The checkpoint scheme to load with (``None``: none of layers/quant_*), given
     ``model.quantization`` and what the checkpoint holds."""
     if detected is None:
-        if asked in ("w8a8", "w4a16"):
+        if asked in ("w8a8", "w4a16", "fp8"):
             return asked, {"from_float": True}
         if asked in ("awq", "gptq"):
             raise CorruptCheckpointError(source, f"model.quantization={asked} needs a {asked} checkpoint "

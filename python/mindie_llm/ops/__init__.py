@@ -19,12 +19,12 @@ from mindie_llm.ops import reference
 __all__ = ["register_backend", "registered_backends", "rms_norm", "fused_add_rms_norm",
            "rotary_embedding", "write_kv_cache", "rotary_embedding_write_kv", "paged_attention",
            "silu_and_mul", "gguf_repack", "gguf_matmul", "gguf_embedding", "w8a8_matmul", "w4a16_matmul",
-           "OP_NAMES"]
+           "fp8_matmul", "OP_NAMES"]
 
 OP_NAMES = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
             "rotary_embedding_write_kv", "paged_attention", "silu_and_mul",
             "gguf_repack", "gguf_matmul", "gguf_embedding",  # gguf_*: matmuls on repacked GGUF blocks
-            "w8a8_matmul", "w4a16_matmul",                   # quantized linears (layers/quant_*.py)
+            "w8a8_matmul", "w4a16_matmul", "fp8_matmul",     # quantized linears (layers/quant_*.py)
             # the KV ops on a quantized cache (int8 / fp8 e4m3 with per-head scales): a call whose
             # kv_cache has such a dtype goes to these entries instead of the plain ones
             "write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant")
@@ -98,3 +98,4 @@ gguf_matmul = _make("gguf_matmul")
 gguf_embedding = _make("gguf_embedding")
 w8a8_matmul = _make("w8a8_matmul")
 w4a16_matmul = _make("w4a16_matmul")
+fp8_matmul = _make("fp8_matmul")

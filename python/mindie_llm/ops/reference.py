@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "write_kv_cache",
            "rotary_embedding_write_kv", "paged_attention", "silu_and_mul", "gguf_repack", "gguf_unpack",
-           "gguf_matmul", "gguf_embedding", "quantize_per_token_int8", "w8a8_matmul", "w4a16_pack",
-           "w4a16_unpack", "w4a16_dequantize", "w4a16_matmul", "KV_QUANT_DTYPES", "kv_quantize",
+           "gguf_dequantize", "gguf_matmul", "gguf_embedding", "quantize_per_token_int8", "w8a8_matmul",
+           "w4a16_pack", "w4a16_unpack", "w4a16_dequantize", "w4a16_matmul", "FP8_MAX", "quantize_fp8_rows",
+           "fp8_matmul", "KV_QUANT_DTYPES", "kv_quantize",
            "kv_dequantize", "write_kv_cache_quant", "rotary_embedding_write_kv_quant", "paged_attention_quant",
            "rejection_sample"]
 
@@ -157,9 +158,155 @@ _GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}   # ggml type id -> bytes per 32-value
 _GGUF_QS_START = {2: 2, 3: 4, 8: 2}
 
 
+# K-quants (ggml-quants.c): one block = 256 values of a row.
+#   block_q4_K (144 B): d fp16, dmin fp16, scales[12] (8 6-bit scales, 8 6-bit mins), qs[128]:
+#     value 64 g + l in the low nibble of qs[32 g + l], value 64 g + 32 + l in its high nibble;
+#     w = d * sc[v / 32] * q - dmin * m[v / 32].
+#   block_q6_K (210 B): ql[128], qh[64], scales[16] int8, d fp16; in half h of 128 values, value
+#     32 s + l has low bits in ql[64 h + l + 32 (s & 1)] (low nibble for s < 2) and high bits at
+#     bit 2 s of qh[32 h + l]; w = d * scales[v / 16] * (q - 32).
+# Packed per 16-row tile and super-block (see cpp/kernels/src/kernels.h): Q4_K: d[16], dmin[16]
+# fp16, then 8 sub-blocks of codes[16 kk][16 rows] (Q4 nibble layout), sc[16] u8, m[16] u8.
+# Q6_K: d[16] fp16, then 8 sub-blocks of lo[16 kk][16] (low 4 bits, Q4 nibble layout),
+# hi[8 j][16] (2-bit high parts of values j, j+8, j+16, j+24 at bits 0, 2, 4, 6), sc[2][16] i8.
+_K_BLOCK_BYTES = {12: 144, 14: 210}
+_K_TILE_BYTES = {12: 2368, 14: 3360}
+
+
+def _gguf_block_values(ggml_type: int) -> int:
+    return 256 if ggml_type in _K_BLOCK_BYTES else 32
+
+
+def _k_decode(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> dict[str, torch.Tensor]:
+    """raw K-quant blocks [n, k/256 * bytes] -> q [n, nsb, 256] int64 (unsigned codes), scales
+    (Q4_K sc/m [n, nsb, 8], Q6_K sc [n, nsb, 16]) int64, d (and dmin) as raw fp16 bits [n, nsb, 2]."""
+    bb, nsb = _K_BLOCK_BYTES[ggml_type], k // 256
+    if raw.dtype != torch.uint8 or tuple(raw.shape) != (n, nsb * bb):
+        raise ValueError(f"GGUF blocks: expected uint8 [{n}, {nsb * bb}], got {raw.dtype} {list(raw.shape)}")
+    b = raw.reshape(n, nsb, bb)
+    if ggml_type == 12:
+        s = b[..., 4:16].long()
+        d_, m_, md = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+        sc = torch.cat((d_ & 63, (md & 15) | ((d_ >> 6) << 4)), dim=-1)            # [n, nsb, 8]
+        mn = torch.cat((m_ & 63, (md >> 4) | ((m_ >> 6) << 4)), dim=-1)
+        qs = b[..., 16:].long().reshape(n, nsb, 4, 1, 32)
+        q = torch.cat((qs & 15, qs >> 4), dim=3).reshape(n, nsb, 256)
+        return {"q": q, "sc": sc, "m": mn, "d": b[..., 0:2], "dmin": b[..., 2:4]}
+    ql = b[..., :128].long().reshape(n, nsb, 2, 64)
+    qh = b[..., 128:192].long().reshape(n, nsb, 2, 1, 32)
+    lo = torch.cat((ql & 15, ql >> 4), dim=-1)                                       # [n, nsb, 2, 128]
+    hi = torch.cat([(qh >> (2 * i)) & 3 for i in range(4)], dim=3).reshape(n, nsb, 2, 128)
+    q = (lo | (hi << 4)).reshape(n, nsb, 256)
+    sc = b[..., 192:208].contiguous().view(torch.int8).long()                        # [n, nsb, 16]
+    return {"q": q, "sc": sc, "d": b[..., 208:210]}
+
+
+def _f16(bits: torch.Tensor) -> torch.Tensor:
+    return bits.contiguous().view(torch.float16).float().squeeze(-1)
+
+
+def _k_check_finite(dec: dict[str, torch.Tensor], nsb: int) -> None:
+    bad = ~torch.isfinite(_f16(dec["d"]))
+    if "dmin" in dec:
+        bad |= ~torch.isfinite(_f16(dec["dmin"]))
+    idx = bad.reshape(-1).nonzero()
+    if idx.numel():
+        i = int(idx[0])
+        raise ValueError(f"malformed block: row {i // nsb}, block {i % nsb} has a non-finite scale")
+
+
+def gguf_dequantize(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    """raw GGUF blocks [n, row_bytes] uint8 (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) -> [n, k] float32,
+    following ggml's block formats (the oracle of the repack and of the kernels)."""
+    if ggml_type in _K_BLOCK_BYTES:
+        if k % 256:
+            raise ValueError(f"gguf_dequantize: k={k} is not a multiple of 256")
+        dec, nsb = _k_decode(raw, ggml_type, n, k), k // 256
+        d = _f16(dec["d"])                                                        # [n, nsb]
+        if ggml_type == 12:
+            ds = (d[..., None] * dec["sc"].float())[..., None]                      # [n, nsb, 8, 1]
+            ms = (_f16(dec["dmin"])[..., None] * dec["m"].float())[..., None]
+            w = ds * dec["q"].reshape(n, nsb, 8, 32).float() - ms
+        else:
+            ds = (d[..., None] * dec["sc"].float())[..., None]                      # [n, nsb, 16, 1]
+            w = ds * (dec["q"] - 32).reshape(n, nsb, 16, 16).float()
+        return w.reshape(n, k)
+    if ggml_type not in _GGUF_BLOCK_BYTES or k % 32:
+        raise ValueError(f"gguf_dequantize: ggml type {ggml_type} with k={k} is not supported")
+    bb, nkb = _GGUF_BLOCK_BYTES[ggml_type], k // 32
+    b = raw.reshape(n, nkb, bb)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()                        # [n, nkb, 1]
+    if ggml_type == 8:
+        return (b[..., 2:].contiguous().view(torch.int8).float() * d).reshape(n, k)
+    qs = b[..., _GGUF_QS_START[ggml_type]:].long()
+    q = torch.cat((qs & 15, qs >> 4), dim=-1)                                       # [n, nkb, 32]
+    if ggml_type == 3:
+        return (d * q.float() + b[..., 2:4].contiguous().view(torch.float16).float()).reshape(n, k)
+    return (d * (q - 8).float()).reshape(n, k)
+
+
+def _k_repack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    dec, nsb = _k_decode(raw, ggml_type, n, k), k // 256
+    _k_check_finite(dec, nsb)
+    n_pad = (n + 15) // 16 * 16
+    nt = n_pad // 16
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat((t, t.new_zeros(n_pad - n, *t.shape[1:]))) if n_pad != n else t
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:      # [n, nsb, *rest] -> [nt, nsb, *rest, 16 rows]
+        t = pad(t).reshape(nt, 16, *t.shape[1:])
+        return t.permute(0, 2, *range(3, t.dim()), 1)
+
+    q = tiled(dec["q"].reshape(n, nsb, 8, 32))                                        # [nt, nsb, 8, 32, 16]
+    d = tiled(dec["d"]).transpose(-1, -2).reshape(nt, nsb, 32)                        # fp16 bytes per row
+    if ggml_type == 12:
+        codes = (q[..., :16, :] | (q[..., 16:, :] << 4)).reshape(nt, nsb, 8, 256)
+        sub = torch.cat((codes, tiled(dec["sc"]), tiled(dec["m"])), dim=-1)          # [nt, nsb, 8, 288]
+        dmin = tiled(dec["dmin"]).transpose(-1, -2).reshape(nt, nsb, 32)
+        head = torch.cat((d.long(), dmin.long()), dim=-1)
+    else:
+        lo, hb = q & 15, q >> 4
+        codes = (lo[..., :16, :] | (lo[..., 16:, :] << 4)).reshape(nt, nsb, 8, 256)
+        hi = (hb[..., 0:8, :] | (hb[..., 8:16, :] << 2) | (hb[..., 16:24, :] << 4)
+              | (hb[..., 24:32, :] << 6)).reshape(nt, nsb, 8, 128)
+        sc = tiled(dec["sc"].reshape(n, nsb, 8, 2)).reshape(nt, nsb, 8, 32) & 0xFF  # int8 bytes
+        sub = torch.cat((codes, hi, sc), dim=-1)                                       # [nt, nsb, 8, 416]
+        head = d.long()
+    out = torch.cat((head, sub.reshape(nt, nsb, -1)), dim=-1)
+    return out.to(torch.uint8).reshape(-1).contiguous()
+
+
+def _k_unpack(packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
+    nsb, n_pad = k // 256, (n + 15) // 16 * 16
+    t = packed.reshape(n_pad // 16, nsb, _K_TILE_BYTES[ggml_type])
+    d = t[..., :32].contiguous().view(torch.float16).float()                        # [nt, nsb, 16]
+    if ggml_type == 12:
+        dmin = t[..., 32:64].contiguous().view(torch.float16).float()
+        sub = t[..., 64:].reshape(*t.shape[:2], 8, 288)
+        c = sub[..., :256].reshape(*t.shape[:2], 8, 16, 16)
+        q = torch.cat((c & 15, c >> 4), dim=-2).float()                               # [nt, nsb, 8, 32, 16]
+        ds = d[:, :, None, :] * sub[..., 256:272].float()                             # [nt, nsb, 8, 16]
+        ms = dmin[:, :, None, :] * sub[..., 272:288].float()
+        w = ds[..., None, :] * q - ms[..., None, :]
+    else:
+        sub = t[..., 32:].reshape(*t.shape[:2], 8, 416)
+        c = sub[..., :256].reshape(*t.shape[:2], 8, 16, 16)
+        lo = torch.cat((c & 15, c >> 4), dim=-2).long()                               # [.., 32, 16]
+        h = sub[..., 256:384].reshape(*t.shape[:2], 8, 8, 16).long()
+        hi = torch.cat([(h >> (2 * i)) & 3 for i in range(4)], dim=-2)                 # [.., 32, 16]
+        sc = sub[..., 384:416].contiguous().view(torch.int8).reshape(*t.shape[:2], 8, 2, 16).float()
+        ds = (d[:, :, None, None, :] * sc).repeat_interleave(16, dim=-2)              # [.., 32, 16]
+        w = ds * ((lo | (hi << 4)) - 32).float()
+    return w.permute(0, 4, 1, 2, 3).reshape(n_pad, k)[:n]                              # [n, k]
+
+
 def gguf_repack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
-    """raw[n, k/32 * block_bytes] uint8 GGUF blocks (Q4_0, Q4_1, Q8_0) -> packed uint8 bytes.
-    A block whose scale (or Q4_1 minimum) is not finite raises ValueError naming row and block."""
+    """raw[n, k/qk * block_bytes] uint8 GGUF blocks (Q4_0, Q4_1, Q8_0; Q4_K, Q6_K with qk = 256)
+    -> packed uint8 bytes. A block whose scale (or Q4_1 / Q4_K minimum) is not finite raises
+    ValueError naming row and block."""
+    if ggml_type in _K_BLOCK_BYTES and k % 256 == 0:
+        return _k_repack(raw, ggml_type, n, k)
     if ggml_type not in _GGUF_BLOCK_BYTES or k % 32:
         raise ValueError(f"gguf_repack: ggml type {ggml_type} with k={k} is not supported")
     bb, nkb = _GGUF_BLOCK_BYTES[ggml_type], k // 32
@@ -184,6 +331,8 @@ def gguf_repack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tens
 
 def gguf_unpack(packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
     """The packed weight dequantized: [n, k] float32, equal to dequantizing the GGUF blocks."""
+    if ggml_type in _K_BLOCK_BYTES:
+        return _k_unpack(packed, ggml_type, n, k)
     nkb, n_pad = k // 32, (n + 15) // 16 * 16
     code_bytes = 512 if ggml_type == 8 else 256
     bt = code_bytes + (64 if ggml_type == 3 else 32)
@@ -258,6 +407,28 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  group_size: int) -> torch.Tensor:
     """x[T, K] @ W^T -> [T, N] float32, W the dequantized group-wise 4-bit weight."""
     return x.float() @ w4a16_dequantize(qweight, scales, zeros, group_size).T
+
+
+# --- FP8 linears (e4m3 weights per output channel, activations per token, both dynamic scales) ---
+FP8_MAX = 448.0   # the largest finite float8_e4m3fn
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[R, K] -> (xq[R, K] float8_e4m3fn, scale[R] float32), symmetric per row: x ~= xq * scale[:, None]
+    (round to nearest even, saturated at +-448). Used for weights (rows = output channels) and for
+    activations (rows = tokens)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX                    # [R]
+    xq = (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return xq, scale
+
+
+def fp8_matmul(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """FP8: x[T, K] is quantized per token to e4m3; y[T, N] = (xq * sx) @ (qweight[N, K] e4m3 *
+    w_scale[N])^T, accumulated in float32, returned in x's dtype."""
+    xq, sx = quantize_fp8_rows(x)
+    w = qweight.float() * w_scale.float()[:, None]                              # [N, K]
+    return ((xq.float() * sx[:, None]) @ w.T).to(x.dtype)
 
 
 # --- Quantized KV cache (int8, fp8 e4m3) ------------------------------------------------------

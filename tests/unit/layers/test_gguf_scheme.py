@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The ``gguf`` quantization scheme end to end on a tiny GGUF written here: Q4_0 / Q4_1 / Q8_0
-layers (one type per fused layer, and one fused layer of mixed types that must fall back to a
-dequantized weight), a tied Q8_0 embedding (lookups and the LM head on the same blocks).
+layers (one type per fused layer, and one fused layer of mixed types, computed as one packed
+weight per type), a tied Q8_0 embedding (lookups and the LM head on the same blocks).
 
 Oracle: the same file loaded with ``quantization="none"`` (every tensor dequantized to float32 by
 the loader, then dense matmuls). Tolerance 1e-4: the kernels compute in float32 on exactly the
@@ -27,7 +27,7 @@ D = H // HEADS
 TYPES = {0: {"attn_q": Q.Q4_1, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0,
              "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_0, "ffn_down": Q.Q4_1},
          1: {"attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_0,
-             "ffn_gate": Q.Q4_1, "ffn_up": Q.Q8_0, "ffn_down": Q.Q8_0}}  # gate/up mixed: dequantized
+             "ffn_gate": Q.Q4_1, "ffn_up": Q.Q8_0, "ffn_down": Q.Q8_0}}  # gate/up mixed: two parts
 
 
 def _write(path: str, poison: str | None = None) -> None:
@@ -94,10 +94,11 @@ def test_gguf_scheme_matches_dequantized_model(tiny):
     layers = fast.model.model.layers
     assert layers[0].self_attn.qkv_proj.gguf_type == 3 and layers[0].self_attn.qkv_proj.weight is None
     assert layers[0].mlp.gate_up_proj.gguf_type == 2 and layers[1].self_attn.o_proj.gguf_type == 2
-    assert layers[1].mlp.gate_up_proj.weight is not None                 # mixed Q4_1 + Q8_0: dequantized
+    gate_up = layers[1].mlp.gate_up_proj                                 # mixed Q4_1 + Q8_0: two parts
+    assert gate_up.weight is None and gate_up.gguf_parts == [(3, I), (8, I)]
     emb, head = fast.model.model.embed_tokens, fast.model.lm_head
     assert emb.weight is None and head.weight is None and head.gguf_packed is emb.gguf_packed
-    assert weight_bytes(fast.model) < weight_bytes(dense.model) / 2.5      # one fused layer stays dense
+    assert weight_bytes(fast.model) < weight_bytes(dense.model) / 3.5      # nothing stays dense
 
 
 def test_auto_is_gguf_for_a_gguf_file_on_the_cpu(tiny):

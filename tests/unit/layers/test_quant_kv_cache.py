@@ -56,7 +56,7 @@ def test_kv_cache_dtype_config_and_refusals():
         EngineConfig.from_kwargs(kv_cache_dtype="int4")
     assert resolve_kv_cache_dtype("fp8_e4m3", torch.float32, torch.device("cpu")) == torch.float8_e4m3fn
     assert resolve_kv_cache_dtype("auto", torch.bfloat16, torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(ValueError, match="cache.cache_dtype=int8: a quantized KV cache runs on the CPU"):
+    with pytest.raises(ValueError, match="cache.cache_dtype=int8: a quantized KV cache runs on the CPU and CUDA"):
         resolve_kv_cache_dtype("int8", torch.float16, torch.device("meta"))
     spec = KVCacheSpec(2, 4, 64, 16, torch.int8)
     assert spec.bytes_per_block == 2 * 2 * 16 * 4 * 68                          # codes + 4-byte scales

@@ -25,14 +25,17 @@ except ImportError:  # the extension is optional: plain-torch ops remain
     _ck = None
 
 __all__ = ["available", "isa", "set_isa", "ensure_threads", "PACKED_TYPES", "packed_bytes", "repack",
-           "matmul", "dequant_rows", "paged_attention", "rope_write_kv", "add_rms_norm", "SPIN_US"]
+           "matmul", "dequant_rows", "paged_attention", "rope_write_kv", "add_rms_norm", "silu_and_mul",
+           "SPIN_US", "BLOCK_VALUES"]
 
-PACKED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}  # ggml type id -> name
-BLOCK_BYTES = {2: 18, 3: 20, 8: 34}               # bytes of one 32-value GGUF block
-_TILE_BYTES = {2: 288, 3: 320, 8: 544}            # one 16-row x 32-value tile of the packed layout
+PACKED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 14: "Q6_K"}  # ggml type id -> name
+BLOCK_VALUES = {2: 32, 3: 32, 8: 32, 12: 256, 14: 256}     # values of one GGUF block
+BLOCK_BYTES = {2: 18, 3: 20, 8: 34, 12: 144, 14: 210}      # bytes of one GGUF block
+_TILE_BYTES = {2: 288, 3: 320, 8: 544, 12: 2368, 14: 3360}  # one 16-row x one-block tile, packed
 # Idle spin before sleeping: covers the gap between two kernels of a decode step (tens of us)
 # but not the gap between steps of an idle server. Measured in docs/performance.md.
 SPIN_US = int(os.environ.get("MINDIE_CPU_SPIN_US", "200"))
+_F32, _U8 = torch.float32, torch.uint8
 
 
 def available() -> bool:
@@ -59,36 +62,39 @@ def _check_type(ggml_type: int, k: int) -> None:
     if ggml_type not in PACKED_TYPES:
         raise ValueError(f"ggml type {ggml_type} has no packed kernel (supported: "
                          f"{', '.join(PACKED_TYPES.values())})")
-    if k % 32:
-        raise ValueError(f"in_features {k} is not a multiple of the 32-value GGUF block")
+    qk = BLOCK_VALUES[ggml_type]
+    if k % qk:
+        raise ValueError(f"in_features {k} is not a multiple of the {qk}-value "
+                         f"{PACKED_TYPES[ggml_type]} GGUF block")
 
 
 def packed_bytes(ggml_type: int, n: int, k: int) -> int:
     _check_type(ggml_type, k)
-    return (n + 15) // 16 * (k // 32) * _TILE_BYTES[ggml_type]
+    return (n + 15) // 16 * (k // BLOCK_VALUES[ggml_type]) * _TILE_BYTES[ggml_type]
 
 
 def repack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
-    """raw[n, k/32 * block_bytes] uint8 (GGUF blocks, row-major) -> packed uint8 [packed_bytes].
-    A block whose scale (or Q4_1 minimum) is not finite raises ValueError naming its row and block."""
+    """raw[n, k/qk * block_bytes] uint8 (GGUF blocks of qk values, row-major) -> packed uint8
+    [packed_bytes]. A block whose scale (or Q4_1 / Q4_K minimum) is not finite raises ValueError
+    naming its row and block."""
     _check_type(ggml_type, k)
-    if raw.dtype != torch.uint8 or tuple(raw.shape) != (n, k // 32 * BLOCK_BYTES[ggml_type]):
-        raise ValueError(f"GGUF blocks: expected uint8 [{n}, {k // 32 * BLOCK_BYTES[ggml_type]}], got "
+    nkb = k // BLOCK_VALUES[ggml_type]
+    if raw.dtype != torch.uint8 or tuple(raw.shape) != (n, nkb * BLOCK_BYTES[ggml_type]):
+        raise ValueError(f"GGUF blocks: expected uint8 [{n}, {nkb * BLOCK_BYTES[ggml_type]}], got "
                          f"{raw.dtype} {list(raw.shape)}")
     raw = raw.contiguous()
     out = torch.empty(packed_bytes(ggml_type, n, k), dtype=torch.uint8)
     bad = _ck.pack(raw.data_ptr(), ggml_type, n, k, out.data_ptr())
     if bad >= 0:
-        nkb = k // 32
         raise ValueError(f"malformed {PACKED_TYPES[ggml_type]} block: row {bad // nkb}, block {bad % nkb} "
                          "has a non-finite scale")
     return out
 
 
 def _check_packed(packed: torch.Tensor, ggml_type: int, n: int, k: int) -> None:
-    bt = _TILE_BYTES.get(ggml_type)
-    if (bt is not None and k % 32 == 0 and packed.dtype == torch.uint8 and packed.is_contiguous()
-            and packed.numel() == (n + 15) // 16 * (k // 32) * bt):
+    bt, qk = _TILE_BYTES.get(ggml_type), BLOCK_VALUES.get(ggml_type, 32)
+    if (bt is not None and k % qk == 0 and packed.dtype == torch.uint8 and packed.is_contiguous()
+            and packed.numel() == (n + 15) // 16 * (k // qk) * bt):
         return
     if packed.dtype != torch.uint8 or not packed.is_contiguous() or packed.numel() != packed_bytes(ggml_type, n, k):
         raise ValueError(f"packed weight: expected {packed_bytes(ggml_type, n, k)} contiguous uint8 bytes for "
@@ -98,15 +104,20 @@ def _check_packed(packed: torch.Tensor, ggml_type: int, n: int, k: int) -> None:
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int, n: int, k: int) -> torch.Tensor:
     """x[T, K] float32 -> x @ W^T [T, N] float32, W the packed GGUF weight [N, K]."""
-    _check_packed(packed, ggml_type, n, k)
-    if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32:
+    bt = _TILE_BYTES.get(ggml_type)  # the common case checked inline (a decode step has ~120 calls)
+    if not (bt is not None and packed.dtype is _U8 and packed.is_contiguous()
+            and packed.numel() == (n + 15) // 16 * (k // BLOCK_VALUES[ggml_type]) * bt
+            and k % BLOCK_VALUES[ggml_type] == 0):
+        _check_packed(packed, ggml_type, n, k)
+    if x.dtype is not _F32 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"gguf matmul: x must be float32 [T, {k}], got {x.dtype} {list(x.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     t = x.shape[0]
-    y = torch.empty(t, n, dtype=torch.float32)
+    y = torch.empty(t, n, dtype=_F32)
     if t:
-        ensure_threads()
+        if _ck.num_threads() != torch.get_num_threads():
+            ensure_threads()
         _ck.gemm(x.data_ptr(), t, x.stride(0), packed.data_ptr(), ggml_type, n, k, y.data_ptr(), n)
     return y
 
@@ -154,6 +165,16 @@ def rope_write_kv(qkv: torch.Tensor, t: int, hq: int, hk: int, d: int, positions
                             slot_mapping.data_ptr(), cos_sin_cache.shape[0])
     if bad >= 0:
         raise IndexError(f"rotary/KV write: token {bad} has an out-of-range slot or position")
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x[T, 2I] float32 with unit column stride (gate | up) -> silu(gate) * up, [T, I] float32."""
+    t, two_i = x.shape
+    out = torch.empty(t, two_i // 2, dtype=torch.float32)
+    if t:
+        ensure_threads()
+        _ck.silu_and_mul(x.data_ptr(), t, two_i // 2, x.stride(0), out.data_ptr())
+    return out
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -1,15 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 """The C++ CPU kernels (``backends/cpu/kernels.py`` / ``fast_ops.py``) against ``ops/reference.py``:
 
-- GGUF repacking: the C++ packer equals the torch reference packer byte for byte, and unpacking
-  round-trips to ``gguf_reader.dequantize`` of the original blocks (an independent dequantizer);
+- GGUF repacking (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K): the C++ packer equals the torch reference packer
+  byte for byte, and unpacking round-trips to ``gguf_reader.dequantize`` of the original blocks (an
+  independent dequantizer: the gguf package's for the K-quants), as does
+  ``reference.gguf_dequantize`` (ggml's block formats, read directly);
 - the packed matmul against dequantize-then-matmul (tolerance: float32 summation order only),
+  the K-quants against the raw blocks dequantized by ``reference.gguf_dequantize``,
   for T = 1 (decode), a few rows, and more than one 64-row work item; every instruction set this
   CPU has gives bit-identical results;
 - malformed blocks (a non-finite scale) and mismatched shapes are refused, naming row and block;
 - paged attention over a mixed batch (decodes + prefill chunks, sliding window) against the
   reference, and out-of-range block ids refused; rotary + KV write and add + RMSNorm against the
-  reference; the embedding lookup against the unpacked rows.
+  reference; the embedding lookup against the unpacked rows; SiLU-and-mul against the reference.
 """
 from __future__ import annotations
 
@@ -32,10 +35,26 @@ def test_kernels_are_built():
 
 
 TYPES = [2, 3, 8]  # Q4_0, Q4_1, Q8_0
+K_TYPES = [12, 14]  # Q4_K, Q6_K (256-value blocks)
+# where a K-quant block keeps its fp16 scales: (d, dmin) of Q4_K, d of Q6_K (ggml-quants.c)
+_K_HALVES = {12: (0, 2), 14: (208,)}
+
+
+def _raw_k(ggml_type: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Random valid K-quant blocks [n, k/256 * block_bytes]: random codes and sub-block scales,
+    finite fp16 super-block scales (Q6_K's int8 scales of either sign)."""
+    g = torch.Generator().manual_seed(seed)
+    bb, nsb = K.BLOCK_BYTES[ggml_type], k // 256
+    raw = torch.randint(0, 256, (n, nsb, bb), dtype=torch.uint8, generator=g)
+    for off in _K_HALVES[ggml_type]:
+        raw[:, :, off:off + 2] = (torch.rand(n, nsb, 1, generator=g) * 0.002).half().view(torch.uint8)
+    return raw.reshape(n, nsb * bb)
 
 
 def _raw(ggml_type: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
     """Random valid GGUF blocks [n, k/32 * block_bytes]: random codes, finite fp16 scales."""
+    if ggml_type in K_TYPES:
+        return _raw_k(ggml_type, n, k, seed)
     g = torch.Generator().manual_seed(seed)
     bb, nkb = K.BLOCK_BYTES[ggml_type], k // 32
     raw = torch.randint(0, 256, (n, nkb, bb), dtype=torch.uint8, generator=g)
@@ -82,6 +101,75 @@ def test_matmul_matches_dequantized_reference_on_every_isa(ggml_type, t):
     wide = torch.zeros(t, k + 32)
     wide[:, :k] = x
     assert torch.equal(fast_ops.gguf_matmul(wide[:, :k], packed, ggml_type, n, k), outs[0])
+
+
+@pytest.mark.parametrize("ggml_type", K_TYPES)
+@pytest.mark.parametrize("n,k", [(48, 256), (37, 512), (1, 256)])
+def test_kquant_repack_matches_reference_and_round_trips(ggml_type, n, k):
+    raw = _raw(ggml_type, n, k, seed=n)
+    packed = K.repack(raw, ggml_type, n, k)
+    assert packed.numel() == K.packed_bytes(ggml_type, n, k)
+    assert torch.equal(packed, ref.gguf_repack(raw, ggml_type, n, k))
+    want = dequantize(raw.numpy(), ggml_type, (n, k))                 # the gguf package's dequantizer
+    assert torch.equal(ref.gguf_dequantize(raw, ggml_type, n, k), want)
+    assert torch.equal(ref.gguf_unpack(packed, ggml_type, n, k), want)
+    ids = torch.tensor([0, n - 1, n // 2])
+    assert torch.equal(K.dequant_rows(ids, packed, ggml_type, n, k), want[ids])
+
+
+@pytest.mark.parametrize("ggml_type", K_TYPES)
+@pytest.mark.parametrize("t", [1, 5, 70])
+def test_kquant_matmul_matches_dequantized_blocks_on_every_isa(ggml_type, t):
+    n, k = 40, 512
+    raw = _raw(ggml_type, n, k, seed=t)
+    packed = K.repack(raw, ggml_type, n, k)
+    x = torch.randn(t, k, generator=torch.Generator().manual_seed(2))
+    want = x.double() @ ref.gguf_dequantize(raw, ggml_type, n, k).double().T    # dequantize, then matmul
+    outs = []
+    try:
+        for name in _isas():
+            K.set_isa(name)
+            outs.append(fast_ops.gguf_matmul(x, packed, ggml_type, n, k))
+    finally:
+        K.set_isa("auto")
+    for y in outs:
+        torch.testing.assert_close(y.double(), want, atol=2e-4, rtol=1e-4)
+        assert torch.equal(y, outs[0])                               # bit-identical across ISAs
+    torch.testing.assert_close(outs[0], ref.gguf_matmul(x, packed, ggml_type, n, k), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ggml_type", K_TYPES)
+def test_malformed_kquant_blocks_are_refused_naming_row_and_block(ggml_type):
+    n, k = 20, 512
+    raw = _raw(ggml_type, n, k)
+    raw.view(n, 2, -1)[7, 1, _K_HALVES[ggml_type][-1] + 1] = 0x7C         # the last fp16 scale: inf/nan
+    with pytest.raises(ValueError, match="row 7, block 1"):
+        K.repack(raw, ggml_type, n, k)
+    with pytest.raises(ValueError, match="row 7, block 1"):
+        ref.gguf_repack(raw, ggml_type, n, k)
+    with pytest.raises(ValueError, match="multiple of the 256-value"):
+        K.repack(raw, ggml_type, n, 384)
+    with pytest.raises(ValueError, match="expected uint8"):
+        K.repack(raw[:, :-1], ggml_type, n, k)
+
+
+@pytest.mark.parametrize("t,i", [(1, 96), (3, 1536), (40, 1003)])
+def test_silu_and_mul_matches_reference_on_every_isa(t, i):
+    x = torch.randn(t, 2 * i) * 4
+    outs = []
+    try:
+        for name in _isas():
+            K.set_isa(name)
+            outs.append(fast_ops.silu_and_mul(x))
+    finally:
+        K.set_isa("auto")
+    got = outs[0]
+    torch.testing.assert_close(got, ref.silu_and_mul(x), atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(y, got) for y in outs)                     # bit-identical across ISAs
+    wide = torch.zeros(t, 2 * i + 16)
+    wide[:, :2 * i] = x
+    assert torch.equal(fast_ops.silu_and_mul(wide[:, :2 * i]), got)     # a strided row view
+    assert fast_ops.silu_and_mul(torch.empty(0, 2 * i)).shape == (0, i)
 
 
 def test_matmul_threads_do_not_change_results():
