@@ -22,6 +22,8 @@ Sections (``--sections``, comma separated, all by default):
              continuous vs static (uniform and log-normal outputs), SplitFuse vs prefill_first
              under Poisson load, KV waste, profiles
   1b         Llama-3.2-1B shapes: batch-1 decode
+  idle       Llama-3-8B offline 256 x (64-512 -> 128) with asynchronous scheduling off and on: out
+             tok/s and the GPU idle time between steps (CUDA events, executor/step_timer.py)
   peers      transformers on the same card (the ``--hf-peers`` script), run after ours
   quant      (not in the default list) Llama-3-8B per quantization scheme (``--quant-schemes``: bf16,
              w4a16, w8a8, fp8, kv-int8, kv-fp8): M=1 linears of each scheme against their byte floor
@@ -408,6 +410,56 @@ def run(eng, ps, outs, *, arrivals=None, kv_sample_every=0):
     return time.perf_counter() - t0, sum(seen.values()), times, waste
 
 
+def gpu_idle(eng, ps, outs, label: str) -> tuple[float, float]:
+    """Runs the workload with a StepTimer on the runner: CUDA events at each step's first and last
+    device operation give the GPU time per step and the gaps between steps (the GPU waiting on the
+    host). Emits "GPU idle between steps" (ms/step and % of wall) and the host's time per step;
+    returns (out tok/s, idle % of wall)."""
+    from mindie_llm.executor.step_timer import StepTimer
+    timer = StepTimer(lambda: torch.cuda.Event(enable_timing=True))
+    eng.runner.step_timer = timer
+    try:
+        dt, n, _, _ = run(eng, ps, outs)
+    finally:
+        eng.runner.step_timer = None
+    s = timer.summary()
+    emit(f"{label}: GPU idle between steps", round(s.idle_ms_per_step, 3), "ms/step",
+         note=f"{s.idle_pct_of_wall:.1f}% of wall; {s.steps} steps, GPU busy {s.busy_ms / max(s.steps, 1):.2f} ms/step, "
+              f"host {s.host_ms_per_step:.2f} ms/step; {n / dt:.0f} out tok/s")
+    return n / dt, s.idle_pct_of_wall
+
+
+def set_async(eng, on: bool) -> None:
+    """Asynchronous scheduling on or off on a running engine: the runner's mode and a scheduler
+    that hands out the lookahead slot (a fresh scheduler: call between runs only)."""
+    eng.runner.set_async_scheduling(on)
+    set_scheduler(eng, num_lookahead_slots=1 if on else 0)
+
+
+@guarded("idle")
+def bench_idle(out_dir: str | None) -> None:
+    """Llama-3-8B offline 256 x (64-512 -> 128): out tok/s and GPU idle between steps with
+    asynchronous scheduling off and on (one engine, the same requests)."""
+    eng = make_engine("llama3-8b")
+    V = eng.arch.vocab_size
+    run(eng, prompts(8, 64, 128, V, seed=9), [8] * 8)                          # warm-up
+    ps = prompts(256, 64, 512, V)
+    res = {}
+    for on in (False, True):
+        set_async(eng, on)
+        run(eng, prompts(16, 64, 128, V, seed=10), [8] * 16)                  # warm-up of the mode
+        res[on] = gpu_idle(eng, ps, [128] * 256, f"8B offline 256 x (64-512 -> 128) async={'on' if on else 'off'}")
+        if on:
+            emit("async scheduling: steps queued ahead used / dropped",
+                 f"{eng.runner.num_ahead_used} / {eng.runner.num_ahead_dropped}", "",
+                 note=f"{eng.runner.num_ahead_trimmed} used without rows that had finished")
+    set_async(eng, False)
+    emit("async scheduling on / off, 8B offline", round(res[True][0] / res[False][0], 3), "x",
+         note=f"idle {res[False][1]:.1f}% -> {res[True][1]:.1f}% of wall")
+    del eng
+    torch.cuda.empty_cache()
+
+
 def weight_bytes(eng) -> int:
     """Bytes a decode step must read: every parameter except the input embedding (one row)."""
     tot = 0
@@ -561,6 +613,7 @@ def bench_8b(out_dir: str | None) -> None:
     dt, n, _, waste = run(eng, ps, [128] * 256, kv_sample_every=0 if os.environ.get("BENCH_NO_KV_SAMPLE") == "1" else 8)
     emit("8B offline 256 x (64-512 -> 128)", round(n / dt, 1), "out tok/s", None,
          f"{dt:.2f} s; vLLM ({VLLM_SRC[0]}) {ISSUE_VLLM['offline']}; {n / dt / ISSUE_VLLM['offline']:.2f}x vLLM")
+    gpu_idle(eng, ps, [128] * 256, "8B offline 256 x (64-512 -> 128)")
     if waste:
         emit("KV memory waste (blocks held vs tokens stored)", round(100 * float(np.mean(waste)), 2), "%",
              note=f"mean of {len(waste)} samples, max {100 * max(waste):.2f}%, block {eng.block_size}")
@@ -900,6 +953,8 @@ def main() -> None:
         bench_8b(args.out)
     if "1b" in secs:
         bench_1b(args.out)
+    if "idle" in secs:
+        bench_idle(args.out)
     if "kernels" in secs:      # after the engines: nothing it leaves behind can touch their figures
         kernels()
     if "quant" in secs:        # its own section (not in the default list): one engine per scheme

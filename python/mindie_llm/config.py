@@ -108,6 +108,7 @@ class SchedulerConfig:
     max_queued_requests: int = 256     # beyond this, new requests are refused (HTTP 429)
     max_n: int = 16                    # cap on SamplingParams.n (MindIE maxN)
     role: str = "colocated"            # colocated | prefill | decode (set from disaggregation.role)
+    async_scheduling: bool = False     # vLLM async scheduling: step n+1 queued while step n runs
 
     def __post_init__(self) -> None:
         _check(self.policy in ("fcfs", "priority", "static", "prefill_first"), "scheduler.policy",
@@ -346,6 +347,7 @@ KWARG_ALIASES: dict[str, str] = {
     "enable_prefix_caching": "cache.enable_prefix_caching",
     "kv_cache_dtype": "cache.cache_dtype",
     "scheduling_policy": "scheduler.policy",
+    "async_scheduling": "scheduler.async_scheduling",
     "max_num_seqs": "scheduler.max_batch_size",
     "max_batch_size": "scheduler.max_batch_size",
     "max_num_batched_tokens": "scheduler.max_prefill_tokens",
@@ -456,6 +458,14 @@ class EngineConfig:
             # disaggregation.role is the user-facing key; the scheduler copy follows it (a router
             # schedules nothing itself).
             object.__setattr__(self, "scheduler", dataclasses.replace(self.scheduler, role=role))
+        if self.scheduler.async_scheduling:
+            # Verified with one rank, colocated, without speculation; the others are refused.
+            _check(self.speculative.method == "none", "scheduler.async_scheduling",
+                   "is not supported with speculative decoding yet (set speculative.method=none)")
+            _check(self.parallel.tensor_parallel_size == 1, "scheduler.async_scheduling",
+                   "is not supported with tensor parallelism yet (tensor_parallel_size must be 1)")
+            _check(self.disaggregation.role == "colocated", "scheduler.async_scheduling",
+                   "is not supported with prefill/decode disaggregation yet (disaggregation.role must be colocated)")
         _check(self.disaggregation.role not in ("prefill", "decode") or self.parallel.tensor_parallel_size == 1,
                "parallel.tensor_parallel_size", f"a {self.disaggregation.role} instance runs one rank for now (the KV "
                "connector moves the driver rank's pool only; one connector per rank is not built yet)")

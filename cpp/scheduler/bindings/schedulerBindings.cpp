@@ -430,6 +430,7 @@ PYBIND11_MODULE(_scheduler, m)
         .def_readwrite("enable_chunked_prefill", &ms::SchedulerConfig::enableChunkedPrefill)
         .def_readwrite("policy", &ms::SchedulerConfig::policy)
         .def_readwrite("role", &ms::SchedulerConfig::role)
+        .def_readwrite("num_lookahead_slots", &ms::SchedulerConfig::numLookaheadSlots)
         .def("validate", &ms::SchedulerConfig::validate);
 
     py::class_<ms::Scheduler>(m, "SchedulerCore")

@@ -12,6 +12,8 @@ void SchedulerConfig::validate() const
     MINDIE_CHECK(maxNumBatchedTokens >= 1, ConfigError, "max_num_batched_tokens must be >= 1, got " << maxNumBatchedTokens);
     MINDIE_CHECK(maxNumSeqs >= 1, ConfigError, "max_num_seqs must be >= 1, got " << maxNumSeqs);
     MINDIE_CHECK(maxModelLen >= 1, ConfigError, "max_model_len must be >= 1, got " << maxModelLen);
+    MINDIE_CHECK(numLookaheadSlots >= 0 && numLookaheadSlots <= 1, ConfigError,
+        "num_lookahead_slots must be 0 or 1, got " << numLookaheadSlots);
     auto const p = static_cast<std::int32_t>(policy);
     MINDIE_CHECK(p >= 0 && p <= 3, ConfigError, "policy: unknown value " << p);
     auto const r = static_cast<std::int32_t>(role);

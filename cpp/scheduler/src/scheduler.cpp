@@ -141,12 +141,33 @@ bool Scheduler::scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& ro
         return false; // preempted itself: nothing after it is worth more
     }
     SizeType32 const numSpec = r.drafts.empty() || !r.isDecode() ? 0 : scheduleLookahead(r, budget - numNew);
+    if (numSpec == 0 && mConfig.numLookaheadSlots > 0 && r.isDecode())
+    {
+        reserveNextBlock(r, before + numNew + mConfig.numLookaheadSlots);
+    }
     r.numComputedTokens += numNew + numSpec;
     r.scheduledAtStep = mStep;
     r.computedBeforeStep = before;
     budget -= numNew + numSpec;
     rows.push_back(Row{&r, numNew + numSpec, before, numSpec});
     return true;
+}
+
+void Scheduler::reserveNextBlock(Request& r, SizeType32 numTokens)
+{
+    // Asynchronous scheduling: the block of the position after this step's token, handed out now
+    // (in this step's new_block_ids) so that the next step can be queued before this one's token
+    // is known. Only free blocks, never past max_model_len; the next schedule() then needs none.
+    // Preemption and finishing free it with the others.
+    SizeType32 const want = mBlocks.blocksFor(std::min(numTokens, mConfig.maxModelLen));
+    auto const held = static_cast<SizeType32>(r.blocks.size());
+    if (want > held && mBlocks.canAllocate(want - held))
+    {
+        for (SizeType32 n = want - held; n > 0; --n)
+        {
+            r.blocks.push_back(mBlocks.allocate());
+        }
+    }
 }
 
 SizeType32 Scheduler::scheduleLookahead(Request& r, SizeType32 budgetLeft)

@@ -81,7 +81,8 @@ class LLMEngine:
             num_blocks=self.num_kv_blocks, block_size=self.block_size,
             max_num_batched_tokens=sc.max_prefill_tokens, max_num_seqs=sc.max_batch_size,
             max_model_len=self.max_model_len, enable_prefix_caching=self.config.cache.enable_prefix_caching,
-            enable_chunked_prefill=sc.enable_chunked_prefill, policy=sc.policy, role=sc.role))
+            enable_chunked_prefill=sc.enable_chunked_prefill, policy=sc.policy, role=sc.role,
+            num_lookahead_slots=1 if sc.async_scheduling else 0))
         eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()) + tuple(self.arch.eos_token_ids or ())
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos))
         self._rng = np.random.default_rng(self.config.model.seed)

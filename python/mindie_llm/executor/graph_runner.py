@@ -45,7 +45,7 @@ class _InFlight:
 
     req_ids: np.ndarray          # [n] int64, batch order
     ncomp: np.ndarray            # [n] int64: num_computed_tokens of the step
-    states: list                 # RequestState of each row
+    slots: np.ndarray            # [n] int64 SlotTable slot of each row
     n: int
     bs: int                      # graph bucket
     host: torch.Tensor           # [n] int64 pinned, valid once ``event`` has completed
@@ -59,7 +59,8 @@ class GraphModelRunner(ModelRunner):
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, device: torch.device,
                  graph_wrapper_cls: type, event_cls: type, synchronize: Callable[[torch.device], None],
                  select_kernels: Callable[[nn.Module], dict] | None = None, pin_memory: bool = True,
-                 enable_cuda_graph: bool | None = None, cuda_graph_max_batch_size: int | None = None) -> None:
+                 enable_cuda_graph: bool | None = None, cuda_graph_max_batch_size: int | None = None,
+                 async_scheduling: bool = False) -> None:
         # The engine passes the platform's pieces and the deployment's backend section
         # (Platform.runner_kwargs).
         if enable_cuda_graph is None:
@@ -70,7 +71,7 @@ class GraphModelRunner(ModelRunner):
             raise ValueError(f"cuda_graph_max_batch_size: must be >= 1; got {cuda_graph_max_batch_size}")
         super().__init__(model, vocab_size, kv_caches, block_size=block_size, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                         device=device)
+                         device=device, async_scheduling=async_scheduling)
         self._event_cls = event_cls
         self._synchronize = synchronize
         T, B, W = max_num_batched_tokens, max_num_seqs, self.block_tables_buf.shape[1]
@@ -117,27 +118,43 @@ class GraphModelRunner(ModelRunner):
         nsched = np.asarray(out.num_scheduled_tokens)
         if not (nsched == 1).all() or not np.asarray(out.sample_mask).all():
             return None
-        greedy = len(out.grammar_req_ids) == 0         # a grammar mask needs the Sampler
-        ncomp = np.asarray(out.num_computed_tokens).tolist()
-        for rid, nc in zip(np.asarray(out.req_ids).tolist(), ncomp):
-            st = self.batch.requests.get(rid)
-            if st is None or (st.want_prompt_logprobs and nc < st.num_prompt - 1):
-                return None
-            p = st.sampling
-            if greedy and (p.temperature > 0 or p.logprobs >= 0 or p.has_penalties or p.bias_ids.size
-                           or (len(st.output_token_ids) < p.min_tokens and p.banned.size)):
-                greedy = False
-        return "greedy" if greedy else "sample"
+        tab = self.batch.slots
+        try:
+            sl = tab.slots_of(np.asarray(out.req_ids))                                  # [n]
+        except KeyError:
+            return None
+        ncomp = np.asarray(out.num_computed_tokens, np.int64)
+        if ((tab.prompt_logprobs[sl] >= 0) & (ncomp < tab.num_prompt[sl] - 1)).any():
+            return None
+        banned = (tab.num_output[sl] < tab.min_tokens[sl]) & (tab.ban[sl] >= 0).any(1) if tab.ban.shape[1] else False
+        if (tab.temperature[sl] > 0).any() or (tab.logprobs[sl] >= 0).any() or tab.has_penalties[sl].any() \
+                or tab.has_bias[sl].any() or len(out.grammar_req_ids) or np.any(banned):
+            return "sample"
+        return "greedy"
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def set_async_scheduling(self, on: bool) -> None:
+        super().set_async_scheduling(on)
+        self._inflight = None
+
+    def _step_logits(self, fb: FlatBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """A plain decode batch that fits a graph bucket replays it (asynchronous scheduling)."""
+        n = fb.input_ids.shape[0]
+        gm = self.graph_model
+        if gm is None or not fb.num_decodes_only or n != fb.seq_lens.shape[0] or gm._bucket(n) is None:
+            return super()._step_logits(fb, prev_tokens)
+        self._prepare(fb)
+        if prev_tokens is not None:
+            self.input_ids_buf[:n].copy_(prev_tokens)
+        return gm.logits[gm.replay(n)][:n]
+
+    def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         spec, self._inflight = self._inflight, None
         if spec is not None and self._matches(spec, out):
-            self.batch.apply(out)                       # no block changes: finished ids of others only
+            self.apply(out)                       # no block changes: finished ids of others only
             cur = spec
             self.num_overlapped_steps += 1
         else:
-            self.batch.apply(out)
+            self.apply(out)
             if out.num_reqs == 0:
                 return ModelRunnerOutput.empty()
             kind = self._graph_step_kind(out)
@@ -152,18 +169,17 @@ class GraphModelRunner(ModelRunner):
                 return self.sample_and_verify(fb, None, logits=self.graph_model.logits[bs][:n])
             bs = self.graph_model.replay(n)
             cur = self._greedy_launched(fb.sample_req_ids, np.asarray(out.num_computed_tokens, np.int64),
-                                        fb.sample_states, n, bs)
+                                        fb.sample_slots, n, bs)
         # Queue the next decode of the same batch behind this one, so that the GPU computes it while
         # the host returns the tokens, updates the scheduler and schedules (used if it matches).
         self._inflight = self._speculate(cur)
         cur.event.synchronize()                                                       # the host sync
         sampled = cur.host.numpy().astype(np.int32)
         self._last_sampled = sampled
-        for st, t in zip(cur.states, sampled.tolist()):
-            st.output_token_ids.append(t)
+        self.batch.slots.append(cur.slots, np.arange(cur.n + 1), sampled)
         return ModelRunnerOutput.one_token_each(cur.req_ids, sampled)
 
-    def _greedy_launched(self, req_ids: np.ndarray, ncomp: np.ndarray, states: list, n: int,
+    def _greedy_launched(self, req_ids: np.ndarray, ncomp: np.ndarray, slots: np.ndarray, n: int,
                          bs: int) -> "_InFlight":
         """Tokens of the replay just queued: copied to a pinned buffer behind it, with an event."""
         host = self._tok_pin[self._tok_slot, :n]
@@ -171,7 +187,7 @@ class GraphModelRunner(ModelRunner):
         host.copy_(self.graph_model.greedy[bs][:n], non_blocking=True)
         event = self._event_cls()
         event.record()
-        return _InFlight(req_ids, ncomp, states, n, bs, host, event)
+        return _InFlight(req_ids, ncomp, slots, n, bs, host, event)
 
     def _speculate(self, cur: "_InFlight") -> "_InFlight | None":
         """Replays the next greedy decode of ``cur``'s batch with its inputs advanced on the GPU
@@ -181,18 +197,19 @@ class GraphModelRunner(ModelRunner):
         nxt = cur.ncomp + 1
         if not self.enable_overlap or ((nxt % self.block_size) == 0).any() or (nxt + 1 > self.max_model_len).any():
             return None
-        for st in cur.states:
-            p = st.sampling
-            if len(st.output_token_ids) + 1 < p.min_tokens and p.banned.size:
-                return None
+        tab, sl = self.batch.slots, cur.slots
+        if tab.ban.shape[1] and ((tab.num_output[sl] + 1 < tab.min_tokens[sl]) & (tab.ban[sl] >= 0).any(1)).any():
+            return None
         n, bs = cur.n, cur.bs
+        if self.step_timer is not None:
+            self.step_timer.device_begin()
         self.input_ids_buf[:n].copy_(self.graph_model.greedy[bs][:n])
         self.positions_buf[:n] += 1
         self.slot_mapping_buf[:n] += 1
         self.seq_lens_buf[:n] += 1
         self.padded_batch_size = bs
         self.graph_model.replay(n)
-        return self._greedy_launched(cur.req_ids, nxt, cur.states, n, bs)
+        return self._greedy_launched(cur.req_ids, nxt, cur.slots, n, bs)
 
     def _matches(self, spec: "_InFlight", out: SchedulerOutput) -> bool:
         """Is ``out`` exactly the step that ``spec`` computes?"""
@@ -203,7 +220,7 @@ class GraphModelRunner(ModelRunner):
                 and out.new_requests.num_reqs == 0 and len(out.grammar_req_ids) == 0
                 and self._last_sampled is not None
                 and np.array_equal(np.asarray(out.input_token_ids, np.int64), self._last_sampled.astype(np.int64))
-                and all(int(r) in self.batch.requests for r in spec.req_ids))
+                and not np.isin(spec.req_ids, np.asarray(out.finished_ids)).any())
 
     def _eager_bucket(self, T: int) -> int:
         for size in self.eager_buckets:
@@ -237,6 +254,8 @@ class GraphModelRunner(ModelRunner):
         self._synchronize(self.device)
 
     def _prepare(self, fb: FlatBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        if self.step_timer is not None:
+            self.step_timer.device_begin()
         T, B = fb.input_ids.shape[0], fb.seq_lens.shape[0]
         width = max(-(-fb.max_seq_len // self.block_size), 1)
         # A decode batch that a graph will replay is padded here, in the same copies, with padding

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mindie_llm.contract import NewRequests, SchedulerOutput
+from mindie_llm.executor.slot_table import SlotTable
 
-__all__ = ["SamplingRow", "RequestState", "FlatBatch", "InputBatch"]
+__all__ = ["SamplingRow", "RequestState", "FlatBatch", "InputBatch", "SlotTable"]
 
 
 @dataclass(slots=True)
@@ -48,14 +49,39 @@ class SamplingRow:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
-@dataclass
 class RequestState:
-    req_id: int
-    prompt_token_ids: np.ndarray            # [P] int32
-    sampling: SamplingRow
-    seed: int                               # int64
-    output_token_ids: list[int] = field(default_factory=list)
-    row: int = -1                           # block-table row while it holds blocks, else -1
+    """One request as the runner knows it. Static fields live here; what a step reads (sampling
+    arrays, outputs so far, block-table row) lives in the batch's ``SlotTable`` at ``slot``."""
+
+    __slots__ = ("req_id", "prompt_token_ids", "sampling", "seed", "_initial_outputs", "_table", "slot")
+
+    def __init__(self, req_id: int, prompt_token_ids: np.ndarray, sampling: SamplingRow, seed: int,
+                 output_token_ids=(), row: int = -1) -> None:
+        self.req_id = int(req_id)
+        self.prompt_token_ids = prompt_token_ids          # [P] int32
+        self.sampling = sampling
+        self.seed = int(seed)                             # int64
+        self._initial_outputs = np.asarray(output_token_ids, np.int32)
+        self._table: SlotTable | None = None
+        self.slot = -1
+
+    def attach(self, table: SlotTable) -> None:
+        self._table = table
+        self.slot = table.add(self.req_id, self.sampling, self.seed, self.num_prompt, self._initial_outputs)
+
+    @property
+    def output_token_ids(self) -> np.ndarray:
+        """[n] int32 the tokens generated so far (a view; copy it to keep it)."""
+        return self._table.output_tokens(self.slot) if self._table is not None else self._initial_outputs
+
+    @property
+    def num_output(self) -> int:
+        return int(self._table.num_output[self.slot]) if self._table is not None else len(self._initial_outputs)
+
+    @property
+    def row(self) -> int:
+        """Block-table row while it holds blocks, else -1."""
+        return int(self._table.row[self.slot]) if self._table is not None else -1
 
     @property
     def num_prompt(self) -> int:
@@ -83,7 +109,7 @@ class FlatBatch:
     logits_offsets: np.ndarray   # [S+1] int32: sampling row i owns logits rows [off[i], off[i+1])
     spec_token_ids: np.ndarray   # [L - S] int32 the proposals the logits rows verify, in order
     sample_req_ids: np.ndarray   # [S] int64
-    sample_states: list[RequestState]
+    sample_slots: np.ndarray     # [S] int64 their SlotTable slots
     # prompt_logprobs: extra token rows whose next prompt token is scored.
     prompt_rows: np.ndarray      # [P'] int64 token rows
     prompt_targets: np.ndarray   # [P'] int64 the prompt token at position + 1
@@ -117,22 +143,30 @@ class InputBatch:
         self.num_blocks = np.zeros(rows, dtype=np.int32)
         self._free_rows = list(range(rows - 1, -1, -1))
         self.requests: dict[int, RequestState] = {}
+        self.slots = SlotTable(rows, max_model_len)
+        self._want_prompt_logprobs: set[int] = set()     # req ids (rare): prompt rows are built for these
 
     # ------------------------------------------------------------------------------------
     def add(self, state: RequestState) -> None:
         assert state.req_id not in self.requests, state.req_id
+        state.attach(self.slots)
         self.requests[state.req_id] = state
+        if state.want_prompt_logprobs:
+            self._want_prompt_logprobs.add(state.req_id)
 
     def remove(self, req_id: int) -> None:
         st = self.requests.pop(int(req_id), None)
         if st is not None:
             self._release_row(st)
+            self.slots.remove(st.req_id, st.slot)
+            self._want_prompt_logprobs.discard(st.req_id)
 
     def _release_row(self, st: RequestState) -> None:
-        if st.row >= 0:
-            self.num_blocks[st.row] = 0
-            self._free_rows.append(st.row)
-            st.row = -1
+        r = int(self.slots.row[st.slot])
+        if r >= 0:
+            self.num_blocks[r] = 0
+            self._free_rows.append(r)
+            self.slots.row[st.slot] = -1
 
     def _take_row(self) -> int:
         if not self._free_rows:  # more requests hold blocks than max_num_seqs: grow
@@ -144,11 +178,10 @@ class InputBatch:
 
     # ------------------------------------------------------------------------------------
     def add_new(self, new: NewRequests) -> None:
-        """Introduces the requests of a step message."""
+        """Introduces the requests of a step message (admission: the only per-request loop)."""
         for i, rid in enumerate(new.req_ids.tolist()):
-            self.add(RequestState(req_id=rid, prompt_token_ids=np.array(new.prompt(i), np.int32),
-                                  sampling=_sampling_row(new, i), seed=int(new.seeds[i]),
-                                  output_token_ids=new.outputs(i).tolist()))
+            self.add(RequestState(rid, np.array(new.prompt(i), np.int32), _sampling_row(new, i),
+                                  int(new.seeds[i]), new.outputs(i)))
 
     def apply(self, out: SchedulerOutput) -> None:
         """Applies one step message: new requests added, then ``apply_diffs``."""
@@ -156,29 +189,33 @@ class InputBatch:
         self.apply_diffs(out)
 
     def apply_diffs(self, out: SchedulerOutput) -> None:
-        """Drops finished and aborted requests, frees preempted rows, applies block-table diffs."""
+        """Drops finished and aborted requests, frees preempted rows, applies block-table diffs
+        (vectorized over the rows: new rows, resets, CSR appends)."""
         for rid in np.asarray(out.finished_ids).tolist():
             self.remove(rid)
         for rid in np.asarray(out.preempted_ids).tolist():
             st = self.requests.get(rid)
             if st is not None:
                 self._release_row(st)
-        reset = np.asarray(out.block_table_reset)
-        offs = np.asarray(out.new_block_offsets)
-        new_ids = np.asarray(out.new_block_ids)
-        for i, rid in enumerate(np.asarray(out.req_ids).tolist()):
-            st = self.requests[rid]
-            if st.row < 0:
-                st.row = self._take_row()
-                self.num_blocks[st.row] = 0
-            if reset[i]:
-                self.num_blocks[st.row] = 0
-            lo, hi = int(offs[i]), int(offs[i + 1])
-            if hi > lo:
-                n0 = int(self.num_blocks[st.row])
-                assert n0 + hi - lo <= self.max_blocks_per_seq, (rid, n0, hi - lo)
-                self.block_table[st.row, n0:n0 + hi - lo] = new_ids[lo:hi]
-                self.num_blocks[st.row] = n0 + hi - lo
+        if not len(out.req_ids):
+            return
+        slots = self.slots.slots_of(out.req_ids)                          # [B]
+        rows = self.slots.row[slots]                                      # [B]
+        for i in np.flatnonzero(rows < 0).tolist():                       # rows taken (admission, resume)
+            r = self._take_row()
+            self.num_blocks[r] = 0
+            self.slots.row[slots[i]] = rows[i] = r
+        reset = np.asarray(out.block_table_reset, bool)
+        if reset.any():
+            self.num_blocks[rows[reset]] = 0
+        offs = np.asarray(out.new_block_offsets, np.int64)                # [B+1]
+        if offs[-1] > offs[0]:
+            counts = np.diff(offs)                                        # [B]
+            owner = np.repeat(np.arange(rows.shape[0]), counts)           # [K]
+            col = self.num_blocks[rows][owner] + np.arange(int(offs[-1] - offs[0])) - (offs[owner] - offs[0])
+            assert (col < self.max_blocks_per_seq).all(), "block table overflow"
+            self.block_table[rows[owner], col] = np.asarray(out.new_block_ids)[offs[0]:offs[-1]]
+            self.num_blocks[rows] += counts.astype(np.int32)
 
     def build(self, out: SchedulerOutput) -> FlatBatch:
         """The flat batch of ``out`` (call after ``apply``)."""
@@ -189,8 +226,8 @@ class InputBatch:
         spec_offs = np.asarray(out.spec_offsets, dtype=np.int64)         # [B+1]
         nspec = np.diff(spec_offs)                                       # [B]
         B = req_ids.shape[0]
-        states = [self.requests[r] for r in req_ids.tolist()]
-        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=B)
+        slots = self.slots.slots_of(req_ids) if B else np.zeros(0, np.int64)   # [B]
+        rows = self.slots.row[slots]                                     # [B]
         qsl = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(nsched, out=qsl[1:])
         T = int(qsl[-1])
@@ -210,26 +247,28 @@ class InputBatch:
         within = np.arange(L) - logits_offsets[owner]                     # [L] 0..k
         ends = qsl[1:][smask]                                            # [S] one past each row's last token
         logits_indices = (ends[owner] - per_row[owner] + within).astype(np.int64)
-        sample_states = [s for s, m in zip(states, smask.tolist()) if m]
         if nspec[smask].any():
             spec = np.asarray(out.spec_token_ids, np.int32)
-            spec_tokens = np.concatenate([spec[spec_offs[i]:spec_offs[i + 1]] for i in np.flatnonzero(smask)])
+            keep = np.repeat(smask, nspec)                               # [spec] proposals of sampling rows
+            spec_tokens = spec[spec_offs[0]:spec_offs[-1]][keep]
         else:
             spec_tokens = np.zeros(0, np.int32)
-        # prompt_logprobs: score prompt tokens at positions p+1 < P for every computed row p.
+        # prompt_logprobs: score prompt tokens at positions p+1 < P for every computed row p (the
+        # few requests that ask for them).
         pr_rows, pr_tgt, pr_owner, pr_pos = [], [], [], []
-        for i, st in enumerate(states):
-            if not st.want_prompt_logprobs or ncomp[i] >= st.num_prompt - 1:
-                continue
-            lo = int(ncomp[i])
-            hi = min(int(ncomp[i] + nsched[i]), st.num_prompt - 1)
-            if hi <= lo:
-                continue
-            p = np.arange(lo, hi, dtype=np.int64)
-            pr_rows.append(qsl[i] + (p - lo))
-            pr_tgt.append(st.prompt_token_ids[p + 1].astype(np.int64))
-            pr_owner.append(np.full(p.shape, st.req_id, dtype=np.int64))
-            pr_pos.append(p + 1)
+        if self._want_prompt_logprobs:
+            ask = (self.slots.prompt_logprobs[slots] >= 0) & (ncomp < self.slots.num_prompt[slots] - 1)
+            for i in np.flatnonzero(ask).tolist():
+                st = self.requests[int(req_ids[i])]
+                lo = int(ncomp[i])
+                hi = min(int(ncomp[i] + nsched[i]), st.num_prompt - 1)
+                if hi <= lo:
+                    continue
+                p = np.arange(lo, hi, dtype=np.int64)
+                pr_rows.append(qsl[i] + (p - lo))
+                pr_tgt.append(st.prompt_token_ids[p + 1].astype(np.int64))
+                pr_owner.append(np.full(p.shape, st.req_id, dtype=np.int64))
+                pr_pos.append(p + 1)
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
         return FlatBatch(
             input_ids=np.asarray(out.input_token_ids, dtype=np.int64),
@@ -238,7 +277,7 @@ class InputBatch:
             block_tables=bt, num_decodes=num_decodes,
             max_query_len=int(nsched.max()) if B else 0, max_seq_len=int(seq_lens.max()) if B else 0,
             logits_indices=logits_indices, logits_offsets=logits_offsets, spec_token_ids=spec_tokens,
-            sample_req_ids=req_ids[smask], sample_states=sample_states,
+            sample_req_ids=req_ids[smask], sample_slots=slots[smask],
             prompt_rows=cat(pr_rows), prompt_targets=cat(pr_tgt), prompt_owner=cat(pr_owner), prompt_pos=cat(pr_pos),
             grammar_req_ids=np.asarray(getattr(out, "grammar_req_ids", np.zeros(0, np.int64))),
             grammar_bitmask=np.asarray(getattr(out, "grammar_bitmask", np.zeros(0, np.int32))))

@@ -109,9 +109,10 @@ class Worker:
             logger.info("device graphs off: the tensor-parallel group is %s (not capturable); eager steps",
                         parallel.backend)
             runner_kwargs["enable_cuda_graph"] = False
+        extra = dict(async_scheduling=True) if sc.async_scheduling else {}   # the runner queues step n+1 ahead
         self.runner = runner_cls(model, arch.vocab_size, self.kv_caches, block_size=block_size,
                                  max_num_seqs=sc.max_batch_size, max_num_batched_tokens=sc.max_prefill_tokens,
-                                 max_model_len=max_len, device=device, **runner_kwargs)
+                                 max_model_len=max_len, device=device, **extra, **runner_kwargs)
         from mindie_llm.spec_decode.speculator import make_speculator
 
         self.speculator = make_speculator(self.config, target_model=self.model, device=device,

@@ -31,7 +31,8 @@ POLICIES = tuple(name.lower() for name in _scheduler.Policy.__members__)   # fcf
 ROLES = tuple(name.lower() for name in _scheduler.Role.__members__)        # colocated prefill decode
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
-_INT_FIELDS = ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len")
+_INT_FIELDS = ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+               "num_lookahead_slots")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class SchedulerCoreConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"                # fcfs | priority | static | prefill_first
     role: str = "colocated"             # colocated | prefill | decode
+    num_lookahead_slots: int = 0        # 1: a decode's next block one step early (async scheduling)
 
     def __post_init__(self) -> None:
         self.to_core().validate()

@@ -117,6 +117,19 @@ def test_graph_runner_seeded_sampling_equals_plain_runner():
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("params", [None, dict(temperature=0.8, top_k=20, logprobs=2)])
+def test_graph_runner_async_scheduling_equals_plain_runner(params):
+    """Asynchronous scheduling through the graph runner's replay: the step queued ahead is used
+    (and used without the row that finished); tokens equal the plain synchronous runner's."""
+    model = _model()
+    ref, _ = greedy(ModelRunner, model, ARCH, _prompts(), "cpu", max_new=10, params=params, finish_at={4: 1})
+    out, runner = greedy(_graph_runner, model, ARCH, _prompts(), "cpu", max_new=10, params=params,
+                         finish_at={4: 1}, async_scheduling=True)
+    assert runner.num_ahead_used >= 7 and runner.num_ahead_trimmed == 1
+    assert runner.graph_model.num_replays >= 8
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_graph_runner_applies_logit_bias_on_greedy_decodes():
     # A greedy decode that takes the graph's argmax would skip the bias: such rows go to the Sampler.
     model = _model()

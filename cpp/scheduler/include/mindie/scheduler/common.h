@@ -64,6 +64,10 @@ struct SchedulerConfig
     bool enableChunkedPrefill{true};
     Policy policy{Policy::kFCFS};
     Role role{Role::kCOLOCATED};
+    /// Asynchronous scheduling: a decode row also gets the blocks of its next this-many positions
+    /// one step early (when they are free: never by preempting), so that a runner can queue the
+    /// next step before this one's tokens are back. 0 (off) or 1.
+    SizeType32 numLookaheadSlots{0};
 
     /// @brief Throws ConfigError naming the first invalid field (snake_case, as in the YAML keys).
     void validate() const;

@@ -166,6 +166,7 @@ private:
     void scheduleRunning(bool decodes, SizeType32& budget, std::vector<Row>& rows);
     bool scheduleOne(Request& r, SizeType32& budget, std::vector<Row>& rows);
     SizeType32 scheduleLookahead(Request& r, SizeType32 budgetLeft);
+    void reserveNextBlock(Request& r, SizeType32 numTokens);
     void trimBlocks(Request& r, SizeType32 keep);
     void validateUpdate(UpdateInput const& in);
     void checkRowCount(UpdateInput const& in, size_t row, std::int64_t count, SizeType32 numSpec) const;
