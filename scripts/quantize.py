@@ -34,7 +34,7 @@ import json
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -77,8 +77,10 @@ def forward_hidden(model: Any, arch: Any, ids: list[int], kv_dtype: torch.dtype 
     return model(torch.tensor(ids), torch.arange(t), caches, md)
 
 
-def input_maxima(model: Any, arch: Any, ids: list[int]) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| [K] of every linear layer (by module name) over ``ids``."""
+def _linear_inputs(model: Any, arch: Any, ids: list[int],
+                   fold: Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Runs ``ids`` through the model once and folds every linear layer's input x[T, K] (by module
+    name) into its statistic: ``stats[name] = fold(previous statistic or None, x)``."""
     from mindie_llm.layers.linear import LinearBase
 
     stats: dict[str, torch.Tensor] = {}
@@ -86,8 +88,8 @@ def input_maxima(model: Any, arch: Any, ids: list[int]) -> dict[str, torch.Tenso
     for name, mod in model.named_modules():
         if isinstance(mod, LinearBase):
             def hook(m, args, _name=name):
-                a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-                stats[_name] = a if _name not in stats else torch.maximum(stats[_name], a)
+                x = args[0].detach().reshape(-1, args[0].shape[-1])                   # [T, K]
+                stats[_name] = fold(stats.get(_name), x)
             hooks.append(mod.register_forward_pre_hook(hook))
     try:
         forward_hidden(model, arch, ids)
@@ -95,46 +97,28 @@ def input_maxima(model: Any, arch: Any, ids: list[int]) -> dict[str, torch.Tenso
         for h in hooks:
             h.remove()
     return stats
+
+
+def input_maxima(model: Any, arch: Any, ids: list[int]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| [K] of every linear layer (by module name) over ``ids``."""
+    def fold(prev, x):
+        a = x.float().abs().amax(dim=0)
+        return a if prev is None else torch.maximum(prev, a)
+    return _linear_inputs(model, arch, ids, fold)
 
 
 def input_hessians(model: Any, arch: Any, ids: list[int]) -> dict[str, torch.Tensor]:
     """2/T * X^T X [K, K] (float64) of every linear layer's input over ``ids`` (GPTQ's Hessian)."""
-    from mindie_llm.layers.linear import LinearBase
-
-    stats: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, LinearBase):
-            def hook(m, args, _name=name):
-                x = args[0].detach().double().reshape(-1, args[0].shape[-1])          # [T, K]
-                h = 2.0 / x.shape[0] * (x.T @ x)
-                stats[_name] = h if _name not in stats else stats[_name] + h
-            hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        forward_hidden(model, arch, ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
+    def fold(prev, x):
+        x = x.double()
+        h = 2.0 / x.shape[0] * (x.T @ x)
+        return h if prev is None else prev + h
+    return _linear_inputs(model, arch, ids, fold)
 
 
 def input_samples(model: Any, arch: Any, ids: list[int]) -> dict[str, torch.Tensor]:
     """The inputs X[T, K] (float32) of every linear layer over ``ids`` (AWQ's scale search)."""
-    from mindie_llm.layers.linear import LinearBase
-
-    stats: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, LinearBase):
-            def hook(m, args, _name=name):
-                stats[_name] = args[0].detach().float().reshape(-1, args[0].shape[-1]).clone()
-            hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        forward_hidden(model, arch, ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
+    return _linear_inputs(model, arch, ids, lambda prev, x: x.float().clone())
 
 
 def awq_scale(w: torch.Tensor, x: torch.Tensor, group_size: int, grid: int = 11) -> torch.Tensor:
