@@ -29,6 +29,10 @@ Sections (``--sections``, comma separated, all by default):
              w4a16, w8a8, fp8, kv-int8, kv-fp8): M=1 linears of each scheme against their byte floor
              (the W4A16 GEMV tiles swept), then batch-1 decode and the offline workload per scheme
 
+Environment switches: ``BENCH_NO_PROFILE=1`` skips the torch-profiler tables; ``BENCH_NO_KV_SAMPLE=1``
+skips the KV-waste sampling of the offline workload (its ``scheduler.get_block_ids`` calls between
+steps ended runs on an H200 with a segmentation fault, 2026-12-01; open).
+
 Workloads copy vLLM's peer script (token-id prompts from random.Random(seed), ignore EOS, no
 detokenization) so that the figures compare. Every figure is printed as a JSON line as it is
 measured and the table at the end; with ``--out`` both also go to files there.
