@@ -130,7 +130,7 @@ def write_tiny(root: Path) -> str:
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                    attention_bias=True, tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM._from_config(cfg).float().eval()
+    hf = transformers.LlamaForCausalLM._from_config(cfg).float().train(False)
     with torch.no_grad():
         for n, p in hf.named_parameters():
             if n.endswith(".bias"):

@@ -26,7 +26,7 @@ from mindie_llm.distributed.parallel_state import ParallelContext
 
 __all__ = ["LinearBase", "ReplicatedLinear", "ColumnParallelLinear", "MergedColumnParallelLinear",
            "QKVParallelLinear", "RowParallelLinear", "copy_checked", "full_shape", "materialize",
-           "take_shard", "kv_heads_per_rank"]
+           "take_shard", "kv_heads_per_rank", "load_checkpoint_tensor"]
 
 _SINGLE = ParallelContext.single()
 
@@ -70,6 +70,22 @@ def copy_checked(param: torch.Tensor, loaded: Any, what: str) -> None:
         raise ValueError(f"{what}: checkpoint shape {full_shape(loaded)} does not match the "
                          f"model's {tuple(param.shape)} (is config.json right for these weights?)")
     param.data.copy_(materialize(loaded).to(param.dtype))
+
+
+def load_checkpoint_tensor(name: str, param: torch.Tensor, tensor: Any, shard: Any = None) -> None:
+    """Fills ``param`` from the checkpoint tensor ``name``: through the parameter's ``weight_loader``
+    (with ``shard``, the stacked-parameter part, when given), else a shape-checked copy. Errors are a
+    ValueError starting with ``name``."""
+    loader = getattr(param, "weight_loader", None)
+    try:
+        if loader is None:
+            copy_checked(param, tensor, "weight")
+        elif shard is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _divide(n: int, d: int, what: str) -> int:

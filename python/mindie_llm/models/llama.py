@@ -18,7 +18,7 @@ from mindie_llm.layers.activation import get_act_and_mul
 from mindie_llm.layers.attention import Attention, AttentionMetadata
 from mindie_llm.layers.embedding import LMHead, VocabEmbedding
 from mindie_llm.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                     copy_checked)
+                                     load_checkpoint_tensor)
 from mindie_llm.layers.norm import RMSNorm
 from mindie_llm.layers.rotary import get_rope
 from mindie_llm.models.config import LlamaArchConfig
@@ -194,16 +194,7 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(target)
             if param is None:
                 raise UnknownWeightError(name)
-            loader = getattr(param, "weight_loader", None)
-            try:
-                if loader is None:
-                    copy_checked(param, tensor, "weight")
-                elif shard is None:
-                    loader(param, tensor)
-                else:
-                    loader(param, tensor, shard)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+            load_checkpoint_tensor(name, param, tensor, shard)
             loaded.add(target)
         return loaded
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mindie_llm.layers.linear import load_checkpoint_tensor
 from mindie_llm.layers.norm import RMSNorm
 from mindie_llm.models.llama import LlamaAttention, LlamaMLP, UnknownWeightError
 from mindie_llm.spec_decode.draft_cache import DraftKVCache, DraftRow
@@ -100,18 +101,7 @@ class EagleHead(nn.Module):
             param = params.get(target)
             if param is None:
                 raise UnknownWeightError(name)
-            loader = getattr(param, "weight_loader", None)
-            try:
-                if loader is None:
-                    if tuple(param.shape) != tuple(t.shape):
-                        raise ValueError(f"checkpoint shape {tuple(t.shape)} does not match {tuple(param.shape)}")
-                    param.data.copy_(t.to(param.dtype))
-                elif shard is None:
-                    loader(param, t)
-                else:
-                    loader(param, t, shard)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+            load_checkpoint_tensor(name, param, t, shard)
             loaded.add(target)
         return loaded
 
